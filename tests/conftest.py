@@ -1,0 +1,72 @@
+"""Shared fixtures: the real default model, and tiny random HF checkpoints written on the fly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> Path:
+    from ember.loading.gguf import default_gguf_path
+
+    return default_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_dir(tmp_path_factory, gguf_path) -> Path:
+    """SmolLM2's tokenizer saved in HF format (tokenizer.json + tokenizer_config.json)."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tok.save_pretrained(out)
+    return out
+
+
+def write_tiny_llama(
+    out: Path,
+    tokenizer_dir: Path,
+    *,
+    seed: int = 0,
+    num_shards: int = 1,
+    **overrides,
+) -> Path:
+    """A random Llama checkpoint in HF format, with SmolLM2's tokenizer (vocab 49152)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = dict(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    # Sharding: max_shard_size small enough to split the model into `num_shards` files.
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    shard_size = f"{total // num_shards // 1000 + 1}KB" if num_shards > 1 else "10GB"
+    model.save_pretrained(out, max_shard_size=shard_size, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_dir / f).exists():
+            (out / f).write_bytes((tokenizer_dir / f).read_bytes())
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, hf_tokenizer_dir) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", hf_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    """The real default model, loaded once for the whole session."""
+    from ember import LLM
+
+    return LLM()
