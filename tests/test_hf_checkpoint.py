@@ -17,7 +17,7 @@ PROMPTS = ["Hello there, how are", "The quick brown fox jumps over the lazy dog 
 def hf_greedy(path, prompt_ids: list[int], max_new: int) -> list[int]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     out = model.generate(
         torch.tensor([prompt_ids]), max_new_tokens=max_new, do_sample=False,
         eos_token_id=None, pad_token_id=0,

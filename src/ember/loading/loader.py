@@ -171,6 +171,7 @@ def load_model(
     with torch.device("meta"):
         net = build_model(ckpt.config, max_len)
     net = net.to(torch_dtype).to_empty(device=device)
+    net.tie_weights()
     net.rotary.float().reset_tables()  # the tables stay float32: positions need the precision
     weights = tqdm(ckpt.weights, desc="Loading weights", unit="tensor", leave=False,
                    disable=not logger.isEnabledFor(logging.INFO))
