@@ -77,6 +77,7 @@ def engine_prefill_logits(engine, ids: list[int]) -> torch.Tensor:
     assert engine.block_manager.allocate(req, len(ids))
     try:
         runner = engine.runner
+        runner.prepare_blocks(engine.block_manager.num_touched_blocks)
         input_ids, positions, meta, _ = runner._prepare(SchedulerOutput([req], [len(ids)]))
         with torch.inference_mode():
             hidden = runner.model(input_ids, positions, runner.kv_caches, meta)

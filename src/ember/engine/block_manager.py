@@ -34,6 +34,9 @@ class BlockManager:
         # Free blocks, oldest-freed first; popping from the front evicts the LRU cached block.
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}  # hash -> block id
+        # Blocks are first handed out in id order (freed ones queue behind the never-used), so
+        # the blocks ever used are exactly [0, num_touched_blocks).
+        self.num_touched_blocks = 0
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of which found
 
@@ -107,6 +110,7 @@ class BlockManager:
                 block.hash = None
             block.ref_count = 1
             req.block_table.append(b)
+            self.num_touched_blocks = max(self.num_touched_blocks, b + 1)
         if self.enable_prefix_caching:
             self._cache_full_blocks(req, total)
         return True

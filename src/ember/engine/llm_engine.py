@@ -192,6 +192,7 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
+        self.runner.prepare_blocks(self.block_manager.num_touched_blocks)
         result = self.runner.execute(sched)
         now = time.monotonic()
         for req, n in zip(sched.requests, sched.num_scheduled_tokens):
@@ -207,8 +208,9 @@ class LLMEngine:
                 req.output_token_ids.append(ids[row])
                 req.output_logprobs.append(lps[row])
                 if req.params.logprobs is not None:
-                    k = req.params.logprobs
-                    req.output_top_logprobs.append((top_ids[row][:k], top_lps[row][:k]))
+                    k = req.params.logprobs  # 0: only the chosen token's logprob
+                    req.output_top_logprobs.append(
+                        (top_ids[row][:k], top_lps[row][:k]) if k else ([], []))
                 if req.first_token_time is None:
                     req.first_token_time = now
                 req.last_token_time = now

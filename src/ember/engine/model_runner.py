@@ -15,7 +15,7 @@ import torch
 from ember.config import EngineConfig, ModelConfig
 from ember.engine.request import Request
 from ember.engine.scheduler import SchedulerOutput
-from ember.layers.attention import AttentionMetadata
+from ember.layers.attention import AttentionMetadata, DecodeBatch, PrefillChunk
 from ember.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, SamplingRow
 
 logger = logging.getLogger("ember")
@@ -78,60 +78,82 @@ class ModelRunner:
         self.sampler = Sampler()
         slots = num_blocks * config.block_size
         shape = (slots, model_config.num_key_value_heads, model_config.head_dim)
-        # Zeros, not empty: masked-out keys still enter the matmul, and 0 * NaN is NaN.
+        # Allocated untouched (no page is faulted in until used) and zeroed block by block
+        # as the pool first hands blocks out: masked-out keys still enter the attention
+        # matmul, and 0 * NaN is NaN.
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device),
-             torch.zeros(shape, dtype=dtype, device=device))
+            (torch.empty(shape, dtype=dtype, device=device),
+             torch.empty(shape, dtype=dtype, device=device))
             for _ in range(model_config.num_hidden_layers)
         ]
+        self._num_zeroed_blocks = 0
+
+    def prepare_blocks(self, num_touched_blocks: int) -> None:
+        """Zero the blocks the pool has handed out for the first time since the last step."""
+        if num_touched_blocks > self._num_zeroed_blocks:
+            start = self._num_zeroed_blocks * self.block_size
+            end = num_touched_blocks * self.block_size
+            for k_cache, v_cache in self.kv_caches:
+                k_cache[start:end].zero_()
+                v_cache[start:end].zero_()
+            self._num_zeroed_blocks = num_touched_blocks
 
     # ---- batch description --------------------------------------------------------------
-    def _prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor,
-                                                       AttentionMetadata, list[int]]:
-        bs = self.block_size
-        reqs, counts = sched.requests, sched.num_scheduled_tokens
-        starts = [r.num_computed_tokens for r in reqs]
-        input_ids: list[int] = []
-        sample_rows: list[int] = []
-        offset = 0
-        for r, start, n in zip(reqs, starts, counts):
-            tokens = r.all_token_ids if start + n > r.num_prompt_tokens else r.prompt_token_ids
-            input_ids.extend(tokens[start : start + n])
-            offset += n
-            if start + n == r.num_tokens:
-                sample_rows.append(offset - 1)
+    def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        """KV slots of token positions [start, end) of one sequence."""
+        pos = torch.arange(start, end)
+        table = torch.tensor(block_table, dtype=torch.long)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _prepare(
+        self, sched: SchedulerOutput
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         dev = self.device
-        q_lens = torch.tensor(counts)
-        starts_t = torch.tensor(starts)
-        ctx_lens = starts_t + q_lens
-        max_blocks = max(len(r.block_table) for r in reqs)
-        tables = torch.zeros(len(reqs), max_blocks, dtype=torch.long)
-        for i, r in enumerate(reqs):
-            tables[i, : len(r.block_table)] = torch.tensor(r.block_table)
-
-        batch_idx = torch.repeat_interleave(torch.arange(len(reqs)), q_lens)
-        cu_start = torch.cumsum(q_lens, 0) - q_lens
-        q_pos_idx = torch.arange(len(input_ids)) - cu_start[batch_idx]
-        positions = starts_t[batch_idx] + q_pos_idx
-        slot_mapping = tables[batch_idx, positions // bs] * bs + positions % bs
-
-        max_q, max_k = int(q_lens.max()), int(ctx_lens.max())
-        k_pos = torch.arange(max_k)
-        gather_slots = tables[:, k_pos // bs] * bs + k_pos % bs  # [B, Kmax]
-        q_abs = starts_t[:, None] + torch.arange(max_q)[None, :]  # [B, Qmax]
-        mask = (k_pos[None, None, :] <= q_abs[:, :, None]) & (
-            k_pos[None, None, :] < ctx_lens[:, None, None]
-        )
-        meta = AttentionMetadata(
-            slot_mapping=slot_mapping.to(dev),
-            gather_slots=gather_slots.to(dev),
-            query_batch_idx=batch_idx.to(dev),
-            query_pos_idx=q_pos_idx.to(dev),
-            attn_mask=mask.unsqueeze(1).to(dev),
-            max_query_len=max_q,
-        )
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[torch.Tensor] = []
+        sample_rows: list[int] = []
+        decode_rows: list[int] = []
+        decode_reqs: list[Request] = []
+        prefills: list[PrefillChunk] = []
+        for r, n in zip(sched.requests, sched.num_scheduled_tokens):
+            start, row = r.num_computed_tokens, len(input_ids)
+            positions.extend(range(start, start + n))
+            if n == 1:
+                input_ids.append(r.token_id_at(start))
+                decode_rows.append(row)
+                decode_reqs.append(r)
+            else:
+                tokens = r.prompt_token_ids if start + n <= r.num_prompt_tokens else r.all_token_ids
+                input_ids.extend(tokens[start : start + n])
+                if start == 0:
+                    prefills.append(PrefillChunk(row, row + n, None, None))
+                else:  # a later chunk: its context is in the cache
+                    k_pos = torch.arange(start + n)
+                    mask = k_pos[None, :] <= torch.arange(start, start + n)[:, None]
+                    prefills.append(PrefillChunk(
+                        row, row + n, self._slots(r.block_table, 0, start + n).to(dev),
+                        mask[None, None].to(dev)))
+            slot_mapping.append(self._slots(r.block_table, start, start + n))
+            if start + n == r.num_tokens:
+                sample_rows.append(row + n - 1)
+        decode = None
+        if decode_reqs:
+            ctx = torch.tensor([r.num_computed_tokens + 1 for r in decode_reqs])
+            max_k = int(ctx.max())
+            width = -(-max_k // self.block_size)
+            tables = torch.zeros(len(decode_reqs), width, dtype=torch.long)
+            for i, r in enumerate(decode_reqs):
+                tables[i, : len(r.block_table[:width])] = torch.tensor(r.block_table[:width])
+            k_pos = torch.arange(max_k)
+            gather = tables[:, k_pos // self.block_size] * self.block_size + k_pos % self.block_size
+            mask = None
+            if int(ctx.min()) != max_k:
+                mask = (k_pos[None, :] < ctx[:, None])[:, None, None, :].to(dev)
+            decode = DecodeBatch(torch.tensor(decode_rows, device=dev), gather.to(dev), mask)
+        meta = AttentionMetadata(torch.cat(slot_mapping).to(dev), decode, prefills)
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        return ids, positions.to(dev), meta, sample_rows
+        return ids, torch.tensor(positions, device=dev), meta, sample_rows
 
     def _sampling_metadata(self, reqs: list[Request]) -> SamplingMetadata:
         rows = []

@@ -5,15 +5,16 @@ Each layer owns a slice of the cache: `k_cache`, `v_cache` of shape
 (block_id * block_size + offset). The batch is described by `AttentionMetadata`, built by the
 model runner once per step and shared by every layer.
 
-One SDPA call serves a mixed batch (prefill chunks and decodes): queries are scattered into a
-padded [B, Qmax] grid, each sequence's context is gathered from its blocks into [B, Kmax], and a
-boolean mask allows key j for query i only when j <= position(i) within the same sequence, so
-sequences never see each other's tokens.
+Decoding sequences (one new token each) are served together by one SDPA call: each one's
+context is gathered from its blocks into a [B, Kmax] grid, padding masked. Each prefill chunk
+gets its own call without padding: a first chunk attends causally to its own K/V directly; a
+later chunk (or one after a prefix-cache hit) reads its context from the cache, with a mask
+that offsets the causal diagonal. Sequences never see each other's tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +22,25 @@ from torch import nn
 
 
 @dataclass
+class DecodeBatch:
+    token_idx: torch.Tensor  # [Bd] rows of the flat batch that are decode tokens
+    gather_slots: torch.Tensor  # [Bd, Kmax] each sequence's context slots (pad: slot 0)
+    mask: torch.Tensor | None  # [Bd, 1, 1, Kmax] True = real key; None when no padding
+
+
+@dataclass
+class PrefillChunk:
+    start: int  # rows [start, end) of the flat batch
+    end: int
+    gather_slots: torch.Tensor | None  # [K] context slots; None: no context, attend to self
+    mask: torch.Tensor | None  # [1, 1, q, K] offset causal mask (with context)
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
-    gather_slots: torch.Tensor  # [B, Kmax] the slots of each sequence's context (pad: slot 0)
-    query_batch_idx: torch.Tensor  # [T] sequence index of each token
-    query_pos_idx: torch.Tensor  # [T] index of each token inside its sequence's query chunk
-    attn_mask: torch.Tensor  # [B, 1, Qmax, Kmax] bool, True = may attend
-    max_query_len: int
+    decode: DecodeBatch | None = None
+    prefills: list[PrefillChunk] = field(default_factory=list)
 
 
 class PagedAttention(nn.Module):
@@ -37,6 +50,13 @@ class PagedAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.gqa = num_heads != num_kv_heads
+
+    def _sdpa(self, q, k, v, mask, causal=False):  # [B, S, H, D] in, [B, S, H, D] out
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            is_causal=causal, scale=self.scale, enable_gqa=self.gqa,
+        ).transpose(1, 2)
 
     def forward(
         self,
@@ -50,19 +70,21 @@ class PagedAttention(nn.Module):
         # Write first, then read: the new tokens attend to themselves through the cache.
         k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
-
-        batch = meta.gather_slots.shape[0]
-        qp = q.new_zeros(batch, meta.max_query_len, self.num_heads, self.head_dim)
-        qp[meta.query_batch_idx, meta.query_pos_idx] = q
-        keys = k_cache[meta.gather_slots].to(q.dtype)  # [B, Kmax, Hkv, D]
-        values = v_cache[meta.gather_slots].to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            qp.transpose(1, 2),
-            keys.transpose(1, 2),
-            values.transpose(1, 2),
-            attn_mask=meta.attn_mask,
-            scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )  # [B, H, Qmax, D]
-        out = out.transpose(1, 2)[meta.query_batch_idx, meta.query_pos_idx]  # [T, H, D]
-        return out.reshape(-1, self.num_heads * self.head_dim)
+        out = torch.empty_like(q)
+        if meta.decode is not None:
+            d = meta.decode
+            keys = k_cache[d.gather_slots].to(q.dtype)  # [Bd, Kmax, Hkv, D]
+            values = v_cache[d.gather_slots].to(q.dtype)
+            o = self._sdpa(q[d.token_idx].unsqueeze(1), keys, values, d.mask)
+            out[d.token_idx] = o.squeeze(1)
+        for p in meta.prefills:
+            qs = q[p.start : p.end].unsqueeze(0)
+            if p.gather_slots is None:
+                o = self._sdpa(qs, k[p.start : p.end].unsqueeze(0),
+                               v[p.start : p.end].unsqueeze(0), None, causal=True)
+            else:
+                keys = k_cache[p.gather_slots].to(q.dtype).unsqueeze(0)
+                values = v_cache[p.gather_slots].to(q.dtype).unsqueeze(0)
+                o = self._sdpa(qs, keys, values, p.mask)
+            out[p.start : p.end] = o.squeeze(0)
+        return out.view(-1, self.num_heads * self.head_dim)

@@ -1,0 +1,78 @@
+"""`ember serve`: uvicorn up first (/health answers 503), the model loads on the engine
+thread, then /health turns 200.
+
+SIGTERM / SIGINT: uvicorn stops accepting connections and waits for open ones; the engine
+refuses new requests, lets running ones finish for `--shutdown-grace` seconds, then aborts
+the rest (their clients get an error response), and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from types import FrameType
+
+import uvicorn
+
+from ember.config import EngineConfig
+from ember.engine.async_engine import AsyncLLMEngine
+from ember.server.app import build_app
+
+logger = logging.getLogger("ember.server")
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLMEngine, grace_s: float) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.grace_s = grace_s
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            logger.info("shutting down: in-flight requests have %.1f s to finish", self.grace_s)
+            # Off the event loop: shutdown blocks through the grace period.
+            threading.Thread(target=self.engine.shutdown, args=(self.grace_s,),
+                             name="ember-shutdown", daemon=True).start()
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.engine.load_failed:
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def served_name(config: EngineConfig) -> str:
+    if config.model is None:
+        from ember.loading.gguf import default_gguf_path
+
+        return default_gguf_path().stem
+    return config.model
+
+
+def serve(args: argparse.Namespace, config: EngineConfig) -> int:
+    engine = AsyncLLMEngine.from_config(config)
+    name = args.served_model_name or served_name(config)
+    app = build_app(engine, name, args.api_key or [])
+    server = _Server(
+        uvicorn.Config(
+            app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+            # A backstop: the engine aborts what is left at the grace period's end.
+            timeout_graceful_shutdown=args.shutdown_grace + 5,
+        ),
+        engine, args.shutdown_grace,
+    )
+    # uvicorn re-raises the signal it handled once it has stopped; let that be a no-op so
+    # that a graceful shutdown exits 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    logger.info("serving %s as %r on http://%s:%d (loading the model)",
+                config.model or "the default model", name, args.host, args.port)
+    engine.start()
+    server.run()
+    engine.shutdown(0)
+    if engine.load_failed:
+        return 1
+    return 0
+

@@ -1,0 +1,129 @@
+"""Prometheus metrics (vLLM's names under an `ember:` prefix) and the per-request log line."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ember.engine.llm_engine import EngineStats
+from ember.outputs import RequestOutput
+
+logger = logging.getLogger("ember.server")
+
+# vLLM's buckets.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+               7.5, 10.0, 20.0, 40.0, 80.0)
+LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                   60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+@dataclass
+class RequestProgress:
+    """What the server has seen of one request so far."""
+
+    request_id: str
+    prompt_tokens: int
+    arrival: float = field(default_factory=time.monotonic)
+    num_tokens: int = 0
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        r, m = self.registry, ["model_name"]
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ("model_name",)) -> Counter:
+            return Counter(f"ember:{name}", doc, labels, registry=r)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"ember:{name}", doc, m, registry=r).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"ember:{name}", doc, m, buckets=buckets,
+                             registry=r).labels(model_name)
+
+        self._success = counter("request_success", "Finished requests by finish reason.",
+                                ("model_name", "finished_reason"))
+        self._errors = counter("request_errors", "Requests refused or failed, by HTTP status.",
+                               ("model_name", "status_code"))
+        self._prompt_tokens = counter("prompt_tokens", "Prefill tokens processed.")
+        self._generation_tokens = counter("generation_tokens", "Generated tokens.")
+        self._prefix_queries = counter("prefix_cache_queries",
+                                       "Prompt tokens looked up in the prefix cache.")
+        self._prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the cache.")
+        self._preemptions = counter("num_preemptions", "Preemptions (KV cache full).")
+        self._ttft = histogram("time_to_first_token_seconds", "Time to first token.",
+                               TTFT_BUCKETS)
+        self._itl = histogram("inter_token_latency_seconds", "Time between two tokens.",
+                              ITL_BUCKETS)
+        self._e2e = histogram("e2e_request_latency_seconds", "Request latency, end to end.",
+                              LATENCY_BUCKETS)
+        self._queue = histogram("request_queue_time_seconds", "Time spent waiting to start.",
+                                LATENCY_BUCKETS)
+        self._running = gauge("num_requests_running", "Sequences running.")
+        self._waiting = gauge("num_requests_waiting", "Sequences waiting to start.")
+        self._kv_usage = gauge("kv_cache_usage_perc", "KV-cache usage: 1 = full.")
+        # The engine's counters are cumulative: export their growth since the last scrape.
+        self._last = EngineStats(0, 0, 0, 0, 0.0, 0, 0, 0)
+
+    # ---- per request ---------------------------------------------------------------------
+    def record_output(self, progress: RequestProgress, out: RequestOutput) -> None:
+        num_tokens = sum(len(c.token_ids) for c in out.outputs)
+        new = num_tokens - progress.num_tokens
+        if new <= 0:
+            return
+        self._generation_tokens.labels(self.model_name).inc(new)
+        now = (out.metrics.last_token_time if out.metrics and out.metrics.last_token_time
+               else time.monotonic())
+        if progress.first_token_time is None:
+            progress.first_token_time = now
+            self._prompt_tokens.labels(self.model_name).inc(progress.prompt_tokens)
+            self._ttft.observe(now - progress.arrival)
+            if out.metrics and out.metrics.queue_time is not None:
+                self._queue.observe(out.metrics.queue_time)
+        elif progress.last_token_time is not None:
+            self._itl.observe(now - progress.last_token_time)
+        progress.num_tokens = num_tokens
+        progress.last_token_time = now
+
+    def record_finished(self, progress: RequestProgress, finish_reason: str) -> None:
+        total = time.monotonic() - progress.arrival
+        self._success.labels(self.model_name, finish_reason).inc()
+        self._e2e.observe(total)
+        ttft = (f"{progress.first_token_time - progress.arrival:.3f}s"
+                if progress.first_token_time is not None else "-")
+        logger.info(
+            "Finished request %s: prompt tokens %d, completion tokens %d, TTFT %s, "
+            "total %.3fs, finish reason %s",
+            progress.request_id, progress.prompt_tokens, progress.num_tokens, ttft, total,
+            finish_reason,
+        )
+
+    def record_error(self, status_code: int) -> None:
+        self._errors.labels(self.model_name, str(status_code)).inc()
+
+    # ---- engine and export ---------------------------------------------------------------
+    def update_engine(self, stats: EngineStats | None) -> None:
+        if stats is None:
+            return
+        self._running.set(stats.num_running)
+        self._waiting.set(stats.num_waiting)
+        self._kv_usage.set(stats.kv_cache_usage)
+        for metric, now, before in (
+            (self._prefix_queries, stats.prefix_cache_queries, self._last.prefix_cache_queries),
+            (self._prefix_hits, stats.prefix_cache_hits, self._last.prefix_cache_hits),
+            (self._preemptions, stats.num_preemptions, self._last.num_preemptions),
+        ):
+            metric.labels(self.model_name).inc(max(now - before, 0))
+        self._last = stats
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
