@@ -371,11 +371,17 @@ def test_sigterm_finishes_or_fails_in_flight_requests(servers):
         return httpx.post(f"{srv.url}{COMP}", json=body, timeout=60).status_code
 
     with ThreadPoolExecutor(4) as pool:
-        jobs = [pool.submit(stream, short), pool.submit(stream, long), pool.submit(plain, long)]
+        # The streams first, so that both hold the two running slots before the plain request
+        # arrives: submitted together, the plain one could take a slot and leave a stream
+        # waiting behind 1000 tokens.
+        jobs = [pool.submit(stream, short), pool.submit(stream, long)]
         streaming_started.wait()
+        jobs.append(pool.submit(plain, long))
         deadline = time.monotonic() + 10
+        # Until the server holds every request its client still waits on (the short one may
+        # already be done, the plain one must have arrived).
         while (srv.metric("ember:num_requests_running") + srv.metric("ember:num_requests_waiting")
-               < 3 and time.monotonic() < deadline):
+               < sum(not j.done() for j in jobs) and time.monotonic() < deadline):
             time.sleep(0.05)
         t0 = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
