@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-
+# The exactness mode: dense float32 weights (the default runs a GGUF file quantized, in bf16).
+EXACT = {"quantization": "none", "dtype": "float32"}
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +67,7 @@ def tiny_llama_dir(tmp_path_factory, hf_tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def default_llm():
-    """The real default model, loaded once for the whole session."""
+    """The real default model in the exactness mode, loaded once for the whole session."""
     from ember import LLM
 
-    return LLM()
+    return LLM(**EXACT)

@@ -9,6 +9,7 @@ import pytest
 
 from ember import LLM, SamplingParams
 from ember.engine.model_runner import kv_bytes_per_block
+from conftest import EXACT
 
 WORDS = ("river stone light garden winter paper engine silver market forest window quiet "
          "history number yellow travel ocean mountain letter coffee music simple bright "
@@ -39,7 +40,7 @@ def token_ids(outs):
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(max_model_len=2048)
+    return LLM(max_model_len=2048, **EXACT)
 
 
 def test_batch_invariance_greedy_and_seeded(llm):
@@ -55,7 +56,7 @@ def test_batch_invariance_greedy_and_seeded(llm):
 
 
 def test_chunked_prefill_keeps_decodes_going():
-    llm = LLM(max_model_len=2048, max_num_batched_tokens=64)
+    llm = LLM(max_model_len=2048, **EXACT, max_num_batched_tokens=64)
     engine = llm.llm_engine
     tok = llm.get_tokenizer()
     decode = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
@@ -89,7 +90,7 @@ def test_preemption_gives_identical_outputs(llm):
     reference = token_ids(llm.generate(prompts, params, use_tqdm=False))
 
     per_block = kv_bytes_per_block(llm.llm_engine.model_config, 16, llm.llm_engine.dtype)
-    small = LLM(max_model_len=2048, kv_cache_memory=48 * per_block)
+    small = LLM(max_model_len=2048, **EXACT, kv_cache_memory=48 * per_block)
     assert small.llm_engine.block_manager.num_blocks == 48
     outs = small.generate(prompts, params, use_tqdm=False)
     assert token_ids(outs) == reference
@@ -102,7 +103,7 @@ def test_request_that_can_never_fit(llm):
     from ember.errors import InvalidRequestError
 
     per_block = kv_bytes_per_block(llm.llm_engine.model_config, 16, llm.llm_engine.dtype)
-    small = LLM(max_model_len=2048, kv_cache_memory=4 * per_block)
+    small = LLM(max_model_len=2048, **EXACT, kv_cache_memory=4 * per_block)
     with pytest.raises(InvalidRequestError, match="needs 5 KV blocks.*only 4"):
         small.generate([list(range(100, 170))], SamplingParams(max_tokens=10), use_tqdm=False)
     assert_idle(small.llm_engine)
@@ -118,7 +119,7 @@ def test_prefix_caching_reuses_512_token_prefix(llm):
     out_b = llm.generate([b], params, use_tqdm=False)[0]
     assert out_b.num_cached_tokens >= 480
 
-    uncached = LLM(max_model_len=2048, enable_prefix_caching=False)
+    uncached = LLM(max_model_len=2048, **EXACT, enable_prefix_caching=False)
     ref = uncached.generate([b], params, use_tqdm=False)[0]
     assert ref.num_cached_tokens == 0
     assert out_b.outputs[0].token_ids == ref.outputs[0].token_ids
@@ -137,7 +138,7 @@ def test_n_samples_share_prompt_blocks(llm):
 
 
 def test_aborts_mid_prefill_and_mid_decode_leak_nothing():
-    llm = LLM(max_model_len=2048, max_num_batched_tokens=64)
+    llm = LLM(max_model_len=2048, **EXACT, max_num_batched_tokens=64)
     engine = llm.llm_engine
     tok = llm.get_tokenizer()
     params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)

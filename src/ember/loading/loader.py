@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ember.config import ModelConfig
+from ember.config import EngineConfig, ModelConfig
 from ember.errors import ConfigError, ModelLoadError
 from ember.loading.tokenizer import Tokenizer
 
@@ -39,13 +39,34 @@ class Checkpoint:
     weights: Iterator[tuple[str, torch.Tensor]]
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 (or AMX, which implies it): bf16 matmuls run natively, not emulated."""
+    return torch.cpu._is_avx512_bf16_supported()
+
+
+def resolve_dtype(dtype: str, device: torch.device, quantized: bool) -> torch.dtype:
     if dtype == "auto":
-        # fp32 is the exactness mode on CPU; GPUs run bf16.
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
+        if device.type != "cpu":
+            return torch.bfloat16
+        # fp32 is the exactness mode on CPU; the quantized kernels want bf16 activations.
+        return torch.bfloat16 if quantized and cpu_has_native_bf16() else torch.float32
     if dtype not in DTYPES:
         raise ConfigError(f"unsupported dtype {dtype!r}; supported: auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def is_gguf(path: Path) -> bool:
+    """A .gguf file, or a directory holding exactly one and no config.json."""
+    if path.is_file():
+        return path.suffix == ".gguf"
+    return not (path / "config.json").is_file() and len(list(path.glob("*.gguf"))) == 1
+
+
+def resolve_quantization(method: str, path: Path) -> str:
+    """`auto`: a GGUF file keeps its quantized tensors ("gguf"); anything else runs dense."""
+    if method == "auto":
+        return "gguf" if is_gguf(path) else "none"
+    return method
 
 
 def resolve_model_path(model: str | None) -> Path:
@@ -84,23 +105,22 @@ def _download_from_hub(repo_id: str) -> Path:
         ) from e
 
 
-def open_checkpoint(path: Path, dtype: torch.dtype) -> Checkpoint:
+def open_checkpoint(path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> Checkpoint:
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path}: not a GGUF file or an HF checkpoint directory")
         from ember.loading.gguf import load_gguf
 
-        config, weights, tokenizer, ctx = load_gguf(path, dtype)
+        config, weights, tokenizer, ctx = load_gguf(path, dtype, keep_quantized)
         return Checkpoint(path, "gguf", config, tokenizer, ctx, weights)
+    if is_gguf(path):
+        return open_checkpoint(next(path.glob("*.gguf")), dtype, keep_quantized)
     return _open_hf_dir(path, dtype)
 
 
 def _open_hf_dir(path: Path, dtype: torch.dtype) -> Checkpoint:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return open_checkpoint(ggufs[0], dtype)
         raise ModelLoadError(f"{path}: no config.json (not an HF checkpoint directory)")
     try:
         hf_cfg = json.loads(cfg_file.read_text())
@@ -145,15 +165,27 @@ def _iter_safetensors(shards: list[Path], dtype: torch.dtype) -> Iterator[tuple[
             raise ModelLoadError(f"{shard}: unreadable or truncated safetensors ({e})") from e
 
 
-def load_model(
-    model: str | None, dtype: str, device: torch.device, max_model_len: int | None
-) -> tuple[torch.nn.Module, Checkpoint, int]:
-    """Returns (model on `device` in eval mode, its checkpoint, the max model length)."""
-    from ember.models import build_model
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module  # on its device, in eval mode
+    checkpoint: Checkpoint
+    max_model_len: int
+    dtype: torch.dtype  # of activations (and of the weights that are not quantized)
+    quantization: str  # none | gguf | int8 | int4
 
-    path = resolve_model_path(model)
-    torch_dtype = resolve_dtype(dtype, device)
-    ckpt = open_checkpoint(path, torch_dtype)
+
+def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
+    from ember.models import build_model
+    from ember.quantization import check_method, quantize_model, weight_bytes
+
+    check_method(config.quantization, config.int4_group_size)
+    path = resolve_model_path(config.model)
+    quant = resolve_quantization(config.quantization, path)
+    torch_dtype = resolve_dtype(config.dtype, device, quantized=quant != "none")
+    # int4 of a GGUF file: its Q4 tensors are int4 already (no re-quantization).
+    keep_quantized = quant == "gguf" or (quant == "int4" and is_gguf(path))
+    ckpt = open_checkpoint(path, torch_dtype, keep_quantized)
+    max_model_len = config.max_model_len
     if max_model_len is None:
         max_len = ckpt.context_length
     elif max_model_len < 1 or max_model_len > ckpt.context_length:
@@ -164,9 +196,9 @@ def load_model(
     else:
         max_len = max_model_len
     logger.info(
-        "loading %s (%s, %s, %d layers, hidden %d) as %s on %s",
+        "loading %s (%s, %s, %d layers, hidden %d) as %s on %s, quantization %s",
         path, ckpt.format, ckpt.config.architecture, ckpt.config.num_hidden_layers,
-        ckpt.config.hidden_size, str(torch_dtype).removeprefix("torch."), device,
+        ckpt.config.hidden_size, str(torch_dtype).removeprefix("torch."), device, quant,
     )
     with torch.device("meta"):
         net = build_model(ckpt.config, max_len)
@@ -176,4 +208,8 @@ def load_model(
     weights = tqdm(ckpt.weights, desc="Loading weights", unit="tensor", leave=False,
                    disable=not logger.isEnabledFor(logging.INFO))
     net.load_weights(weights)
-    return net.eval(), ckpt, max_len
+    if quant in ("int8", "int4"):
+        n = quantize_model(net, quant, config.int4_group_size)
+        logger.info("quantized %d linear layers to %s", n, quant)
+    logger.info("weights: %.1f MB", weight_bytes(net) / 1e6)
+    return LoadedModel(net.eval(), ckpt, max_len, torch_dtype, quant)

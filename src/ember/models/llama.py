@@ -19,6 +19,7 @@ from ember.errors import ModelLoadError
 from ember.layers.attention import AttentionMetadata, PagedAttention
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding
+from ember.quantization import QuantizedWeight, install_quantized
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -130,10 +131,12 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     # ---- weights ----------------------------------------------------------------------
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into the (fused) parameters; every parameter must be set."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]]) -> None:
+        """Copy HF-named tensors into the (fused) parameters; every parameter must be set.
+        Quantized weights (a GGUF file's Q4 tensors) replace their linear layer instead."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
+        quantized: dict[str, dict[int, QuantizedWeight]] = {}
         cfg = self.config
         q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         shard_sizes = {"qkv_proj": [q, kv, kv], "gate_up_proj": [cfg.intermediate_size] * 2}
@@ -141,23 +144,26 @@ class LlamaForCausalLM(nn.Module):
             name = name.removeprefix("model.")
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue  # the embedding is the head
-            for frag, (fused, shard) in self.stacked_params.items():
+            shard = None
+            for frag, (fused, index) in self.stacked_params.items():
                 if f".{frag}." in name:
-                    name = name.replace(f".{frag}.", f".{fused}.")
-                    sizes = shard_sizes[fused]
-                    start = sum(sizes[:shard])
-                    target = params[name].data.narrow(0, start, sizes[shard])
-                    loaded.add(f"{name}#{shard}")
+                    name, shard = name.replace(f".{frag}.", f".{fused}."), index
                     break
-            else:
-                if name not in params:
-                    continue  # e.g. rotary inv_freq buffers stored by some checkpoints
-                target = params[name].data
-                loaded.add(name)
+            if name not in params:
+                continue  # e.g. rotary inv_freq buffers stored by some checkpoints
+            loaded.add(name if shard is None else f"{name}#{shard}")
+            target = params[name].data
+            if shard is not None:
+                sizes = shard_sizes[name.split(".")[-2]]
+                target = target.narrow(0, sum(sizes[:shard]), sizes[shard])
+            if not isinstance(tensor, torch.Tensor):
+                quantized.setdefault(name, {})[shard or 0] = tensor
+                tensor = torch.empty(tensor.out_features, tensor.in_features, device="meta")
+            elif target.shape == tensor.shape:
+                target.copy_(tensor)
             if target.shape != tensor.shape:
                 raise ModelLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)}, "
-                                 f"model expects {tuple(target.shape)}")
-            target.copy_(tensor)
+                                     f"model expects {tuple(target.shape)}")
         expected = set()
         for name in params:
             fused = name.split(".")[-2]
@@ -169,3 +175,6 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. "
                                  f"{sorted(missing)[:3]}")
+        install_quantized(self, {name: [shards[i] for i in sorted(shards)]
+                                 for name, shards in quantized.items()},
+                          self.embed_tokens.weight.dtype)

@@ -1,0 +1,1 @@
+"""Measurement tools: `ember bench latency | accuracy` (and the benchmarks/ scripts)."""

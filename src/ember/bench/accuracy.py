@@ -1,0 +1,48 @@
+"""Accuracy of a precision mode: perplexity of a fixed text and greedy top-1 agreement with
+a reference (the float32 dense model), both teacher-forced over the same tokens.
+
+    ember bench accuracy [--model M] [--modes none:float32 gguf:auto int8:auto int4:auto]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ember.layers.attention import AttentionMetadata, PrefillChunk
+
+
+@torch.inference_mode()
+def teacher_forced_logits(model: torch.nn.Module, token_ids: list[int]) -> torch.Tensor:
+    """float32 logits [T, vocab] of one sequence run as a single causal prefill, with a KV
+    cache of its own (the engine's cache, and its prefix cache, are left alone)."""
+    device = model.embed_tokens.weight.device
+    dtype = model.embed_tokens.weight.dtype
+    cfg = model.config
+    n = len(token_ids)
+    shape = (n, cfg.num_key_value_heads, cfg.head_dim)
+    kv = [(torch.zeros(shape, dtype=dtype, device=device),
+           torch.zeros(shape, dtype=dtype, device=device)) for _ in range(cfg.num_hidden_layers)]
+    slots = torch.arange(n, device=device)
+    meta = AttentionMetadata(slots, None, [PrefillChunk(0, n, None, None)])
+    hidden = model(torch.tensor(token_ids, device=device), slots, kv, meta)
+    return model.compute_logits(hidden)
+
+
+@dataclass
+class Accuracy:
+    perplexity: float
+    top1_agreement: float | None  # against the reference's argmax; None without one
+
+
+def score(logits: torch.Tensor, token_ids: list[int],
+          reference: torch.Tensor | None = None) -> Accuracy:
+    """Perplexity of `token_ids[1:]` under `logits[:-1]`; argmax agreement with `reference`."""
+    targets = torch.tensor(token_ids[1:], device=logits.device)
+    nll = torch.nn.functional.cross_entropy(logits[:-1].float(), targets)
+    agree = None
+    if reference is not None:
+        agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    return Accuracy(math.exp(nll.item()), agree)

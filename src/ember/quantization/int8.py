@@ -1,0 +1,61 @@
+"""Per-output-channel symmetric int8 weights: PyTorch's int8 weight-only matmul
+(`aten._weight_int8pack_mm`: y = (x @ q.T) * scale)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Int8Weight:
+    q: torch.Tensor  # [N, K] int8
+    scale: torch.Tensor  # [N] float32
+
+    @property
+    def out_features(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.q.shape[1]
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor) -> "Int8Weight":
+        w = w.float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
+        q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        return cls(q, scale)
+
+    @classmethod
+    def cat(cls, parts: list["Int8Weight"]) -> "Int8Weight":
+        return cls(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale[:, None]
+
+    def fits_kernel(self) -> bool:
+        return True
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, w: Int8Weight, bias: torch.Tensor | None, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features = w.in_features, w.out_features
+        self.register_buffer("weight", w.q.to(device))
+        self.register_buffer("scales", w.scale.to(device=device, dtype=dtype))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(device, dtype),
+                                                           requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
