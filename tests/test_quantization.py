@@ -18,7 +18,7 @@ from ember.bench.accuracy import score, teacher_forced_logits
 from ember.config import EngineConfig
 from ember.errors import ConfigError
 from ember.loading.gguf import dequantize, unpack_q4_0, unpack_q4_1
-from ember.loading.loader import load_model
+from ember.loading.loader import cpu_has_native_bf16, load_model
 from ember.quantization import Int4Linear, Int4Weight, Int8Linear, Int8Weight
 
 TEXT = (Path(__file__).parent / "data" / "perplexity.txt").read_text()
@@ -93,7 +93,7 @@ def test_hf_checkpoint_quantized_generates(tmp_path, hf_tokenizer_dir, method):
     kind = Int4Linear if method == "int4" else Int8Linear
     assert isinstance(layer.mlp.gate_up_proj, kind) and isinstance(layer.self_attn.qkv_proj, kind)
     assert isinstance(llm.llm_engine.model.lm_head, Int8Linear)  # the head stays at int8
-    assert llm.llm_engine.dtype == torch.bfloat16
+    assert llm.llm_engine.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     out = llm.generate(["Hello there"], SamplingParams(temperature=0, max_tokens=8,
                                                       ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 8
@@ -124,7 +124,7 @@ def test_precision_modes_keep_accuracy(reference, mode):
     assert len(ids) > 250 and 10 < ref_ppl < 60  # a sane reference on real text
     loaded = load_model(EngineConfig(quantization=mode), CPU)
     assert loaded.quantization == ("gguf" if mode == "auto" else mode)
-    assert loaded.dtype == torch.bfloat16  # this CPU has native bf16 (AVX512-BF16)
+    assert loaded.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     # int4 of a GGUF file and its default mode alike use its Q4 tensors as they are.
     kind = Int8Linear if mode == "int8" else Int4Linear
     assert isinstance(loaded.model.layers[0].mlp.down_proj, kind)

@@ -72,6 +72,28 @@ def post(server: ServerProcess, path: str, body, headers=None) -> httpx.Response
     return httpx.post(f"{server.url}{path}", content=content, headers=hdrs, timeout=60)
 
 
+# ---- (0) while loading (first: the servers are still loading the model) ---------------------
+def test_503_while_the_model_loads(servers):
+    """uvicorn answers before the engine has loaded: /health and the API say 503, not ready."""
+    srv = servers["small"]
+    deadline = time.monotonic() + 120
+    while True:  # the first answer of all: the model takes seconds to load, the socket less
+        assert time.monotonic() < deadline and srv.proc.poll() is None, srv.log()
+        try:
+            health = httpx.get(f"{srv.url}/health", timeout=5)
+            break
+        except httpx.TransportError:
+            time.sleep(0.02)
+    completion = httpx.post(f"{srv.url}{COMP}", json={"prompt": "Hi", "max_tokens": 2}, timeout=10)
+    assert health.status_code == 503, health.text
+    assert health.json()["error"]["type"] == "service_unavailable_error"
+    assert "not ready" in health.json()["error"]["message"]
+    assert completion.status_code == 503 and completion.json()["error"]["type"] == \
+        "service_unavailable_error"
+    assert srv.wait_ready().proc.poll() is None  # and then it serves
+    assert httpx.get(f"{srv.url}/health", timeout=5).status_code == 200
+
+
 # ---- (1) the OpenAI API ---------------------------------------------------------------------
 def test_chat_and_completion_non_streaming(server, client, model):
     chat = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8,

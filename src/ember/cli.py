@@ -117,6 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
                      "are aborted (default: %(default)s)")
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
+
+    bench = sub.add_parser("bench", help="measure latency or accuracy",
+                           description="Measurement tools; each prints a summary and can "
+                           "write JSON.")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    from ember.bench import accuracy, latency
+
+    for name, module, doc in (
+        ("latency", latency, "one stream: TTFT and ms per output token (median, p90)"),
+        ("accuracy", accuracy, "perplexity and top-1 agreement of precision modes"),
+    ):
+        p = bench_sub.add_parser(name, help=doc, description=module.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_args(p)
+        add_engine_args(p)
+        p.set_defaults(func=lambda args, m=module: m.main(args, engine_config(args)))
     return parser
 
 

@@ -46,3 +46,43 @@ def score(logits: torch.Tensor, token_ids: list[int],
     if reference is not None:
         agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
     return Accuracy(math.exp(nll.item()), agree)
+
+
+def add_args(p) -> None:
+    p.add_argument("--modes", nargs="+", default=["none:float32", "auto:auto", "int8:auto",
+                                                    "int4:auto", "none:bfloat16"],
+                   help="QUANTIZATION:DTYPE pairs to compare; the first is the reference")
+    p.add_argument("--text", default=None, help="a text file (default: the tests' fixed text)")
+    p.add_argument("--output-json", default=None, help="write the results here as JSON")
+
+
+def main(args, config) -> int:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from ember.loading.loader import load_model
+    from ember.quantization import weight_bytes
+
+    text_file = args.text or Path(__file__).parents[3] / "tests" / "data" / "perplexity.txt"
+    text = Path(text_file).read_text()
+    reference, ids, results = None, None, []
+    for mode in args.modes:
+        quantization, dtype = mode.split(":")
+        cfg = dataclasses.replace(config, quantization=quantization, dtype=dtype)
+        loaded = load_model(cfg, torch.device("cpu") if config.device == "auto"
+                            else torch.device(config.device))
+        ids = ids or loaded.checkpoint.tokenizer.encode(text)
+        logits = teacher_forced_logits(loaded.model, ids)
+        reference = logits if reference is None else reference
+        acc = score(logits, ids, reference)
+        results.append({"mode": mode, "quantization": loaded.quantization,
+                        "dtype": str(loaded.dtype).removeprefix("torch."),
+                        "weight_mb": weight_bytes(loaded.model) / 1e6,
+                        "perplexity": acc.perplexity, "top1_agreement": acc.top1_agreement})
+        print(f"{mode:>16}: perplexity {acc.perplexity:.3f}, top-1 agreement with "
+              f"{args.modes[0]} {acc.top1_agreement:.3f}, weights {results[-1]['weight_mb']:.0f} MB")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(
+            {"tokens": len(ids), "reference": args.modes[0], "results": results}, indent=2))
+    return 0

@@ -1,0 +1,99 @@
+"""`ember bench latency`: one stream's time to first token and time per output token.
+
+Each iteration sends a fresh random prompt of `--input-len` tokens (so the prefix cache
+cannot help), times the step that returns its first token (TTFT: the prefill) and each later
+step (one decode token each), after `--num-iters-warmup` untimed iterations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import resource
+import statistics
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ember.config import EngineConfig
+from ember.sampling_params import SamplingParams
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-len", type=int, default=32, help="prompt tokens (default: %(default)s)")
+    p.add_argument("--output-len", type=int, default=128,
+                   help="generated tokens per iteration (default: %(default)s)")
+    p.add_argument("--num-iters", type=int, default=5, help="timed iterations (default: %(default)s)")
+    p.add_argument("--num-iters-warmup", type=int, default=1,
+                   help="untimed iterations first (default: %(default)s)")
+    p.add_argument("--output-json", default=None, help="write the results here as JSON")
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def one_iteration(engine, rng: random.Random, input_len: int, output_len: int
+                  ) -> tuple[float, list[float]]:
+    vocab = engine.model_config.vocab_size
+    prompt = [rng.randrange(100, vocab) for _ in range(input_len)]
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    engine.add_request(f"bench-{rng.random()}", prompt, params)
+    ttft, itl = None, []
+    last = start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        if engine.step():
+            now = time.perf_counter()
+            if ttft is None:
+                ttft = now - start
+            else:
+                itl.append(now - last)
+            last = now
+    return ttft, itl
+
+
+def run(args: argparse.Namespace, config: EngineConfig) -> dict[str, Any]:
+    from ember.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(config)
+    rng = random.Random(0)
+    ttfts: list[float] = []
+    itls: list[float] = []
+    total = args.num_iters_warmup + args.num_iters
+    for i in tqdm(range(total), desc="bench latency"):
+        ttft, itl = one_iteration(engine, rng, args.input_len, args.output_len)
+        if i >= args.num_iters_warmup:
+            ttfts.append(ttft)
+            itls.extend(itl)
+    ms_per_token = statistics.median(itls) * 1e3
+    result = {
+        "model": config.model or "default (SmolLM2-135M-Instruct Q4_1 GGUF)",
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "quantization": engine.quantization,
+        "input_len": args.input_len, "output_len": args.output_len, "num_iters": args.num_iters,
+        "ttft_ms_median": statistics.median(ttfts) * 1e3,
+        "ms_per_token_median": ms_per_token,
+        "ms_per_token_p90": percentile(itls, 90) * 1e3,
+        "decode_tokens_per_s": 1e3 / ms_per_token,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+    }
+    return result
+
+
+def main(args: argparse.Namespace, config: EngineConfig) -> int:
+    result = run(args, config)
+    print(f"TTFT {result['ttft_ms_median']:.1f} ms ({args.input_len}-token prompt), "
+          f"{result['ms_per_token_median']:.2f} ms/token median "
+          f"(p90 {result['ms_per_token_p90']:.2f}), {result['decode_tokens_per_s']:.1f} tok/s, "
+          f"peak RSS {result['peak_rss_mb']:.0f} MB")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
