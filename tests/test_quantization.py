@@ -101,12 +101,12 @@ def test_hf_checkpoint_quantized_generates(tmp_path, hf_tokenizer_dir, method):
 
 # ---- the accuracy guard on the real model -------------------------------------------------
 # Tolerated loss against the float32 dense model (teacher-forced over tests/data/perplexity.txt,
-# ~310 tokens). Measured: gguf (default) 0.965 / +0%, bf16 0.971, int4 0.946 / +0.4%,
-# int8 (re-quantized from Q4_1) 0.933 / +1.1%.
+# ~310 tokens). Measured (top-1 / perplexity change): gguf, the default, 0.978 / -0.4%;
+# int4 (a GGUF's Q4 as they are, int8 head) 0.952 / +0.6%; int8 (re-quantized) 0.936 / +0.7%.
 TOLERANCE = {  # mode -> (least top-1 agreement, most perplexity increase)
-    "auto": (0.94, 0.02),
-    "int4": (0.92, 0.03),
-    "int8": (0.90, 0.04),
+    "auto": (0.95, 0.02),
+    "int4": (0.93, 0.03),
+    "int8": (0.91, 0.03),
 }
 
 

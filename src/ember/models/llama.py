@@ -18,7 +18,7 @@ from ember.config import ModelConfig
 from ember.errors import ModelLoadError
 from ember.layers.attention import AttentionMetadata, PagedAttention
 from ember.layers.norm import RMSNorm
-from ember.layers.rotary import RotaryEmbedding
+from ember.layers.rotary import RotaryEmbedding, apply_rotary
 from ember.quantization import QuantizedWeight, install_quantized
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -43,8 +43,7 @@ class LlamaAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin of the tokens' positions
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
@@ -52,7 +51,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
+        q, k = apply_rotary(q, k, *rope)
         return self.o_proj(self.attn(q, k, v, kv_cache[0], kv_cache[1], meta))
 
 
@@ -78,12 +77,11 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin of the tokens' positions
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_cache, meta)
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -121,9 +119,12 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[KVCache],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        # The residual stream stays float32 whatever the model dtype (as llama.cpp keeps it):
+        # bf16 sums drift over 30 layers; only the matmuls' inputs are in the model dtype.
+        x = self.embed_tokens(input_ids).float()
+        rope = self.rotary(positions, self.embed_tokens.weight.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, self.rotary, kv_cache, meta)
+            x = layer(x, rope, kv_cache, meta)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
