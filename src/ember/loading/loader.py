@@ -1,7 +1,8 @@
 """Find a model (default, local HF directory, GGUF file or hub id) and build it.
 
 Every format ends in the same three things: a `ModelConfig`, an iterator of HF-named weight
-tensors, and a `Tokenizer`; `load_model` turns them into a ready `LlamaForCausalLM`.
+tensors, and a `Tokenizer` (`open_model`); `load_model` turns them into a ready
+`LlamaForCausalLM` (or, under tensor parallelism, this rank's shard of one).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -20,6 +21,9 @@ from tqdm.auto import tqdm
 from ember.config import ModelConfig
 from ember.errors import ConfigError, ModelLoadError
 from ember.loading.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from ember.distributed.parallel_state import TensorParallelGroup
 
 logger = logging.getLogger("ember")
 
@@ -145,35 +149,50 @@ def _iter_safetensors(shards: list[Path], dtype: torch.dtype) -> Iterator[tuple[
             raise ModelLoadError(f"{shard}: unreadable or truncated safetensors ({e})") from e
 
 
-def load_model(
-    model: str | None, dtype: str, device: torch.device, max_model_len: int | None
-) -> tuple[torch.nn.Module, Checkpoint, int]:
-    """Returns (model on `device` in eval mode, its checkpoint, the max model length)."""
-    from ember.models import build_model
-
-    path = resolve_model_path(model)
-    torch_dtype = resolve_dtype(dtype, device)
-    ckpt = open_checkpoint(path, torch_dtype)
+def open_model(
+    model: str | None, dtype: torch.dtype, max_model_len: int | None
+) -> tuple[Checkpoint, int]:
+    """Find the model and read its config and tokenizer (no weights yet); returns the
+    checkpoint and the max model length."""
+    ckpt = open_checkpoint(resolve_model_path(model), dtype)
     if max_model_len is None:
-        max_len = ckpt.context_length
-    elif max_model_len < 1 or max_model_len > ckpt.context_length:
+        return ckpt, ckpt.context_length
+    if max_model_len < 1 or max_model_len > ckpt.context_length:
         raise ConfigError(
             f"max_model_len={max_model_len} is outside [1, {ckpt.context_length}], "
             f"the model's context length"
         )
-    else:
-        max_len = max_model_len
+    return ckpt, max_model_len
+
+
+def load_model(
+    ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_model_len: int,
+    tp: "TensorParallelGroup | None" = None,
+) -> torch.nn.Module:
+    """The model on `device` in eval mode, its weights read from `ckpt`; under tensor
+    parallelism, this rank's shard of it."""
+    from ember.distributed import tensor_parallel
+    from ember.models import build_model
+
+    rank, world = (tp.rank, tp.world_size) if tp is not None else (0, 1)
+    tensor_parallel.check_shardable(ckpt.config, world)
     logger.info(
-        "loading %s (%s, %s, %d layers, hidden %d) as %s on %s",
-        path, ckpt.format, ckpt.config.architecture, ckpt.config.num_hidden_layers,
-        ckpt.config.hidden_size, str(torch_dtype).removeprefix("torch."), device,
+        "loading %s (%s, %s, %d layers, hidden %d) as %s on %s%s",
+        ckpt.path, ckpt.format, ckpt.config.architecture, ckpt.config.num_hidden_layers,
+        ckpt.config.hidden_size, str(dtype).removeprefix("torch."), device,
+        f", shard {rank + 1} of {world}" if world > 1 else "",
     )
     with torch.device("meta"):
-        net = build_model(ckpt.config, max_len)
-    net = net.to(torch_dtype).to_empty(device=device)
+        net = build_model(tensor_parallel.shard_config(ckpt.config, world), max_model_len)
+        if world > 1:
+            tensor_parallel.parallelize(net, rank, world)
+    net = net.to(dtype).to_empty(device=device)
     net.tie_weights()
     net.rotary.float().reset_tables()  # the tables stay float32: positions need the precision
-    weights = tqdm(ckpt.weights, desc="Loading weights", unit="tensor", leave=False,
-                   disable=not logger.isEnabledFor(logging.INFO))
+    weights = ckpt.weights
+    if world > 1:
+        weights = tensor_parallel.shard_weights(weights, ckpt.config, rank, world)
+    weights = tqdm(weights, desc="Loading weights", unit="tensor", leave=False,
+                   disable=rank > 0 or not logger.isEnabledFor(logging.INFO))
     net.load_weights(weights)
-    return net.eval(), ckpt, max_len
+    return net.eval()

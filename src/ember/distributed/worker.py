@@ -1,0 +1,71 @@
+"""Tensor-parallel ranks 1..N-1: load this rank's shard, then run the model on every step
+rank 0 broadcasts, until it broadcasts None.
+
+A worker has no scheduler, tokenizer loop or sampler: it builds the same `ModelRunner` as
+rank 0 (same KV-cache size, its own KV heads) and calls `ModelRunner.forward`, which joins the
+model's collectives and sends its logits slice to rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+
+from ember.config import EngineConfig
+from ember.distributed.parallel_state import ParallelPlan, TensorParallelGroup, parallel_plan
+
+logger = logging.getLogger("ember")
+
+
+def serve_steps(group: TensorParallelGroup, config: EngineConfig) -> None:
+    """Load the shard and follow rank 0's steps; leave the group however it ends."""
+    from ember.engine.model_runner import load_runner
+    from ember.loading.loader import open_model, resolve_dtype
+
+    try:
+        dtype = resolve_dtype(config.dtype, group.device)
+        ckpt, max_model_len = open_model(config.model, dtype, config.max_model_len)
+        runner = load_runner(config, ckpt, max_model_len, group.device, dtype, group)
+        logger.info("tensor parallel rank %d: ready", group.rank)
+        while (step := group.recv_step()) is not None:
+            runner.forward(step)
+        logger.info("tensor parallel rank %d: stopped by rank 0", group.rank)
+    finally:
+        group.close()
+
+
+def run_spawned_worker(argv: list[str]) -> int:
+    """`python -m ember.distributed.worker --rank R --store-port P --config JSON`: a worker
+    that rank 0 started on this host."""
+    ap = argparse.ArgumentParser(prog="ember.distributed.worker")
+    ap.add_argument("--rank", type=int, required=True)
+    ap.add_argument("--store-port", type=int, required=True)
+    ap.add_argument("--log-level", type=int, default=logging.INFO)
+    ap.add_argument("--config", required=True, help="the EngineConfig, as JSON")
+    args = ap.parse_args(argv)
+    # Ctrl-C in a terminal reaches the whole process group: rank 0 decides how to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format=f"%(levelname)s %(name)s[rank {args.rank}]: %(message)s")
+    config = EngineConfig(**json.loads(args.config))
+    plan = parallel_plan(config, spawned_rank=args.rank)
+    assert plan is not None
+    try:
+        serve_steps(TensorParallelGroup.join_spawned(plan, args.store_port), config)
+    except Exception as e:  # rank 0 reports the failure; keep this one to one line
+        logger.error("tensor parallel rank %d failed: %s", args.rank, e)
+        return 1
+    return 0
+
+
+def run_launched_worker(plan: ParallelPlan, config: EngineConfig) -> int:
+    """A rank > 0 that torchrun started: join, serve rank 0's steps, exit."""
+    serve_steps(TensorParallelGroup.start(plan, config), config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_spawned_worker(sys.argv[1:]))
