@@ -13,6 +13,7 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 
 from ember.config import EngineConfig
 from ember.distributed.parallel_state import ParallelPlan, TensorParallelGroup, parallel_plan
@@ -20,8 +21,18 @@ from ember.distributed.parallel_state import ParallelPlan, TensorParallelGroup, 
 logger = logging.getLogger("ember")
 
 
-def serve_steps(group: TensorParallelGroup, config: EngineConfig) -> None:
-    """Load the shard and follow rank 0's steps; leave the group however it ends."""
+def serve_steps(join: Callable[[], TensorParallelGroup], config: EngineConfig, rank: int) -> int:
+    """Join the group, load the shard and follow rank 0's steps; the exit code. A failure
+    (rank 0 gone, most often) is one line of log: rank 0 reports the story."""
+    try:
+        _serve_steps(join(), config)
+    except Exception as e:
+        logger.error("tensor parallel rank %d stopped: %s", rank, str(e).splitlines()[0])
+        return 1
+    return 0
+
+
+def _serve_steps(group: TensorParallelGroup, config: EngineConfig) -> None:
     from ember.engine.model_runner import load_runner
     from ember.loading.loader import open_model, resolve_dtype
 
@@ -53,18 +64,13 @@ def run_spawned_worker(argv: list[str]) -> int:
     config = EngineConfig(**json.loads(args.config))
     plan = parallel_plan(config, spawned_rank=args.rank)
     assert plan is not None
-    try:
-        serve_steps(TensorParallelGroup.join_spawned(plan, args.store_port), config)
-    except Exception as e:  # rank 0 reports the failure; keep this one to one line
-        logger.error("tensor parallel rank %d failed: %s", args.rank, e)
-        return 1
-    return 0
+    return serve_steps(lambda: TensorParallelGroup.join_spawned(plan, args.store_port), config,
+                       args.rank)
 
 
 def run_launched_worker(plan: ParallelPlan, config: EngineConfig) -> int:
-    """A rank > 0 that torchrun started: join, serve rank 0's steps, exit."""
-    serve_steps(TensorParallelGroup.start(plan, config), config)
-    return 0
+    """A rank > 0 that torchrun started: join, serve rank 0's steps; the exit code."""
+    return serve_steps(lambda: TensorParallelGroup.start(plan, config), config, plan.rank)
 
 
 if __name__ == "__main__":
