@@ -78,9 +78,9 @@ def engine_prefill_logits(engine, ids: list[int]) -> torch.Tensor:
     try:
         runner = engine.runner
         runner.prepare_blocks(engine.block_manager.num_touched_blocks)
-        input_ids, positions, meta, _ = runner._prepare(SchedulerOutput([req], [len(ids)]))
+        step = runner._prepare(SchedulerOutput([req], [len(ids)]))
         with torch.inference_mode():
-            hidden = runner.model(input_ids, positions, runner.kv_caches, meta)
+            hidden = runner.model(step.input_ids, step.positions, runner.kv_caches, step.attn)
             return runner.model.compute_logits(hidden)
     finally:
         engine.block_manager.free_request(req)

@@ -18,7 +18,7 @@ from ember.bench.accuracy import score, teacher_forced_logits
 from ember.config import EngineConfig
 from ember.errors import ConfigError
 from ember.loading.gguf import dequantize, unpack_q4_0, unpack_q4_1
-from ember.loading.loader import cpu_has_native_bf16, load_model
+from ember.loading.loader import cpu_has_native_bf16, load_model_from_config
 from ember.quantization import Int4Linear, Int4Weight, Int8Linear, Int8Weight
 
 TEXT = (Path(__file__).parent / "data" / "perplexity.txt").read_text()
@@ -112,7 +112,7 @@ TOLERANCE = {  # mode -> (least top-1 agreement, most perplexity increase)
 
 @pytest.fixture(scope="module")
 def reference():
-    ref = load_model(EngineConfig(**EXACT), CPU)
+    ref = load_model_from_config(EngineConfig(**EXACT), CPU)
     ids = ref.checkpoint.tokenizer.encode(TEXT)
     logits = teacher_forced_logits(ref.model, ids)
     return ids, logits, score(logits, ids).perplexity
@@ -122,7 +122,7 @@ def reference():
 def test_precision_modes_keep_accuracy(reference, mode):
     ids, ref_logits, ref_ppl = reference
     assert len(ids) > 250 and 10 < ref_ppl < 60  # a sane reference on real text
-    loaded = load_model(EngineConfig(quantization=mode), CPU)
+    loaded = load_model_from_config(EngineConfig(quantization=mode), CPU)
     assert loaded.quantization == ("gguf" if mode == "auto" else mode)
     assert loaded.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     # int4 of a GGUF file and its default mode alike use its Q4 tensors as they are.

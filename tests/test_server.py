@@ -448,6 +448,12 @@ class _FailingEngine:
     def get_stats(self) -> EngineStats:
         return EngineStats(0, 0, 1, 1, 0.0, 0, 0, 0)
 
+    def on_failure(self, callback) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
 
 def test_engine_failure_fails_requests_and_health():
     engine = AsyncLLMEngine(_FailingEngine)  # type: ignore[arg-type]

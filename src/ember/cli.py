@@ -35,6 +35,18 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
 
 
+def _launched_worker(config: EngineConfig) -> int | None:
+    """Under torchrun, ranks > 0 serve rank 0's steps instead of running the command."""
+    from ember.distributed.parallel_state import parallel_plan
+
+    plan = parallel_plan(config)
+    if plan is None or not plan.is_worker:
+        return None
+    from ember.distributed.worker import run_launched_worker
+
+    return run_launched_worker(plan, config)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from ember.engine.llm_engine import LLMEngine
     from ember.sampling_params import SamplingParams
@@ -43,7 +55,7 @@ def _generate(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
         seed=args.sampling_seed,
     )
-    engine = LLMEngine(engine_config(args))
+    engine = LLMEngine(engine_config(args))  # under torchrun, ranks > 0 stay in here
     tok = engine.tokenizer
     if args.chat:
         messages = [{"role": "user", "content": args.prompt}]
@@ -62,13 +74,16 @@ def _generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             printed = len(text)
     sys.stdout.write("\n")
+    engine.shutdown()
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
     from ember.server.launch import serve
 
-    return serve(args, engine_config(args))
+    config = engine_config(args)
+    code = _launched_worker(config)
+    return serve(args, config) if code is None else code
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -106,6 +106,12 @@ class EngineConfig:
     max_num_batched_tokens: int = _opt(512, "token budget of one step (prompt chunks + decodes)")
     max_queued_requests: int | None = _opt(
         None, "most requests waiting to start; more are refused (HTTP 429)")
+    tensor_parallel_size: int = _opt(
+        1, "split every layer across N ranks, one process per device (on CPU they share the "
+        "host); under torchrun it must equal WORLD_SIZE")
+    distributed_backend: str = _opt(
+        "auto", "torch.distributed backend of tensor parallelism: auto (gloo on CPU, nccl on "
+        "CUDA), gloo, nccl, or another your PyTorch build has")
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -122,7 +128,8 @@ class EngineConfig:
         return cls(**kwargs)
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens",
+                     "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queued_requests is not None and self.max_queued_requests < 0:

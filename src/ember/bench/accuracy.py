@@ -61,7 +61,7 @@ def main(args, config) -> int:
     import json
     from pathlib import Path
 
-    from ember.loading.loader import load_model
+    from ember.loading.loader import load_model_from_config
     from ember.quantization import weight_bytes
 
     text_file = args.text or Path(__file__).parents[3] / "tests" / "data" / "perplexity.txt"
@@ -70,7 +70,7 @@ def main(args, config) -> int:
     for mode in args.modes:
         quantization, dtype = mode.split(":")
         cfg = dataclasses.replace(config, quantization=quantization, dtype=dtype)
-        loaded = load_model(cfg, torch.device("cpu") if config.device == "auto"
+        loaded = load_model_from_config(cfg, torch.device("cpu") if config.device == "auto"
                             else torch.device(config.device))
         ids = ids or loaded.checkpoint.tokenizer.encode(text)
         logits = teacher_forced_logits(loaded.model, ids)

@@ -205,7 +205,7 @@ class AsyncLLMEngine:
             if not self._idle.wait(grace_s):
                 logger.warning("shutdown: aborting requests still running after %.1f s", grace_s)
             self._commands.put(_Stop())
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=30 if self._error is None else 5)
 
     # ---- the engine thread ---------------------------------------------------------------
     def _run(self) -> None:
@@ -220,16 +220,25 @@ class AsyncLLMEngine:
             self._ready.set()
             return
         self._stats = self.engine.get_stats()
+        self.engine.on_failure(self._engine_died)
         self._ready.set()
-        if self._closing:  # shut down while loading
-            return
         try:
+            if self._closing:  # shut down while loading
+                return
             self._loop(self.engine)
         except Exception as e:
             logger.exception("engine step failed; the engine is dead")
             self._fail_all(EngineUnavailableError(f"engine failure: {e!r}"), error=repr(e))
         else:
             self._fail_all(EngineUnavailableError("the server is shutting down"))
+        finally:
+            self.engine.shutdown()
+
+    def _engine_died(self, reason: str) -> None:
+        """A tensor-parallel rank died (called from the engine's watchdog thread): fail every
+        request now, even if the engine thread is stuck in a collective, and stop the loop."""
+        self._fail_all(EngineUnavailableError(f"engine failure: {reason}"), error=reason)
+        self._commands.put(_Stop())
 
     def _loop(self, engine: LLMEngine) -> None:
         window = _StatsWindow()

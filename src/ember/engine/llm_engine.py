@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import random
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -18,11 +20,11 @@ import torch
 from ember.config import EngineConfig
 from ember.engine.block_manager import BlockManager
 from ember.engine.detokenizer import IncrementalDetokenizer
-from ember.engine.model_runner import ModelRunner, num_kv_blocks
+from ember.engine.model_runner import load_runner
 from ember.engine.request import Request, RequestStatus
 from ember.engine.scheduler import Scheduler
 from ember.errors import InvalidRequestError, QueueFullError
-from ember.loading.loader import load_model
+from ember.loading.loader import open_model, resolve_precision
 from ember.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ember.sampling_params import SamplingParams
 
@@ -69,19 +71,44 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
+        from ember.distributed.parallel_state import TensorParallelGroup, parallel_plan
+        from ember.distributed.tensor_parallel import check_shardable
+
         self.config = config
-        self.device = resolve_device(config.device)
-        loaded = load_model(config, self.device)
-        self.model, ckpt, self.max_model_len = loaded.model, loaded.checkpoint, loaded.max_model_len
-        self.dtype, self.quantization = loaded.dtype, loaded.quantization
+        plan = parallel_plan(config)  # refuses a bad backend or device count before loading
+        if plan is not None and plan.is_worker:
+            # A rank > 0 under torchrun: serve rank 0's steps, never return.
+            from ember.distributed.worker import run_launched_worker
+
+            raise SystemExit(run_launched_worker(plan, config))
+        self.device = plan.device if plan is not None else resolve_device(config.device)
+        self.dtype, self.quantization = resolve_precision(
+            config, self.device, plan.world_size if plan is not None else 1)
+        ckpt, self.max_model_len = open_model(config.model, self.dtype, config.max_model_len,
+                                              self.quantization)
         self.model_config = ckpt.config
         self.tokenizer = ckpt.tokenizer
-        num_blocks = num_kv_blocks(config, ckpt.config, self.dtype, self.device, self.max_model_len)
+        self.parallel: TensorParallelGroup | None = None
+        self._broken = False  # a step failed half-way: the ranks are out of step
+        if plan is not None:
+            check_shardable(ckpt.config, plan.world_size)  # before starting any worker
+            self.parallel = TensorParallelGroup.start(plan, config)
+            # Dropped without shutdown(): still stop the workers and leave the group.
+            weakref.finalize(self, self.parallel.shutdown, orderly=False)
+        try:
+            self.runner = load_runner(config, ckpt, self.max_model_len, self.device, self.dtype,
+                                      self.parallel, self.quantization)
+        except BaseException as e:
+            reason = self._parallel_failure()
+            self._broken = True
+            self.shutdown()
+            if reason is not None:
+                raise RuntimeError(f"tensor parallelism failed while loading: {reason}") from e
+            raise
+        self.model = self.runner.model
+        num_blocks = self.runner.num_blocks
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
-        self.runner = ModelRunner(
-            self.model, ckpt.config, config, num_blocks, self.device, self.dtype
-        )
         logger.info(
             "KV cache: %d blocks = %d tokens (block size %d, %s); max_model_len %d, "
             "max_num_seqs %d, max_num_batched_tokens %d, prefix caching %s",
@@ -96,6 +123,21 @@ class LLMEngine:
     @classmethod
     def from_engine_args(cls, **kwargs) -> "LLMEngine":
         return cls(EngineConfig.from_kwargs(**kwargs))
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent; the engine is unusable after)."""
+        if self.parallel is not None:
+            self.parallel.shutdown(orderly=not self._broken)
+
+    def _parallel_failure(self) -> str | None:
+        """Why the tensor-parallel group broke, if it did: after a collective raised, the
+        watchdog may need a moment to tell."""
+        return self.parallel.failure(wait_s=1.0) if self.parallel is not None else None
+
+    def on_failure(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(reason)`, from another thread, if a tensor-parallel rank dies."""
+        if self.parallel is not None:
+            self.parallel.on_failure(callback)
 
     # ---- requests ------------------------------------------------------------------------
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
@@ -192,7 +234,14 @@ class LLMEngine:
         if sched.is_empty:
             return []
         self.runner.prepare_blocks(self.block_manager.num_touched_blocks)
-        result = self.runner.execute(sched)
+        try:
+            result = self.runner.execute(sched)
+        except BaseException as e:
+            self._broken = True
+            reason = self._parallel_failure()
+            if reason is not None:
+                raise RuntimeError(f"tensor parallelism failed: {reason}") from e
+            raise
         now = time.monotonic()
         for req, n in zip(sched.requests, sched.num_scheduled_tokens):
             req.num_computed_tokens += n

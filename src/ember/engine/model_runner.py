@@ -1,22 +1,31 @@
 """Turns a `SchedulerOutput` into one forward pass and one sampling call.
 
 Host-side work per step: flatten the scheduled tokens of every request, map each token to its
-KV slot through its block table, describe the attention pattern, run the model, sample for the
-requests that reached the end of their known tokens.
+KV slot through its block table, describe the attention pattern (a `StepInput`), run the model,
+sample for the requests that reached the end of their known tokens.
+
+Under tensor parallelism rank 0 broadcasts each `StepInput` to the other ranks, every rank runs
+`forward` on its shard, and the logits are gathered on rank 0, which alone samples.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ember.config import EngineConfig, ModelConfig
+from ember.distributed.tensor_parallel import gather_logits, shard_config
 from ember.engine.request import Request
 from ember.engine.scheduler import SchedulerOutput
 from ember.layers.attention import AttentionMetadata, DecodeBatch, PrefillChunk
 from ember.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, SamplingRow
+from ember.loading.loader import Checkpoint, load_model
+
+if TYPE_CHECKING:
+    from ember.distributed.parallel_state import TensorParallelGroup
 
 logger = logging.getLogger("ember")
 
@@ -27,6 +36,17 @@ DEFAULT_CPU_KV_BYTES = 2 << 30  # like vLLM's CPU default (VLLM_CPU_KVCACHE_SPAC
 class ModelRunnerOutput:
     sampled: list[Request]  # requests that got a new token this step, in row order
     output: SamplerOutput | None
+
+
+@dataclass
+class StepInput:
+    """One step's batch, on the host: what rank 0 broadcasts to the other ranks."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attn: AttentionMetadata
+    sample_rows: list[int]  # rows whose logits are sampled
+    num_touched_blocks: int  # KV blocks handed out so far: the ones to zero first
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -60,6 +80,21 @@ def num_kv_blocks(
     return max(int(budget) // per_block, 1)
 
 
+def load_runner(
+    config: EngineConfig, ckpt: Checkpoint, max_model_len: int, device: torch.device,
+    dtype: torch.dtype, tp: "TensorParallelGroup | None" = None, quantization: str = "none",
+) -> "ModelRunner":
+    """Load the model (this rank's shard) and size its KV cache (the same on every rank)."""
+    model = load_model(ckpt, dtype, device, max_model_len, tp, quantization,
+                       config.int4_group_size)
+    world = tp.world_size if tp is not None else 1
+    num_blocks = num_kv_blocks(config, shard_config(ckpt.config, world), dtype, device,
+                               max_model_len)
+    if tp is not None:
+        num_blocks = tp.min_over_ranks(num_blocks)
+    return ModelRunner(model, ckpt.config, config, num_blocks, device, dtype, tp)
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -69,15 +104,20 @@ class ModelRunner:
         num_blocks: int,
         device: torch.device,
         dtype: torch.dtype,
+        tp: "TensorParallelGroup | None" = None,
     ) -> None:
         self.model = model
         self.model_config = model_config
         self.config = config
+        self.num_blocks = num_blocks
         self.device = device
+        self.tp = tp
         self.block_size = config.block_size
         self.sampler = Sampler()
         slots = num_blocks * config.block_size
-        shape = (slots, model_config.num_key_value_heads, model_config.head_dim)
+        # This rank's KV heads (all of them without tensor parallelism).
+        kv_heads = shard_config(model_config, tp.world_size if tp else 1).num_key_value_heads
+        shape = (slots, kv_heads, model_config.head_dim)
         # Allocated untouched (no page is faulted in until used) and zeroed block by block
         # as the pool first hands blocks out: masked-out keys still enter the attention
         # matmul, and 0 * NaN is NaN.
@@ -105,10 +145,7 @@ class ModelRunner:
         table = torch.tensor(block_table, dtype=torch.long)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def _prepare(
-        self, sched: SchedulerOutput
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        dev = self.device
+    def _prepare(self, sched: SchedulerOutput) -> StepInput:
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[torch.Tensor] = []
@@ -132,8 +169,7 @@ class ModelRunner:
                     k_pos = torch.arange(start + n)
                     mask = k_pos[None, :] <= torch.arange(start, start + n)[:, None]
                     prefills.append(PrefillChunk(
-                        row, row + n, self._slots(r.block_table, 0, start + n).to(dev),
-                        mask[None, None].to(dev)))
+                        row, row + n, self._slots(r.block_table, 0, start + n), mask[None, None]))
             slot_mapping.append(self._slots(r.block_table, start, start + n))
             if start + n == r.num_tokens:
                 sample_rows.append(row + n - 1)
@@ -149,11 +185,11 @@ class ModelRunner:
             gather = tables[:, k_pos // self.block_size] * self.block_size + k_pos % self.block_size
             mask = None
             if int(ctx.min()) != max_k:
-                mask = (k_pos[None, :] < ctx[:, None])[:, None, None, :].to(dev)
-            decode = DecodeBatch(torch.tensor(decode_rows, device=dev), gather.to(dev), mask)
-        meta = AttentionMetadata(torch.cat(slot_mapping).to(dev), decode, prefills)
-        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        return ids, torch.tensor(positions, device=dev), meta, sample_rows
+                mask = (k_pos[None, :] < ctx[:, None])[:, None, None, :]
+            decode = DecodeBatch(torch.tensor(decode_rows), gather, mask)
+        meta = AttentionMetadata(torch.cat(slot_mapping), decode, prefills)
+        return StepInput(torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions),
+                         meta, sample_rows, self._num_zeroed_blocks)
 
     def _sampling_metadata(self, reqs: list[Request]) -> SamplingMetadata:
         rows = []
@@ -168,13 +204,30 @@ class ModelRunner:
     # ---- one step -----------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        input_ids, positions, meta, sample_rows = self._prepare(sched)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        step = self._prepare(sched)
+        if self.tp is not None:
+            self.tp.broadcast_step(step)
+        logits = self.forward(step)
         sampled = [
             r for r, n in zip(sched.requests, sched.num_scheduled_tokens)
             if r.num_computed_tokens + n == r.num_tokens
         ]
-        if not sampled:
+        if logits is None:
             return ModelRunnerOutput([], None)
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
         return ModelRunnerOutput(sampled, self.sampler(logits, self._sampling_metadata(sampled)))
+
+    @torch.inference_mode()
+    def forward(self, step: StepInput) -> torch.Tensor | None:
+        """Run the model on one step (every rank does): the sampled rows' float32 logits,
+        on rank 0 only."""
+        self.prepare_blocks(step.num_touched_blocks)
+        dev = self.device
+        hidden = self.model(step.input_ids.to(dev), step.positions.to(dev), self.kv_caches,
+                            step.attn.to(dev))
+        if not step.sample_rows:
+            return None
+        logits = self.model.compute_logits(hidden[torch.tensor(step.sample_rows, device=dev)])
+        if self.tp is not None:
+            logits = gather_logits(logits, self.model_config.vocab_size, self.tp.rank,
+                                   self.tp.world_size)
+        return logits

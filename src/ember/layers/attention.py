@@ -42,6 +42,19 @@ class AttentionMetadata:
     decode: DecodeBatch | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
 
+    def to(self, device: torch.device) -> "AttentionMetadata":
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        d = self.decode
+        return AttentionMetadata(
+            self.slot_mapping.to(device),
+            None if d is None else DecodeBatch(d.token_idx.to(device), d.gather_slots.to(device),
+                                               move(d.mask)),
+            [PrefillChunk(p.start, p.end, move(p.gather_slots), move(p.mask))
+             for p in self.prefills],
+        )
+
 
 class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:

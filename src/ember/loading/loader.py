@@ -1,7 +1,8 @@
 """Find a model (default, local HF directory, GGUF file or hub id) and build it.
 
 Every format ends in the same three things: a `ModelConfig`, an iterator of HF-named weight
-tensors, and a `Tokenizer`; `load_model` turns them into a ready `LlamaForCausalLM`.
+tensors, and a `Tokenizer` (`open_model`); `load_model` turns them into a ready
+`LlamaForCausalLM` (or, under tensor parallelism, this rank's shard of one).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -20,6 +21,9 @@ from tqdm.auto import tqdm
 from ember.config import EngineConfig, ModelConfig
 from ember.errors import ConfigError, ModelLoadError
 from ember.loading.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from ember.distributed.parallel_state import TensorParallelGroup
 
 logger = logging.getLogger("ember")
 
@@ -165,6 +169,77 @@ def _iter_safetensors(shards: list[Path], dtype: torch.dtype) -> Iterator[tuple[
             raise ModelLoadError(f"{shard}: unreadable or truncated safetensors ({e})") from e
 
 
+def resolve_precision(config: EngineConfig, device: torch.device, world_size: int = 1
+                      ) -> tuple[torch.dtype, str]:
+    """(activation dtype, quantization: none | gguf | int8 | int4) for this model."""
+    from ember.quantization import check_method
+
+    check_method(config.quantization, config.int4_group_size)
+    quant = resolve_quantization(config.quantization, resolve_model_path(config.model))
+    if world_size > 1 and quant != "none":
+        if config.quantization != "auto":
+            raise ConfigError("quantization with tensor_parallel_size > 1 is not supported yet; "
+                              "use --quantization none")
+        quant = "none"  # a GGUF file is dequantized for its shards
+    return resolve_dtype(config.dtype, device, quantized=quant != "none"), quant
+
+
+def open_model(
+    model: str | None, dtype: torch.dtype, max_model_len: int | None, quantization: str = "none"
+) -> tuple[Checkpoint, int]:
+    """Find the model and read its config and tokenizer (no weights yet); returns the
+    checkpoint and the max model length. A GGUF file's Q4 tensors stay quantized for the
+    `gguf` and `int4` modes (int4 already: no re-quantization)."""
+    path = resolve_model_path(model)
+    ckpt = open_checkpoint(path, dtype, keep_quantized=quantization in ("gguf", "int4"))
+    if max_model_len is None:
+        return ckpt, ckpt.context_length
+    if max_model_len < 1 or max_model_len > ckpt.context_length:
+        raise ConfigError(
+            f"max_model_len={max_model_len} is outside [1, {ckpt.context_length}], "
+            f"the model's context length"
+        )
+    return ckpt, max_model_len
+
+
+def load_model(
+    ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_model_len: int,
+    tp: "TensorParallelGroup | None" = None, quantization: str = "none", group_size: int = 32,
+) -> torch.nn.Module:
+    """The model on `device` in eval mode, its weights read from `ckpt`; under tensor
+    parallelism, this rank's shard of it. `int8` / `int4` quantize the dense weights."""
+    from ember.distributed import tensor_parallel
+    from ember.models import build_model
+    from ember.quantization import quantize_model, weight_bytes
+
+    rank, world = (tp.rank, tp.world_size) if tp is not None else (0, 1)
+    tensor_parallel.check_shardable(ckpt.config, world)
+    logger.info(
+        "loading %s (%s, %s, %d layers, hidden %d) as %s on %s, quantization %s%s",
+        ckpt.path, ckpt.format, ckpt.config.architecture, ckpt.config.num_hidden_layers,
+        ckpt.config.hidden_size, str(dtype).removeprefix("torch."), device, quantization,
+        f", shard {rank + 1} of {world}" if world > 1 else "",
+    )
+    with torch.device("meta"):
+        net = build_model(tensor_parallel.shard_config(ckpt.config, world), max_model_len)
+        if world > 1:
+            tensor_parallel.parallelize(net, rank, world)
+    net = net.to(dtype).to_empty(device=device)
+    net.tie_weights()
+    net.rotary.float().reset_tables()  # the tables stay float32: positions need the precision
+    weights = ckpt.weights
+    if world > 1:
+        weights = tensor_parallel.shard_weights(weights, ckpt.config, rank, world)
+    weights = tqdm(weights, desc="Loading weights", unit="tensor", leave=False,
+                   disable=rank > 0 or not logger.isEnabledFor(logging.INFO))
+    net.load_weights(weights)
+    if quantization in ("int8", "int4"):
+        n = quantize_model(net, quantization, group_size)
+        logger.info("quantized %d linear layers to %s", n, quantization)
+    logger.info("weights: %.1f MB", weight_bytes(net) / 1e6)
+    return net.eval()
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module  # on its device, in eval mode
@@ -174,42 +249,10 @@ class LoadedModel:
     quantization: str  # none | gguf | int8 | int4
 
 
-def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
-    from ember.models import build_model
-    from ember.quantization import check_method, quantize_model, weight_bytes
-
-    check_method(config.quantization, config.int4_group_size)
-    path = resolve_model_path(config.model)
-    quant = resolve_quantization(config.quantization, path)
-    torch_dtype = resolve_dtype(config.dtype, device, quantized=quant != "none")
-    # int4 of a GGUF file: its Q4 tensors are int4 already (no re-quantization).
-    keep_quantized = quant == "gguf" or (quant == "int4" and is_gguf(path))
-    ckpt = open_checkpoint(path, torch_dtype, keep_quantized)
-    max_model_len = config.max_model_len
-    if max_model_len is None:
-        max_len = ckpt.context_length
-    elif max_model_len < 1 or max_model_len > ckpt.context_length:
-        raise ConfigError(
-            f"max_model_len={max_model_len} is outside [1, {ckpt.context_length}], "
-            f"the model's context length"
-        )
-    else:
-        max_len = max_model_len
-    logger.info(
-        "loading %s (%s, %s, %d layers, hidden %d) as %s on %s, quantization %s",
-        path, ckpt.format, ckpt.config.architecture, ckpt.config.num_hidden_layers,
-        ckpt.config.hidden_size, str(torch_dtype).removeprefix("torch."), device, quant,
-    )
-    with torch.device("meta"):
-        net = build_model(ckpt.config, max_len)
-    net = net.to(torch_dtype).to_empty(device=device)
-    net.tie_weights()
-    net.rotary.float().reset_tables()  # the tables stay float32: positions need the precision
-    weights = tqdm(ckpt.weights, desc="Loading weights", unit="tensor", leave=False,
-                   disable=not logger.isEnabledFor(logging.INFO))
-    net.load_weights(weights)
-    if quant in ("int8", "int4"):
-        n = quantize_model(net, quant, config.int4_group_size)
-        logger.info("quantized %d linear layers to %s", n, quant)
-    logger.info("weights: %.1f MB", weight_bytes(net) / 1e6)
-    return LoadedModel(net.eval(), ckpt, max_len, torch_dtype, quant)
+def load_model_from_config(config: EngineConfig, device: torch.device) -> LoadedModel:
+    """One model, no engine (for measurements and tests)."""
+    dtype, quant = resolve_precision(config, device)
+    ckpt, max_len = open_model(config.model, dtype, config.max_model_len, quant)
+    net = load_model(ckpt, dtype, device, max_len, quantization=quant,
+                     group_size=config.int4_group_size)
+    return LoadedModel(net, ckpt, max_len, dtype, quant)

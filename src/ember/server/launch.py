@@ -4,6 +4,9 @@ thread, then /health turns 200.
 SIGTERM / SIGINT: uvicorn stops accepting connections and waits for open ones; the engine
 refuses new requests, lets running ones finish for `--shutdown-grace` seconds, then aborts
 the rest (their clients get an error response), and the process exits 0.
+
+If the engine dies (a failed step, a tensor-parallel worker gone), its requests get errors,
+/health answers 503, and the process exits 1: a supervisor can restart it.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:
-        if self.engine.load_failed:
+        if not self.engine.is_healthy and not self.should_exit:
+            logger.error("the engine is dead (%s); exiting", self.engine.error)
             self.should_exit = True
         return await super().on_tick(counter)
 
@@ -72,7 +76,5 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
     engine.start()
     server.run()
     engine.shutdown(0)
-    if engine.load_failed:
-        return 1
-    return 0
+    return 0 if engine.is_healthy else 1
 
