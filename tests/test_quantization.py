@@ -132,3 +132,9 @@ def test_precision_modes_keep_accuracy(reference, mode):
     least_top1, most_ppl = TOLERANCE[mode]
     assert acc.top1_agreement >= least_top1, acc
     assert acc.perplexity <= ref_ppl * (1 + most_ppl), (acc, ref_ppl)
+
+
+def test_quantization_under_tensor_parallelism_is_refused_before_loading(tiny_llama_dir):
+    with pytest.raises(ConfigError, match="quantization with tensor_parallel_size > 1 is not "
+                                          "supported yet"):
+        LLM(model=str(tiny_llama_dir), tensor_parallel_size=2, quantization="int8")
