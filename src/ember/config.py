@@ -93,6 +93,8 @@ class EngineConfig:
         "exactness mode), int8 (per output channel), int4 (group-wise, see --int4-group-size; "
         "a GGUF file's Q4 tensors are used as they are)")
     int4_group_size: int = _opt(32, "input columns per int4 scale/zero group: 32, 64 or 128")
+    enforce_eager: bool = _opt(False, "run the model eagerly: no torch.compile of the decoder "
+                               "layer (compiling takes seconds at start, cached on disk)")
     max_model_len: int | None = _opt(None, "context length (default: the model's)")
     seed: int = _opt(0, "seed for requests that set none")
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")

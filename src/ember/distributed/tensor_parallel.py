@@ -6,7 +6,7 @@ the attention heads, of the MLP's intermediate size and of the (padded) vocabula
 - `qkv_proj` and `gate_up_proj` are column-parallel: a rank holds the output rows of its heads
   and of its slice of the intermediate size;
 - `o_proj` and `down_proj` are row-parallel: a rank holds the matching input columns and
-  computes a partial sum, which a forward hook on the attention / MLP block all-reduces;
+  computes a partial sum, which a forward hook on `o_proj` / the MLP block all-reduces;
 - KV heads are split like the query heads; with fewer KV heads than ranks each KV head is
   replicated on the ranks whose query heads use it;
 - `embed_tokens` is vocabulary-parallel (`VocabParallelEmbedding`): a rank embeds the ids in its
@@ -16,9 +16,8 @@ the attention heads, of the MLP's intermediate size and of the (padded) vocabula
 `shard_weights` narrows each checkpoint tensor to this rank's part as it is read, so a rank
 never holds more than its shard plus one checkpoint tensor.
 
-The collectives sit on the attention and MLP blocks and in the embedding, never inside an
-`nn.Linear`: a later per-rank transform that swaps the Linear modules (weight-only
-quantization of the already-sharded weights) keeps them.
+The collectives are forward hooks (on `o_proj`, the MLP block and the embedding); the
+quantization transform carries a replaced linear's hooks over to its quantized successor.
 """
 
 from __future__ import annotations
@@ -112,7 +111,7 @@ def parallelize(model: nn.Module, rank: int, world: int) -> None:
     """Add the collectives to a model built from `shard_config` (on the meta device, before
     its weights are allocated)."""
     for layer in model.layers:
-        layer.self_attn.register_forward_hook(_all_reduce_output)
+        layer.self_attn.o_proj.register_forward_hook(_all_reduce_output)
         layer.mlp.register_forward_hook(_all_reduce_output)
     rows, dim = model.embed_tokens.weight.shape
     model.embed_tokens = VocabParallelEmbedding(rows, dim, rank * rows)

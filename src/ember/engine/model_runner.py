@@ -22,6 +22,7 @@ from ember.engine.request import Request
 from ember.engine.scheduler import SchedulerOutput
 from ember.layers.attention import AttentionMetadata, DecodeBatch, PrefillChunk
 from ember.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, SamplingRow
+from ember.compilation import compile_layers
 from ember.loading.loader import Checkpoint, load_model
 
 if TYPE_CHECKING:
@@ -88,6 +89,12 @@ def load_runner(
     model = load_model(ckpt, dtype, device, max_model_len, tp, quantization,
                        config.int4_group_size)
     world = tp.world_size if tp is not None else 1
+    if config.enforce_eager:
+        logger.info("eager mode (--enforce-eager): no torch.compile")
+    elif world > 1:  # the all-reduce hooks would break the compiled regions' graphs
+        logger.info("tensor parallelism runs eager (torch.compile is single-rank for now)")
+    else:
+        compile_layers(model, dtype)
     num_blocks = num_kv_blocks(config, shard_config(ckpt.config, world), dtype, device,
                                max_model_len)
     if tp is not None:

@@ -40,19 +40,15 @@ class LlamaAttention(nn.Module):
             self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5
         )
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin of the tokens' positions
-        kv_cache: KVCache,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Project and rotate: q [T, H, D], k and v [T, Hkv, D]."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, k, *rope)
-        return self.o_proj(self.attn(q, k, v, kv_cache[0], kv_cache[1], meta))
+        return q, k, v
 
 
 class LlamaMLP(nn.Module):
@@ -81,7 +77,19 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
+        # Two regions of fixed-shape work around the paged attention, whose shapes follow the
+        # batch's context lengths: `compilation.compile_layers` compiles each region once for
+        # all layers (the attention stays eager).
+        q, k, v = self.attention_inputs(x, rope)
+        o = self.self_attn.attn(q, k, v, kv_cache[0], kv_cache[1], meta)
+        return self.attention_output_and_mlp(x, o)
+
+    def attention_inputs(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.self_attn.qkv(self.input_layernorm(x), rope)
+
+    def attention_output_and_mlp(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn.o_proj(o)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -52,6 +52,12 @@ def to_quantized_linear(w: QuantizedWeight, bias: torch.Tensor | None, device: t
     return cls(w, bias, device, dtype)
 
 
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Swap a submodule, keeping its forward hooks (tensor parallelism's all-reduce)."""
+    new._forward_hooks.update(model.get_submodule(path)._forward_hooks)
+    model.set_submodule(path, new)
+
+
 def install_quantized(model: nn.Module, weights: dict[str, list[QuantizedWeight]],
                       dtype: torch.dtype) -> None:
     """Replace each `<module>.weight` named in `weights` (its fused shards, in order) with the
@@ -63,7 +69,7 @@ def install_quantized(model: nn.Module, weights: dict[str, list[QuantizedWeight]
         if (w.out_features, w.in_features) != tuple(old.weight.shape):
             raise ConfigError(f"{name}: quantized shape {(w.out_features, w.in_features)}, "
                               f"model expects {tuple(old.weight.shape)}")
-        model.set_submodule(path, to_quantized_linear(w, old.bias, old.weight.device, dtype))
+        _replace(model, path, to_quantized_linear(w, old.bias, old.weight.device, dtype))
 
 
 @torch.no_grad()
@@ -80,8 +86,8 @@ def quantize_model(model: nn.Module, method: str, group_size: int) -> int:
             w: QuantizedWeight = Int4Weight.quantize(dense, group_size)
         else:
             w = Int8Weight.quantize(dense)
-        model.set_submodule(
-            name, to_quantized_linear(w, old.bias, old.weight.device, old.weight.dtype))
+        _replace(model, name, to_quantized_linear(w, old.bias, old.weight.device,
+                                                  old.weight.dtype))
     return len(targets)
 
 
