@@ -141,6 +141,12 @@ class AsyncLLMEngine:
     def stats(self) -> EngineStats | None:
         return self._stats
 
+    @property
+    def num_in_flight(self) -> int:
+        """Requests admitted and not finished, failed or aborted yet."""
+        with self._lock:
+            return len(self._streams)
+
     def _check_available(self) -> LLMEngine:
         if self._error is not None:
             raise EngineUnavailableError(f"the engine is not running: {self._error}")

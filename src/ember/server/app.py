@@ -505,7 +505,7 @@ def build_app(
               "content": {"text/plain": {"schema": {"type": "string"}}}},
         401: {"model": ErrorResponse}})
     async def prometheus_metrics() -> Response:
-        metrics.update_engine(engine.stats())
+        metrics.update_engine(engine.stats(), engine.num_in_flight)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     app.openapi = lambda: _openapi(  # type: ignore[method-assign]
