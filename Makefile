@@ -1,5 +1,6 @@
-# ember: `make serve` runs the server on the default model, `make test` runs the suite.
-# Both create .venv on first use and install into it from pinned versions (constraints.txt).
+# ember: `make serve` runs the server on the default model, `make test` runs the suite,
+# `make fuzz` fuzzes the server's API longer than the suite does, `make soak` runs the soak.
+# All create .venv on first use and install into it from pinned versions (constraints.txt).
 
 PYTHON ?= python3
 VENV := .venv
@@ -10,8 +11,15 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# make fuzz: fuzzing passes for FUZZ_TIME seconds, FUZZ_EXAMPLES cases per operation and pass,
+# from a new seed each run (printed; pass FUZZ_SEED=... to replay one).
+FUZZ_TIME ?= 600
+FUZZ_EXAMPLES ?= 50
+FUZZ_SEED ?= $(shell date +%s)
+# make soak: its flags (benchmarks/soak.py --help); the result goes to benchmarks/results/.
+SOAK_ARGS ?= --requests 3000 --duration 300 --concurrency 16
 
-.PHONY: install test serve clean
+.PHONY: install test fuzz soak serve clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +33,13 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+fuzz: $(STAMP)
+	EMBER_FUZZ_MAX_TIME=$(FUZZ_TIME) EMBER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+	EMBER_FUZZ_SEED=$(FUZZ_SEED) $(BIN)/python -m pytest -q -s tests/test_server_fuzz.py
+
+soak: $(STAMP)
+	$(BIN)/python benchmarks/soak.py $(SOAK_ARGS)
 
 serve: $(STAMP)
 	$(BIN)/ember serve --host $(HOST) --port $(PORT)

@@ -71,3 +71,25 @@ def default_llm():
     from ember import LLM
 
     return LLM(**EXACT)
+
+
+# ---- the reliability tests' shared server -----------------------------------------------------
+REL_KEY = "sk-reliability-test-key"
+REL_MAX_MODEL_LEN = 64  # short generations keep the fuzzing fast
+# One torch thread: on a shared 2-core machine, two threads that wait for each other at every
+# op make a step ten times slower as soon as another process wants a core.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="session")
+def rel_server():
+    """One `ember serve` for the fuzzing, hardening and short soak tests: an API key (from
+    EMBER_API_KEY, also needed on /metrics), a short context, a small KV cache, four sequences
+    at a time."""
+    from server_utils import ServerProcess
+
+    server = ServerProcess("--max-model-len", str(REL_MAX_MODEL_LEN), "--max-num-seqs", "4",
+                           "--kv-cache-memory", "30000000", "--metrics-require-key",
+                           api_key=REL_KEY, key_in_env=True, env=ONE_THREAD)
+    yield server.wait_ready()
+    server.stop()

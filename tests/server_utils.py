@@ -22,17 +22,26 @@ def free_port() -> int:
 class ServerProcess:
     """Starts at construction (the model loads while the caller does other work)."""
 
-    def __init__(self, *args: str, api_key: str | None = None) -> None:
+    def __init__(self, *args: str, api_key: str | None = None, key_in_env: bool = False,
+                 module: str = "ember", env: dict[str, str] | None = None) -> None:
+        """`key_in_env`: pass the key as EMBER_API_KEY rather than --api-key; `module`: what
+        `python -m` runs (a test's own launcher, say), with `serve ...` as its arguments;
+        `env`: more environment variables."""
         self.port = free_port()
         self.api_key = api_key
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "ember", "serve", "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", module, "serve", "--host", "127.0.0.1",
                "--port", str(self.port), *args]
-        if api_key:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        env.pop("EMBER_API_KEY", None)
+        if api_key and key_in_env:
+            env["EMBER_API_KEY"] = api_key
+        elif api_key:
             cmd += ["--api-key", api_key]
+        self.cmd = cmd
         self._log = tempfile.NamedTemporaryFile(prefix="ember-serve-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     cwd=os.path.dirname(os.path.abspath(__file__)))
 
     @property
     def headers(self) -> dict[str, str]:
@@ -57,7 +66,7 @@ class ServerProcess:
 
     def metrics(self) -> dict[str, float]:
         """Unlabelled-by-reason samples of /metrics: name (without labels) -> value."""
-        text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        text = httpx.get(f"{self.url}/metrics", headers=self.headers, timeout=5).text
         values: dict[str, float] = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):

@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from ember.config import EngineConfig
+from ember.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_SEND_TIMEOUT, EngineConfig
 from ember.errors import EmberError
 
 _TYPES = {"str": str, "int": int, "float": float}
@@ -119,8 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     srv.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     srv.add_argument("--api-key", action="append", default=None, metavar="KEY",
-                     help="require `Authorization: Bearer KEY` on the API (repeatable; "
-                     "/health and /metrics stay open)")
+                     help="require `Authorization: Bearer KEY` on every path but /health "
+                     "and /metrics (repeatable; default: the EMBER_API_KEY environment "
+                     "variable, if set)")
+    srv.add_argument("--metrics-require-key", action="store_true",
+                     help="with API keys, /metrics needs one too (default: it stays open)")
+    srv.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                     metavar="BYTES", help="larger request bodies are refused with HTTP 413 "
+                     "(default: %(default)s)")
+    srv.add_argument("--send-timeout", type=float, default=DEFAULT_SEND_TIMEOUT,
+                     metavar="SECONDS", help="a streaming client that accepts no data for this "
+                     "long is disconnected and its request aborted (default: %(default)s)")
     srv.add_argument("--served-model-name", default=None,
                      help="the model name clients use (default: --model, or the default "
                      "model's file name)")

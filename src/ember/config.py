@@ -15,6 +15,10 @@ from ember.errors import ConfigError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
+# The server's defaults for `ember serve` and `build_app` (here, so the CLI needs no FastAPI).
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # larger request bodies get HTTP 413
+DEFAULT_SEND_TIMEOUT = 60.0  # seconds a streaming client may accept nothing
+
 
 @dataclass(frozen=True)
 class ModelConfig:

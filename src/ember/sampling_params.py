@@ -34,6 +34,7 @@ def _is_real(value: Any) -> bool:
 @dataclass
 class SamplingParams:
     MAX_LOGPROBS: ClassVar[int] = 20
+    MAX_STOP: ClassVar[int] = 64  # stop strings, and stop token ids: each is checked per token
 
     n: int = 1
     presence_penalty: float = 0.0
@@ -123,10 +124,17 @@ class SamplingParams:
         items = [stop] if isinstance(stop, str) else stop
         if not isinstance(items, (list, tuple)):
             raise InvalidRequestError(f"stop must be a string or a list of strings, got {stop!r}")
+        SamplingParams._check_count("stop", items)
         for s in items:
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError(f"stop strings must be non-empty strings, got {s!r}")
         return list(items)
+
+    @staticmethod
+    def _check_count(name: str, items: list | tuple) -> None:
+        if len(items) > SamplingParams.MAX_STOP:
+            raise InvalidRequestError(
+                f"{name} has {len(items)} entries; at most {SamplingParams.MAX_STOP} are allowed")
 
     @staticmethod
     def _normalise_stop_token_ids(ids: Any) -> list[int]:
@@ -134,6 +142,7 @@ class SamplingParams:
             return []
         if not isinstance(ids, (list, tuple)):
             raise InvalidRequestError(f"stop_token_ids must be a list of integers, got {ids!r}")
+        SamplingParams._check_count("stop_token_ids", ids)
         for t in ids:
             if not _is_int(t) or t < 0:
                 raise InvalidRequestError(

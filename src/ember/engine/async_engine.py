@@ -34,19 +34,42 @@ class EngineUnavailableError(RuntimeError):
     """The engine is loading, has failed, or is shutting down (HTTP 503)."""
 
 
+class RequestFailedError(RuntimeError):
+    """The engine failed this one request (a bug; logged); the others go on (HTTP 500)."""
+
+
 @dataclass
 class _Stream:
-    """Where one request's outputs go, and what the engine thread knows of its progress."""
+    """Where one request's outputs go, and what the engine thread knows of its progress.
+
+    Outputs are cumulative, so the stream keeps only the latest: a consumer that falls behind
+    (a client that stops reading) holds one output, never a growing queue, and never slows
+    the engine thread. An exception is final: nothing replaces it.
+    """
 
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     num_tokens: int = 0  # generated so far, over all n sequences
+    _latest: RequestOutput | BaseException | None = None
+    _ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     def put(self, item: RequestOutput | BaseException) -> None:
+        """From the engine thread."""
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self._set, item)
         except RuntimeError:  # the caller's loop is closed: nobody is listening any more
             pass
+
+    def _set(self, item: RequestOutput | BaseException) -> None:
+        if not isinstance(self._latest, BaseException):
+            self._latest = item
+            self._ready.set()
+
+    async def get(self) -> RequestOutput | BaseException:
+        await self._ready.wait()
+        self._ready.clear()
+        item, self._latest = self._latest, None
+        assert item is not None
+        return item
 
 
 @dataclass
@@ -118,6 +141,12 @@ class AsyncLLMEngine:
     def stats(self) -> EngineStats | None:
         return self._stats
 
+    @property
+    def num_in_flight(self) -> int:
+        """Requests admitted and not finished, failed or aborted yet."""
+        with self._lock:
+            return len(self._streams)
+
     def _check_available(self) -> LLMEngine:
         if self._error is not None:
             raise EngineUnavailableError(f"the engine is not running: {self._error}")
@@ -134,6 +163,12 @@ class AsyncLLMEngine:
     @property
     def max_model_len(self) -> int:
         return self._check_available().max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids below this are valid for both the model and its tokenizer."""
+        engine = self._check_available()
+        return min(engine.model_config.vocab_size, engine.tokenizer.vocab_size)
 
     # ---- requests ------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -170,7 +205,7 @@ class AsyncLLMEngine:
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
+                item = await stream.get()
                 if isinstance(item, BaseException):
                     finished = True  # the engine has already dropped it
                     raise item
@@ -294,6 +329,9 @@ class AsyncLLMEngine:
                     stream = self._streams.get(out.request_id)
             if stream is None:
                 continue  # aborted during this step; the abort command will clean up
+            if out.error is not None:  # the engine failed this request alone (and logged it)
+                stream.put(RequestFailedError(f"request {out.request_id} failed: {out.error}"))
+                continue
             num_tokens = sum(len(c.token_ids) for c in out.outputs)
             if stream.num_tokens == 0:
                 window.prompt_tokens += len(out.prompt_token_ids) - out.num_cached_tokens

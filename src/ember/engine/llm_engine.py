@@ -146,11 +146,12 @@ class LLMEngine:
         if n == 0:
             raise InvalidRequestError("the prompt is empty")
         vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(
-                f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})"
-            )
+        for what, ids in (("prompt", prompt_token_ids), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids or () if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequestError(
+                    f"{what} token id {bad[0]} is outside the vocabulary [0, {vocab})"
+                )
         if n >= self.max_model_len:
             raise InvalidRequestError(
                 f"the prompt has {n} tokens, but max_model_len is {self.max_model_len} "
@@ -214,12 +215,12 @@ class LLMEngine:
             self.scheduler.add_request(child)
 
     def abort_request(self, request_id: str) -> None:
-        parent = self._parents.pop(request_id, None)
+        parent = self._parents.get(request_id)
         if parent is None:
             return
         for child in parent.children:
             self.scheduler.finish(child, "abort")
-            self._children.pop(child.request_id, None)
+        self._forget(parent)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
@@ -246,6 +247,7 @@ class LLMEngine:
         for req, n in zip(sched.requests, sched.num_scheduled_tokens):
             req.num_computed_tokens += n
         touched: dict[str, _Parent] = {}
+        failed: dict[str, Exception] = {}
         out = result.output
         if out is not None:
             ids = out.sampled_token_ids.tolist()
@@ -253,25 +255,57 @@ class LLMEngine:
             top_ids = out.topk_token_ids.tolist() if out.topk_token_ids is not None else None
             top_lps = out.topk_logprobs.tolist() if out.topk_logprobs is not None else None
             for row, req in enumerate(result.sampled):
-                req.output_token_ids.append(ids[row])
-                req.output_logprobs.append(lps[row])
-                if req.params.logprobs is not None:
-                    k = req.params.logprobs  # 0: only the chosen token's logprob
-                    req.output_top_logprobs.append(
-                        (top_ids[row][:k], top_lps[row][:k]) if k else ([], []))
-                if req.first_token_time is None:
-                    req.first_token_time = now
-                req.last_token_time = now
                 parent, index = self._children[req.request_id]
-                self._check_stop(req, parent.detokenizers[index])
                 touched[parent.request_id] = parent
-        outputs = [self._make_output(p) for p in touched.values()]
+                if parent.request_id in failed:
+                    continue
+                # A failure here concerns this request alone (its tokens, its detokenizer):
+                # it fails, the batch goes on.
+                try:
+                    req.output_token_ids.append(ids[row])
+                    req.output_logprobs.append(lps[row])
+                    if req.params.logprobs is not None:
+                        k = req.params.logprobs  # 0: only the chosen token's logprob
+                        req.output_top_logprobs.append(
+                            (top_ids[row][:k], top_lps[row][:k]) if k else ([], []))
+                    if req.first_token_time is None:
+                        req.first_token_time = now
+                    req.last_token_time = now
+                    self._check_stop(req, parent.detokenizers[index])
+                except Exception as e:
+                    failed[parent.request_id] = e
+        outputs = []
         for p in touched.values():
-            if p.finished:
-                self._parents.pop(p.request_id, None)
-                for c in p.children:
-                    self._children.pop(c.request_id, None)
+            error = failed.get(p.request_id)
+            if error is None:
+                try:
+                    outputs.append(self._make_output(p))
+                except Exception as e:
+                    error = e
+            if error is not None:
+                outputs.append(self._fail_request(p, error))
+            elif p.finished:
+                self._forget(p)
         return outputs
+
+    def _forget(self, parent: _Parent) -> None:
+        self._parents.pop(parent.request_id, None)
+        for c in parent.children:
+            self._children.pop(c.request_id, None)
+
+    def _fail_request(self, parent: _Parent, error: Exception) -> RequestOutput:
+        """Abort one request after an error of its own; its output carries the error."""
+        logger.error("request %s failed", parent.request_id, exc_info=error)
+        for child in parent.children:
+            self.scheduler.finish(child, "abort")
+        self._forget(parent)
+        return RequestOutput(
+            request_id=parent.request_id, prompt=parent.prompt,
+            prompt_token_ids=parent.prompt_token_ids,
+            outputs=[CompletionOutput(index=i, text="", token_ids=[], finish_reason="abort")
+                     for i in range(len(parent.children))],
+            finished=True, error=f"{type(error).__name__}: {error}",
+        )
 
     def _check_stop(self, req: Request, detok: IncrementalDetokenizer) -> None:
         token = req.output_token_ids[-1]

@@ -73,7 +73,7 @@ class SamplingMetadata:
         return cls(
             temperature=floats([0.0 if p.is_greedy else p.temperature for p in params]),
             top_p=floats([p.top_p for p in params]),
-            top_k=ints([p.top_k for p in params]),
+            top_k=ints([min(p.top_k, vocab_size) for p in params]),  # any k >= V is off
             min_p=floats([p.min_p for p in params]),
             repetition_penalty=floats([p.repetition_penalty for p in params]),
             frequency_penalty=floats([p.frequency_penalty for p in params]),

@@ -30,6 +30,7 @@ class Tokenizer:
     add_bos_token: bool = False
     chat_template: str | None = None
     _template: Any = field(default=None, repr=False)
+    _max_token_chars: int | None = field(default=None, repr=False)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -77,6 +78,17 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token stands for, plus one (for a leading space
+        that a decoder drops from a token alone): a text longer than n times this cannot be
+        fewer than n tokens, so it can be refused without tokenizing it. (Computed once.)"""
+        if self._max_token_chars is None:
+            texts = self.backend.decode_batch([[i] for i in range(self.vocab_size)],
+                                              skip_special_tokens=False)
+            self._max_token_chars = max(map(len, texts), default=0) + 1
+        return self._max_token_chars
 
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]:
         return [self.backend.id_to_token(i) for i in ids]

@@ -2,7 +2,14 @@
 
 Every error leaves as OpenAI's body `{"error": {"message", "type", "param", "code"}}` with the
 right status: 400 bad input (pydantic's 422 included), 401 bad key, 404 unknown model or path,
-429 queue full, 503 engine loading/dead/shutting down, 500 only for bugs (logged).
+405 wrong method, 413 body too large, 429 queue full, 503 engine loading/dead/shutting down,
+500 only for bugs (logged).
+
+Against hostile or broken clients: the API key is checked (in constant time) before the body
+is read; a body is read up to `max_body_bytes`; a request holds one pending output however
+slowly its client reads (async_engine._Stream), and a stream whose client accepts nothing for
+`send_timeout` seconds is dropped, its request aborted. The OpenAPI schema (/openapi.json)
+describes every status and body, streams included, so that it can be fuzzed.
 """
 
 from __future__ import annotations
@@ -13,33 +20,38 @@ import hashlib
 import hmac
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Literal, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.background import BackgroundTask
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ember import __version__
-from ember.engine.async_engine import AsyncLLMEngine, EngineUnavailableError
+from ember.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_SEND_TIMEOUT
+from ember.engine.async_engine import AsyncLLMEngine, EngineUnavailableError, RequestFailedError
 from ember.errors import EmberError, InvalidRequestError, QueueFullError
 from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
 from ember.server.metrics import RequestProgress, ServerMetrics
 from ember.server.protocol import (
-    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-    DetokenizeRequest, DetokenizeResponse, ErrorResponse, ModelCard, ModelList,
-    TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse,
+    TOKEN_ID_MARK, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+    CompletionRequest, CompletionResponse, CompletionStreamResponse, DetokenizeRequest,
+    DetokenizeResponse, ErrorResponse, ModelCard, ModelList, TokenizeChatRequest,
+    TokenizeCompletionRequest, TokenizeResponse,
 )
 from ember.server.serving import ResponseBuilder, sse
 
 logger = logging.getLogger("ember.server")
 T = TypeVar("T")
+
+MAX_REPORTED_ERRORS = 5  # validation errors listed in one message
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                 404: "not_found_error", 429: "rate_limit_error",
@@ -53,9 +65,12 @@ class APIError(Exception):
         self.status, self.message, self.code, self.param = status, message, code, param
 
     def body(self) -> dict[str, Any]:
+        def text(s: str | None) -> str | None:  # lone surrogates cannot be encoded as UTF-8
+            return None if s is None else s.encode("utf-8", "replace").decode("utf-8")
+
         error_type = _ERROR_TYPES.get(self.status, "invalid_request_error")
-        return {"error": {"message": self.message, "type": error_type, "param": self.param,
-                          "code": self.code}}
+        return {"error": {"message": text(self.message), "type": error_type,
+                          "param": text(self.param), "code": self.code}}
 
 
 def _as_api_error(e: Exception) -> APIError | None:
@@ -66,20 +81,125 @@ def _as_api_error(e: Exception) -> APIError | None:
         return APIError(429, str(e), "queue_full")
     if isinstance(e, EngineUnavailableError):
         return APIError(503, str(e), "engine_unavailable")
+    if isinstance(e, RequestFailedError):  # the engine logged it; the other requests go on
+        return APIError(500, "the engine failed this request; see the server log",
+                        "request_failed")
     if isinstance(e, (InvalidRequestError, EmberError)):
         return APIError(400, str(e))
     return None
 
 
-_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 500, 503)
-}
+Reject = Callable[[APIError, dict[str, str] | None], Response]
 
 
-def _generation_responses(model: type) -> dict[int | str, dict[str, Any]]:
-    return {200: {"model": model, "content": {"text/event-stream": {"schema": {
-        "type": "string", "description": "server-sent events, when stream is true"}}}},
-        **_ERROR_RESPONSES}
+class _KeyCheck:
+    """ASGI middleware: every path but `open_paths` needs `Authorization: Bearer <key>`.
+
+    It runs before the body is read. The given key is hashed and compared with the hash of
+    every key, with no early exit (`hmac.compare_digest` on equal-length digests): the time
+    taken tells nothing about the keys. Keys are never logged.
+    """
+
+    def __init__(self, app: ASGIApp, keys: Sequence[str], open_paths: set[str],
+                 reject: Reject) -> None:
+        self.app = app
+        self.digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+        self.open_paths = open_paths
+        self.reject = reject
+
+    def authorized(self, scope: Scope) -> bool:
+        scheme, _, given = Headers(scope=scope).get("authorization", "").partition(" ")
+        digest = hashlib.sha256(given.strip().encode()).digest()
+        ok = False
+        for d in self.digests:
+            ok |= hmac.compare_digest(digest, d)
+        return ok and scheme.lower() == "bearer"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] == "http" and scope["path"] not in self.open_paths
+                and not self.authorized(scope)):
+            err = APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                           "invalid_api_key")
+            await self.reject(err, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class _BodyLimit:
+    """ASGI middleware: read the request body, up to `max_bytes` (else 413), then hand it on.
+
+    A declared Content-Length over the limit is refused before anything is read.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, reject: Reject) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.reject = reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = APIError(413, f"the request body is larger than {self.max_bytes} bytes",
+                             "request_too_large")
+        close = {"Connection": "close"}  # the rest of the body is left unread
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self.reject(too_large, close)(scope, receive, send)
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left while sending
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                await self.reject(too_large, close)(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        pending: list[Message] = [{"type": "http.request", "body": bytes(body),
+                                   "more_body": False}]
+
+        async def replay() -> Message:
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+
+class _ClientStalled(Exception):
+    pass
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events whose client must keep reading: a send that waits more than
+    `send_timeout` seconds for the client (the socket's buffers are full) ends the response:
+    the request is aborted and the connection closed (uvicorn logs that the response was not
+    completed). Either way the body is closed, which aborts an unfinished request."""
+
+    def __init__(self, body: AsyncIterator[str], request_id: str, send_timeout: float) -> None:
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"},
+                         background=BackgroundTask(body.aclose))  # type: ignore[attr-defined]
+        self.request_id = request_id
+        self.send_timeout = send_timeout
+
+    async def stream_response(self, send: Send) -> None:
+        async def timed_send(message: Message) -> None:
+            try:
+                async with asyncio.timeout(self.send_timeout):
+                    await send(message)
+            except TimeoutError:
+                raise _ClientStalled() from None
+
+        try:
+            await super().stream_response(timed_send)
+        except _ClientStalled:
+            logger.warning("request %s: the client accepted no data for %.1f s; aborting the "
+                           "request and closing the connection", self.request_id,
+                           self.send_timeout)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
 class _ClientGone(Exception):
@@ -116,23 +236,60 @@ async def _last(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
     return final
 
 
+# ---- the schema's responses --------------------------------------------------------------
+_ERROR_STATUSES = (400, 401, 404, 413, 429, 500, 503)
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in _ERROR_STATUSES
+}
+
+
+def _ref(model: type) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _event_schema(chunk: type) -> dict[str, Any]:
+    """One server-sent event of a stream: a JSON chunk, an error, or the final [DONE]."""
+    return {"type": "object", "required": ["data"], "properties": {
+        "event": {"type": "string"},
+        "data": {"anyOf": [
+            {"const": "[DONE]"},
+            {"type": "string", "contentMediaType": "application/json",
+             "contentSchema": {"anyOf": [_ref(chunk), _ref(ErrorResponse)]}},
+        ]},
+    }}
+
+
+def _generation_responses(model: type, chunk: type) -> dict[int | str, dict[str, Any]]:
+    return {200: {"model": model, "description": "the response, or with `stream: true` "
+                  "server-sent events (one JSON chunk each, then `[DONE]`)",
+                  "content": {"text/event-stream": {"schema": _event_schema(chunk)}}},
+            **_ERROR_RESPONSES}
+
+
 def build_app(
-    engine: AsyncLLMEngine, served_model_name: str, api_keys: Sequence[str] = (),
+    engine: AsyncLLMEngine, served_model_name: str, api_keys: Sequence[str] = (), *,
+    metrics_require_key: bool = False, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    send_timeout: float = DEFAULT_SEND_TIMEOUT,
 ) -> FastAPI:
-    """The FastAPI app. Starting and stopping `engine` is the caller's job (see launch.py)."""
+    """The FastAPI app. Starting and stopping `engine` is the caller's job (see launch.py).
+
+    With `api_keys`, every path but /health (and /metrics, unless `metrics_require_key`)
+    needs one of them.
+    """
     metrics = ServerMetrics(served_model_name)
     app = FastAPI(title="ember", version=__version__,
                   description="OpenAI-compatible LLM inference server")
     app.state.engine, app.state.metrics = engine, metrics
 
     # ---- errors --------------------------------------------------------------------------
-    def error_response(err: APIError) -> JSONResponse:
+    def error_response(err: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
         metrics.record_error(err.status)
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     @app.exception_handler(APIError)
     @app.exception_handler(EmberError)
     @app.exception_handler(EngineUnavailableError)
+    @app.exception_handler(RequestFailedError)
     async def _on_known_error(_: Request, e: Exception) -> JSONResponse:
         err = _as_api_error(e)
         assert err is not None
@@ -141,43 +298,59 @@ def build_app(
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         parts, param = [], None
-        for err in e.errors():
+        errors = e.errors()
+        for err in errors[:MAX_REPORTED_ERRORS]:
             if err.get("type") == "json_invalid":
                 return error_response(APIError(400, "the request body is not valid JSON"))
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
             param = param or loc or None
-            parts.append(f"{loc}: {err.get('msg')}" if loc else
-                         f"the request body must be a JSON object: {err.get('msg')}")
+            msg = err.get("msg")
+            if loc:
+                parts.append(f"{loc}: {msg}")
+            elif err.get("type") == "value_error":  # a check across fields
+                parts.append(str(msg).removeprefix("Value error, "))
+            else:
+                parts.append(f"the request body must be a JSON object: {msg}")
+        if len(errors) > MAX_REPORTED_ERRORS:
+            parts.append(f"and {len(errors) - MAX_REPORTED_ERRORS} more errors")
         return error_response(APIError(400, "; ".join(parts) or "invalid request", None, param))
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return error_response(APIError(e.status_code, str(e.detail)))
+        message = str(e.detail)
+        if isinstance(e.__cause__, UnicodeDecodeError):  # from FastAPI's JSON parsing
+            message = "the request body is not valid UTF-8"
+        elif isinstance(e.__cause__, RecursionError):
+            message = "the request body's JSON is nested too deeply"
+        return error_response(APIError(e.status_code, message), e.headers)  # 405: Allow
 
     @app.exception_handler(Exception)
     async def _on_bug(_: Request, e: Exception) -> JSONResponse:
         logger.exception("internal error")
         return error_response(APIError(500, "internal server error; see the server log"))
 
-    # ---- auth and shared checks ----------------------------------------------------------
-    digests = [hashlib.sha256(k.encode()).digest() for k in api_keys]
-    bearer = HTTPBearer(auto_error=False)
+    # ---- hostile clients: keys first, then the body's size -------------------------------
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes, reject=error_response)
+    open_paths = {"/health"} if metrics_require_key else {"/health", "/metrics"}
+    if api_keys:
+        app.add_middleware(_KeyCheck, keys=api_keys, open_paths=open_paths,
+                           reject=error_response)
 
-    async def check_api_key(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        given = hashlib.sha256((creds.credentials if creds else "").encode()).digest()
-        # Compare with every key (no early exit) on equal-length digests: constant time.
-        ok = False
-        for d in digests:
-            ok |= hmac.compare_digest(given, d)
-        if creds is None or not ok:
-            raise APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
-                           "invalid_api_key")
-
-    api = APIRouter(dependencies=[Depends(check_api_key)] if api_keys else [])
+    # ---- shared checks -------------------------------------------------------------------
+    api = APIRouter()
 
     def check_model(name: str | None) -> None:
         if name is not None and name != served_model_name:
             raise APIError(404, f"The model `{name}` does not exist.", "model_not_found", "model")
+
+    def check_text(text: str, where: str) -> None:
+        """Refuse, without tokenizing it, a text that cannot fit in the context."""
+        max_len = engine.max_model_len
+        if len(text) > max_len * engine.tokenizer.max_token_chars:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {max_len} tokens. However, the "
+                f"{where} has {len(text)} characters, more than {max_len} tokens can hold. "
+                f"Please reduce the length of the {where}.")
 
     def check_context(prompt_len: int, max_tokens: int | None, where: str) -> None:
         max_len = engine.max_model_len
@@ -187,6 +360,12 @@ def build_app(
                 f"This model's maximum context length is {max_len} tokens. However, you "
                 f"requested {asked} tokens ({prompt_len} in the {where}, {max_tokens or 0} in "
                 f"the completion). Please reduce the length of the {where} or completion.")
+
+    def render_chat(req: ChatCompletionRequest | TokenizeChatRequest) -> str:
+        messages = [m.to_template_dict() for m in req.messages]
+        text = engine.tokenizer.apply_chat_template(messages, req.add_generation_prompt)
+        check_text(text, "messages")
+        return text
 
     # ---- generation ----------------------------------------------------------------------
     async def tracked(progress: RequestProgress, outputs: AsyncIterator[RequestOutput]
@@ -254,28 +433,25 @@ def build_app(
             finally:
                 await outputs.aclose()
 
-        body = events()
-        # On a disconnect Starlette cancels the body; closing it here aborts the request.
-        return StreamingResponse(body, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"},
-                                 background=BackgroundTask(body.aclose))
+        # On a disconnect Starlette cancels the body; closing it aborts the request.
+        return _EventStream(events(), request_id, send_timeout)
 
     @api.post("/v1/chat/completions", response_model=None,
-              responses=_generation_responses(ChatCompletionResponse))
+              responses=_generation_responses(ChatCompletionResponse, ChatCompletionChunk))
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
         check_model(req.model)
-        tok = engine.tokenizer
-        messages = [m.to_template_dict() for m in req.messages]
-        text = tok.apply_chat_template(messages, req.add_generation_prompt)
-        ids = tok.encode(text, add_special_tokens=False)
+        ids = engine.tokenizer.encode(render_chat(req), add_special_tokens=False)
         check_context(len(ids), req.requested_max_tokens(), "messages")
         return await generate(raw, "chat", req, ids, req.to_sampling_params(None))
 
     @api.post("/v1/completions", response_model=None,
-              responses=_generation_responses(CompletionResponse))
+              responses=_generation_responses(CompletionResponse, CompletionStreamResponse))
     async def completions(req: CompletionRequest, raw: Request) -> Response:
         check_model(req.model)
-        ids = engine.tokenize(req.prompt_input())
+        prompt = req.prompt_input()
+        if isinstance(prompt, str):
+            check_text(prompt, "prompt")
+        ids = engine.tokenize(prompt)
         check_context(len(ids), req.max_tokens, "prompt")
         return await generate(raw, "completion", req, ids, req.to_sampling_params(None))
 
@@ -296,54 +472,88 @@ def build_app(
     @api.post("/tokenize", responses=_ERROR_RESPONSES)
     async def tokenize(req: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
         check_model(req.model)
-        tok = engine.tokenizer
         if isinstance(req, TokenizeChatRequest):
-            text = tok.apply_chat_template([m.to_template_dict() for m in req.messages],
-                                           req.add_generation_prompt)
+            text = render_chat(req)
         else:
             text = req.prompt
-        ids = tok.encode(text, add_special_tokens=req.add_special_tokens)
+            check_text(text, "prompt")
+        ids = engine.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
         return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids)
 
     @api.post("/detokenize", responses=_ERROR_RESPONSES)
     async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
         check_model(req.model)
-        tok = engine.tokenizer
-        bad = [t for t in req.tokens if t >= tok.vocab_size]
+        vocab = engine.vocab_size
+        bad = [t for t in req.tokens if t >= vocab]
         if bad:
-            raise InvalidRequestError(
-                f"token id {bad[0]} is outside the vocabulary [0, {tok.vocab_size})")
-        return DetokenizeResponse(prompt=tok.decode(req.tokens))
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        return DetokenizeResponse(prompt=engine.tokenizer.decode(req.tokens))
 
     app.include_router(api)
 
-    # ---- operations (no API key) ---------------------------------------------------------
-    @app.get("/health", responses={200: {"description": "ready"}, 503: {"model": ErrorResponse}})
+    # ---- operations ----------------------------------------------------------------------
+    @app.get("/health", response_class=Response, responses={
+        200: {"description": "ready (no body)"}, 503: {"model": ErrorResponse}})
     async def health() -> Response:
         if engine.is_ready:
             return Response(status_code=200)
         reason = engine.error or ("shutting down" if engine.wait_ready(0) else "loading")
         return error_response(APIError(503, f"not ready: {reason}", "engine_unavailable"))
 
-    @app.get("/metrics", response_class=Response,
-             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"description": "Prometheus text format",
+              "content": {"text/plain": {"schema": {"type": "string"}}}},
+        401: {"model": ErrorResponse}})
     async def prometheus_metrics() -> Response:
-        metrics.update_engine(engine.stats())
+        metrics.update_engine(engine.stats(), engine.num_in_flight)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.openapi = lambda: _openapi(  # type: ignore[method-assign]
+        app, engine, open_paths if api_keys else None)
     return app
 
 
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema, less its 422 responses: validation errors answer 400 here."""
-    if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version,
-                             description=app.description, routes=app.routes)
-        for path in schema["paths"].values():
-            for op in path.values():
-                op.get("responses", {}).pop("422", None)
-        for name in ("HTTPValidationError", "ValidationError"):
-            schema.get("components", {}).get("schemas", {}).pop(name, None)
-        app.openapi_schema = schema
-    return app.openapi_schema
+def _openapi(app: FastAPI, engine: AsyncLLMEngine, open_paths: set[str] | None) -> dict[str, Any]:
+    """FastAPI's schema, made to say what the server does.
+
+    - validation errors answer 400 (declared), not FastAPI's 422;
+    - the stream chunks and errors that event streams carry are in the components;
+    - with API keys, every operation but the open ones declares the bearer scheme;
+    - once the model is loaded, token ids are bounded by the vocabulary (cached from then).
+    `open_paths` is None without API keys.
+    """
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version,
+                         description=app.description, routes=app.routes)
+    components = schema.setdefault("components", {})
+    models = components.setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        models.pop(name, None)
+    for model in (ChatCompletionChunk, CompletionStreamResponse, ErrorResponse):
+        definition = model.model_json_schema(ref_template="#/components/schemas/{model}",
+                                             mode="serialization")
+        for name, sub in definition.pop("$defs", {}).items():
+            models.setdefault(name, sub)
+        models.setdefault(model.__name__, definition)
+    if open_paths is not None:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    for path, operations in schema["paths"].items():
+        for op in operations.values():
+            op.get("responses", {}).pop("422", None)
+            if open_paths is not None and path not in open_paths:
+                op["security"] = [{"bearer": []}]
+    if not engine.is_ready:
+        return schema  # not cached: the vocabulary is not known yet
+    top = engine.vocab_size - 1
+    stack: list[Any] = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get(TOKEN_ID_MARK):
+                node["maximum"] = top
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    app.openapi_schema = schema
+    return schema

@@ -5,14 +5,17 @@ SIGTERM / SIGINT: uvicorn stops accepting connections and waits for open ones; t
 refuses new requests, lets running ones finish for `--shutdown-grace` seconds, then aborts
 the rest (their clients get an error response), and the process exits 0.
 
-If the engine dies (a failed step, a tensor-parallel worker gone), its requests get errors,
-/health answers 503, and the process exits 1: a supervisor can restart it.
+If the engine dies (the model fails to load, a step raises a batch-wide failure such as a
+lost device, or a tensor-parallel worker is gone), every request in flight gets a 503,
+/health answers 503, and the server shuts down and exits 1: it fails fast and visibly, for
+its supervisor to restart it, never hangs.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 from types import FrameType
@@ -24,6 +27,7 @@ from ember.engine.async_engine import AsyncLLMEngine
 from ember.server.app import build_app
 
 logger = logging.getLogger("ember.server")
+API_KEY_ENV = "EMBER_API_KEY"  # the key, kept off the command line (which `ps` shows)
 
 
 class _Server(uvicorn.Server):
@@ -41,8 +45,8 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:
-        if not self.engine.is_healthy and not self.should_exit:
-            logger.error("the engine is dead (%s); exiting", self.engine.error)
+        if self.engine.error is not None and not self.should_exit:
+            logger.error("the engine is dead (%s): shutting down", self.engine.error)
             self.should_exit = True
         return await super().on_tick(counter)
 
@@ -58,7 +62,11 @@ def served_name(config: EngineConfig) -> str:
 def serve(args: argparse.Namespace, config: EngineConfig) -> int:
     engine = AsyncLLMEngine.from_config(config)
     name = args.served_model_name or served_name(config)
-    app = build_app(engine, name, args.api_key or [])
+    keys = list(args.api_key or [])
+    if not keys and os.environ.get(API_KEY_ENV):
+        keys = [os.environ[API_KEY_ENV]]
+    app = build_app(engine, name, keys, metrics_require_key=args.metrics_require_key,
+                    max_body_bytes=args.max_request_body_bytes, send_timeout=args.send_timeout)
     server = _Server(
         uvicorn.Config(
             app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
@@ -76,5 +84,5 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
     engine.start()
     server.run()
     engine.shutdown(0)
-    return 0 if engine.is_healthy else 1
+    return 1 if engine.error is not None else 0
 

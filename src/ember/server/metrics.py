@@ -71,6 +71,8 @@ class ServerMetrics:
         self._running = gauge("num_requests_running", "Sequences running.")
         self._waiting = gauge("num_requests_waiting", "Sequences waiting to start.")
         self._kv_usage = gauge("kv_cache_usage_perc", "KV-cache usage: 1 = full.")
+        self._in_flight = gauge("num_requests_in_flight",
+                                "Requests admitted and not yet finished (the request table).")
         # The engine's counters are cumulative: export their growth since the last scrape.
         self._last = EngineStats(0, 0, 0, 0, 0.0, 0, 0, 0)
 
@@ -111,7 +113,8 @@ class ServerMetrics:
         self._errors.labels(self.model_name, str(status_code)).inc()
 
     # ---- engine and export ---------------------------------------------------------------
-    def update_engine(self, stats: EngineStats | None) -> None:
+    def update_engine(self, stats: EngineStats | None, in_flight: int = 0) -> None:
+        self._in_flight.set(in_flight)
         if stats is None:
             return
         self._running.set(stats.num_running)

@@ -7,18 +7,60 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from ember.sampling_params import SamplingParams
 
 MAX_N = 128  # OpenAI's limit on choices per request
+MAX_STOP = SamplingParams.MAX_STOP
 NonEmptyStr = Annotated[str, Field(min_length=1)]
-TokenId = Annotated[int, Field(ge=0)]
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def Int(**bounds: Any) -> Any:  # noqa: N802 (a type)
+    """JSON Schema's integer within `bounds` (Field's ge, le, ...): 3 and 3.0, not "3" (the
+    models are strict) nor true. The bounds come first, so that the schema shows them."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
+# The schema's token ids get `maximum: vocab_size - 1` once the model is loaded (app.py).
+TOKEN_ID_MARK = "x-ember-token-id"
+TokenId = Int(ge=0, json_schema_extra={TOKEN_ID_MARK: True})
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether a parsed JSON value holds a string with a lone UTF-16 surrogate (JSON's
+    "\\ud800" escape): such a string is not Unicode text and cannot be tokenized."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
 
 
 class _Request(BaseModel):
     # NaN and infinity are not JSON, but Python's json module accepts them.
-    model_config = ConfigDict(allow_inf_nan=False)
+    # Strict: "1" is not an integer, nor "true" a boolean, as the schema says.
+    model_config = ConfigDict(allow_inf_nan=False, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode_text(cls, data: Any) -> Any:
+        if _has_lone_surrogate(data):
+            raise ValueError("the request holds a string with a lone surrogate (not Unicode)")
+        return data
 
 
 class StreamOptions(_Request):
@@ -29,24 +71,24 @@ class _SamplingRequest(_Request):
     """Fields shared by chat and text completions."""
 
     model: str | None = Field(None, description="the served model name (default: it)")
-    n: int | None = Field(1, ge=1, le=MAX_N)
+    n: Int(ge=1, le=MAX_N) | None = 1
     temperature: float | None = Field(None, ge=0.0, description="0 is greedy (default 1)")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1)
-    stop: NonEmptyStr | list[NonEmptyStr] | None = None
-    seed: int | None = None
+    max_tokens: Int(ge=1) | None = None
+    stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP)] | None = None
+    seed: Int() | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM's extras
-    top_k: int | None = Field(None, ge=-1, description="0 or -1 disables")
+    top_k: Int(ge=-1) | None = Field(None, description="0 or -1 disables")
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: Int(ge=0) = 0
     ignore_eos: bool = False
-    stop_token_ids: list[TokenId] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP)] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -105,10 +147,10 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(
-        None, ge=1, description="takes precedence over the deprecated max_tokens")
+    max_completion_tokens: Int(ge=1) | None = Field(
+        None, description="takes precedence over the deprecated max_tokens")
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=SamplingParams.MAX_LOGPROBS)
+    top_logprobs: Int(ge=0, le=SamplingParams.MAX_LOGPROBS) | None = None
     add_generation_prompt: bool = True
 
     @model_validator(mode="after")
@@ -129,12 +171,12 @@ class ChatCompletionRequest(_SamplingRequest):
 # ---- text completions -------------------------------------------------------------------
 class CompletionRequest(_SamplingRequest):
     prompt: (
-        str
-        | Annotated[list[str], Field(min_length=1, max_length=1)]
+        NonEmptyStr
+        | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=1)]
         | Annotated[list[TokenId], Field(min_length=1)]
     ) = Field(..., description="a string, a list of one string, or a list of token ids")
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=SamplingParams.MAX_LOGPROBS)
+    max_tokens: Int(ge=1) | None = 16
+    logprobs: Int(ge=0, le=SamplingParams.MAX_LOGPROBS) | None = None
 
     def requested_logprobs(self) -> int | None:
         return self.logprobs
@@ -240,6 +282,12 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None
+
+
+class CompletionStreamResponse(CompletionResponse):
+    """One chunk of a completion stream: `usage` only in the last, with include_usage."""
+
+    usage: UsageInfo | None = None
 
 
 # ---- models, tokenizer, errors ----------------------------------------------------------

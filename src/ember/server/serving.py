@@ -16,7 +16,8 @@ from ember.outputs import CompletionOutput, Logprob, RequestOutput
 from ember.server.protocol import (
     ChatChoiceLogprobs, ChatCompletionChoice, ChatCompletionChunk, ChatCompletionResponse,
     ChatCompletionStreamChoice, ChatLogprob, ChatResponseMessage, CompletionChoice,
-    CompletionLogprobs, CompletionResponse, DeltaMessage, TopLogprob, UsageInfo,
+    CompletionLogprobs, CompletionResponse, CompletionStreamResponse, DeltaMessage, TopLogprob,
+    UsageInfo,
 )
 
 LOGPROB_FLOOR = -9999.0  # OpenAI's stand-in for -inf, which JSON cannot carry
@@ -126,7 +127,7 @@ class ResponseBuilder:
 
     # ---- streams -------------------------------------------------------------------------
     def _chunk(self, choices: list, usage_info: UsageInfo | None = None) -> str:
-        cls = ChatCompletionChunk if self.kind == "chat" else CompletionResponse
+        cls = ChatCompletionChunk if self.kind == "chat" else CompletionStreamResponse
         chunk = cls(id=self.id, created=self.created, model=self.model, choices=choices,
                     usage=usage_info)
         payload = chunk.model_dump(mode="json")
