@@ -1,4 +1,4 @@
-"""A short soak (benchmarks/soak.py, a few hundred mixed requests, some abandoned by their
+"""A short soak (benchmarks/soak.py, a hundred mixed requests, some abandoned by their
 clients, some invalid) against the shared server: nothing lost, no 5xx, idle afterwards.
 `make soak` runs the long one on a server of its own."""
 
@@ -18,7 +18,7 @@ def test_short_soak(rel_server, tmp_path):
     out = tmp_path / "soak.json"
     run = subprocess.run(
         [sys.executable, str(SOAK), "--url", rel_server.url, "--pid", str(rel_server.proc.pid),
-         "--api-key", REL_KEY, "--requests", "150", "--duration", "120", "--concurrency", "6",
+         "--api-key", REL_KEY, "--requests", "100", "--duration", "120", "--concurrency", "6",
          "--seed", "7", "--out", str(out)],
         capture_output=True, text=True, timeout=300)
     print(run.stdout, run.stderr)

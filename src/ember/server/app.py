@@ -380,8 +380,8 @@ def build_app(
                 if out.finished:
                     reason = out.outputs[0].finish_reason
                 yield out
-        except (EmberError, EngineUnavailableError):
-            if not started:  # refused before it ran: the error handler counts it
+        except (EmberError, EngineUnavailableError, RequestFailedError):
+            if not started:  # refused or failed before it ran: the error handler counts it
                 reason = None
             raise
         finally:
