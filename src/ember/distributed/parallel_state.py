@@ -137,6 +137,7 @@ class TensorParallelGroup:
     store: dist.Store
     control: Any  # the gloo ProcessGroup of the step broadcasts
     procs: list[subprocess.Popen] = field(default_factory=list)  # spawned workers (rank 0)
+    broken: bool = False  # a step stopped half-way: the ranks' collectives are out of step
     _failure: str | None = None
     _failed: threading.Event = field(default_factory=threading.Event)
     _callbacks: list[Callable[[str], None]] = field(default_factory=list)
@@ -291,12 +292,12 @@ class TensorParallelGroup:
                 os._exit(1)
 
     # ---- shutdown ------------------------------------------------------------------------------
-    def shutdown(self, orderly: bool = True) -> None:
+    def shutdown(self) -> None:
         """Rank 0: stop the workers and leave the group. In order (a None step, which they
-        wait for between steps) when `orderly` and no rank has failed; else terminate them."""
+        wait for between steps) unless a rank failed or a step broke; else terminate them."""
         if self._stop.is_set():
             return
-        healthy = orderly and self._failure is None
+        healthy = not self.broken and self._failure is None
         self._stop.set()
         if self.rank == 0 and healthy:
             try:

@@ -89,18 +89,16 @@ class LLMEngine:
         self.model_config = ckpt.config
         self.tokenizer = ckpt.tokenizer
         self.parallel: TensorParallelGroup | None = None
-        self._broken = False  # a step failed half-way: the ranks are out of step
         if plan is not None:
             check_shardable(ckpt.config, plan.world_size)  # before starting any worker
             self.parallel = TensorParallelGroup.start(plan, config)
             # Dropped without shutdown(): still stop the workers and leave the group.
-            weakref.finalize(self, self.parallel.shutdown, orderly=False)
+            weakref.finalize(self, self.parallel.shutdown)
         try:
             self.runner = load_runner(config, ckpt, self.max_model_len, self.device, self.dtype,
                                       self.parallel, self.quantization)
         except BaseException as e:
             reason = self._parallel_failure()
-            self._broken = True
             self.shutdown()
             if reason is not None:
                 raise RuntimeError(f"tensor parallelism failed while loading: {reason}") from e
@@ -127,12 +125,15 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any (idempotent; the engine is unusable after)."""
         if self.parallel is not None:
-            self.parallel.shutdown(orderly=not self._broken)
+            self.parallel.shutdown()
 
     def _parallel_failure(self) -> str | None:
-        """Why the tensor-parallel group broke, if it did: after a collective raised, the
-        watchdog may need a moment to tell."""
-        return self.parallel.failure(wait_s=1.0) if self.parallel is not None else None
+        """After a failure half-way through loading or a step (the ranks are out of step):
+        why the tensor-parallel group broke, if it did; the watchdog may need a moment."""
+        if self.parallel is None:
+            return None
+        self.parallel.broken = True
+        return self.parallel.failure(wait_s=1.0)
 
     def on_failure(self, callback: Callable[[str], None]) -> None:
         """Call `callback(reason)`, from another thread, if a tensor-parallel rank dies."""
@@ -238,7 +239,6 @@ class LLMEngine:
         try:
             result = self.runner.execute(sched)
         except BaseException as e:
-            self._broken = True
             reason = self._parallel_failure()
             if reason is not None:
                 raise RuntimeError(f"tensor parallelism failed: {reason}") from e
