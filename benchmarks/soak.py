@@ -1,6 +1,6 @@
 """Soak: a bounded run of mixed requests against one `ember serve`, then checks that it is idle.
 
-    .venv/bin/python benchmarks/soak.py [--requests 3000] [--duration 300] [--concurrency 16]
+    .venv/bin/python benchmarks/soak.py [--requests 3000] [--duration 300] [--concurrency 32]
     .venv/bin/python benchmarks/soak.py --url http://127.0.0.1:8000 --pid PID [--api-key KEY]
 
 Without --url it starts `ember serve` on a free loopback port (the default model) and stops it
@@ -271,7 +271,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=3000, help="most requests (default 3000)")
     ap.add_argument("--duration", type=float, default=300,
                     help="most seconds of load (default 300)")
-    ap.add_argument("--concurrency", type=int, default=16, help="clients at once (default 16)")
+    ap.add_argument("--concurrency", type=int, default=32, help="clients at once (default 32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="the started server's torch threads (OMP_NUM_THREADS; default 1: the "
