@@ -17,7 +17,7 @@ FUZZ_TIME ?= 600
 FUZZ_EXAMPLES ?= 50
 FUZZ_SEED ?= $(shell date +%s)
 # make soak: its flags (benchmarks/soak.py --help); the result goes to benchmarks/results/.
-SOAK_ARGS ?= --requests 3000 --duration 300 --concurrency 16
+SOAK_ARGS ?= --requests 3000 --duration 300 --concurrency 32
 
 .PHONY: install test fuzz soak serve clean
 

@@ -1,6 +1,6 @@
 """Soak: a bounded run of mixed requests against one `ember serve`, then checks that it is idle.
 
-    .venv/bin/python benchmarks/soak.py [--requests 3000] [--duration 300] [--concurrency 16]
+    .venv/bin/python benchmarks/soak.py [--requests 3000] [--duration 300] [--concurrency 32]
     .venv/bin/python benchmarks/soak.py --url http://127.0.0.1:8000 --pid PID [--api-key KEY]
 
 Without --url it starts `ember serve` on a free loopback port (the default model) and stops it
@@ -8,13 +8,14 @@ at the end; with --url it drives that server (--pid: its process, for the memory
 The run stops after --requests requests or --duration seconds, whichever comes first.
 
 The mix, drawn from --seed: chat and text completions, streaming or not, 1-3 choices, random
-sampling values, prompt lengths and max_tokens; a share of the requests is abandoned by its
-client (a stream closed after a few events, or a request given up after a short timeout), a
-share is invalid on purpose (it must get a 4xx). Every admitted request must end with a
-complete response or a clean error: a "lost" request (no complete answer, no error) and any
-5xx fail the run. Afterwards /metrics must come back to idle: nothing running or waiting, no
-KV block in use, no request in flight. The server's resident memory is sampled throughout;
-its growth from the end of the warm-up (the first tenth of the requests) to the end is reported.
+sampling values, prompt lengths (mostly short, a fifth up to 200 words) and max_tokens (1-12);
+a share of the requests is abandoned by its client (a stream closed after a few events, or a
+request given up after a short timeout), a share is invalid on purpose (it must get a 4xx).
+Every admitted request must end with a complete response or a clean error: a "lost" request (no
+complete answer, no error) and any 5xx fail the run. Afterwards /metrics must come back to
+idle: nothing running or waiting, no KV block in use, no request in flight. The server's
+resident memory is sampled throughout; its growth from the end of the warm-up (the first tenth
+of the requests or of the duration) to the end is reported.
 
 Prints one summary line and writes benchmarks/results/soak.json; exits 1 if the run failed.
 """
@@ -69,7 +70,8 @@ class Plan:
 def make_plan(rng: random.Random, max_model_len: int, model: str) -> Plan:
     chat = rng.random() < 0.5
     stream = rng.random() < 0.5
-    words = rng.randint(1, max(1, min(200, max_model_len // 8)))
+    longest = max(1, min(200, max_model_len // 8))
+    words = rng.randint(1, longest) if rng.random() < 0.2 else rng.randint(1, min(16, longest))
     text = " ".join(rng.choice(WORDS) for _ in range(words))
     body: dict = {"model": model, "max_tokens": rng.randint(1, 12),
                   "n": 1 if rng.random() < 0.8 else rng.randint(2, 3)}
@@ -269,7 +271,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=3000, help="most requests (default 3000)")
     ap.add_argument("--duration", type=float, default=300,
                     help="most seconds of load (default 300)")
-    ap.add_argument("--concurrency", type=int, default=16, help="clients at once (default 16)")
+    ap.add_argument("--concurrency", type=int, default=32, help="clients at once (default 32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="the started server's torch threads (OMP_NUM_THREADS; default 1: the "
@@ -295,7 +297,8 @@ def main() -> int:
     rng = random.Random(args.seed)
     plans = [make_plan(rng, card["max_model_len"], card["id"]) for _ in range(args.requests)]
     local = threading.local()
-    deadline = time.monotonic() + args.duration
+    t0 = time.monotonic()
+    deadline = t0 + args.duration
     outcomes: list[Outcome] = []
     warm_rss: list[int] = []
     lock = threading.Lock()
@@ -308,11 +311,12 @@ def main() -> int:
         out = run_one(local.http, plan)
         with lock:
             outcomes.append(out)
-            if len(outcomes) == max(1, len(plans) // 10) and memory:
+            warm = (len(outcomes) >= len(plans) // 10
+                    or time.monotonic() - t0 >= args.duration / 10)
+            if warm and memory and not warm_rss:
                 warm_rss.append(memory.sample())  # the end of the warm-up
         return out
 
-    t0 = time.monotonic()
     with ThreadPoolExecutor(args.concurrency) as pool:
         list(pool.map(worker, plans))
     elapsed = time.monotonic() - t0
