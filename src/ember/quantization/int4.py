@@ -14,24 +14,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ember.quantization.weight import QuantizedCodes
+
 # The packed kernels' shape rules: output rows in tiles of 16.
 _N_TILE = 16
 
 
 @dataclass
-class Int4Weight:
+class Int4Weight(QuantizedCodes):
     q: torch.Tensor  # [N, K] uint8, 0..15
     scale: torch.Tensor  # [N, K // group_size] float32
     zero: torch.Tensor  # [N, K // group_size] float32
     group_size: int
-
-    @property
-    def out_features(self) -> int:
-        return self.q.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.q.shape[1]
 
     @classmethod
     def from_q4_1(cls, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> "Int4Weight":

@@ -8,19 +8,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ember.quantization.weight import QuantizedCodes
+
 
 @dataclass
-class Int8Weight:
+class Int8Weight(QuantizedCodes):
     q: torch.Tensor  # [N, K] int8
     scale: torch.Tensor  # [N] float32
-
-    @property
-    def out_features(self) -> int:
-        return self.q.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.q.shape[1]
 
     @classmethod
     def quantize(cls, w: torch.Tensor) -> "Int8Weight":
