@@ -344,6 +344,40 @@ def test_metrics_exposed(server):
     assert server.metric("ember:time_to_first_token_seconds_count") > 0
 
 
+@pytest.mark.parametrize("mode", [("--max-concurrency", "3"), ("--request-rate", "50")])
+def test_bench_serve_measures_a_live_server(server, tmp_path, capsys, mode):
+    """`ember bench serve` drives the real server and accounts for every request and token."""
+    from ember.cli import main
+
+    out = tmp_path / "serve.json"
+    before = server.metric("ember:generation_tokens_total")
+    rc = main(["bench", "serve", "--base-url", server.url, "--api-key", KEY, "--num-prompts",
+               "6", "--input-len", "12", "--output-len", "5", *mode, "--output-json", str(out)])
+    assert rc == 0, capsys.readouterr()
+    s = json.loads(out.read_text())
+    assert (s["completed"], s["failed"]) == (6, 0)
+    assert s["total_input_tokens"] == 6 * 12
+    assert s["total_output_tokens"] == 6 * 5  # ignore_eos: exactly --output-len each
+    # The server generated what the client counted.
+    assert server.metric("ember:generation_tokens_total") - before == 6 * 5
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        p = s[key]
+        assert 0 < p["median"] <= p["p90"] <= p["p99"], key
+    assert s["e2e_ms"]["median"] > s["ttft_ms"]["median"]
+    assert s["output_throughput"] == pytest.approx(30 / s["duration_s"])
+    assert "TTFT (ms) p50/p90/p99" in capsys.readouterr().out
+
+
+def test_bench_serve_reports_failures(server, tmp_path, capsys):
+    from ember.cli import main
+
+    rc = main(["bench", "serve", "--base-url", server.url, "--api-key", "wrong", "--model", "m",
+               "--num-prompts", "2", "--input-len", "4", "--output-len", "2"])
+    assert rc == 1
+    out = capsys.readouterr().out
+    assert "completed / failed          0 / 2" in out and "HTTP 401" in out
+
+
 # ---- (5) overload ---------------------------------------------------------------------------
 def test_overload_answers_429_promptly(servers):
     srv = servers["small"].wait_ready()

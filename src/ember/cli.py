@@ -142,11 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
 
-    bench = sub.add_parser("bench", help="measure latency or accuracy",
+    bench = sub.add_parser("bench", help="measure latency, serving load or accuracy",
                            description="Measurement tools; each prints a summary and can "
                            "write JSON.")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    from ember.bench import accuracy, latency
+    from ember.bench import accuracy, latency, serve
 
     for name, module, doc in (
         ("latency", latency, "one stream: TTFT and ms per output token (median, p90)"),
@@ -157,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_args(p)
         add_engine_args(p)
         p.set_defaults(func=lambda args, m=module: m.main(args, engine_config(args)))
+    # A client of a running server: no engine flags.
+    p = bench_sub.add_parser("serve", help="load a running server over the OpenAI protocol: "
+                             "TTFT, TPOT, ITL, E2E percentiles and throughput",
+                             description=serve.__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_args(p)
+    p.set_defaults(func=serve.main)
     return parser
 
 
