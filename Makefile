@@ -1,5 +1,6 @@
 # ember: `make serve` runs the server on the default model, `make test` runs the suite,
-# `make fuzz` fuzzes the server's API longer than the suite does, `make soak` runs the soak.
+# `make fuzz` fuzzes the server's API longer than the suite does, `make soak` runs the soak,
+# `make compare` measures ember beside llama.cpp and transformers.
 # All create .venv on first use and install into it from pinned versions (constraints.txt).
 
 PYTHON ?= python3
@@ -19,7 +20,7 @@ FUZZ_SEED ?= $(shell date +%s)
 # make soak: its flags (benchmarks/soak.py --help); the result goes to benchmarks/results/.
 SOAK_ARGS ?= --requests 3000 --duration 300 --concurrency 32
 
-.PHONY: install test fuzz soak serve clean
+.PHONY: install test fuzz soak serve compare clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +41,14 @@ fuzz: $(STAMP)
 
 soak: $(STAMP)
 	$(BIN)/python benchmarks/soak.py $(SOAK_ARGS)
+
+# ember beside llama.cpp (built once from the llama-cpp-python sdist into .peers/, ~20 min on
+# 2 cores) and transformers; writes benchmarks/results/compare.{json,png}. COMPARE_ARGS: its flags.
+COMPARE_ARGS ?=
+compare: $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,bench]'
+	test -x .peers/llama.cpp-build/bin/llama-server || benchmarks/peers/build_llama_cpp.sh
+	$(BIN)/python benchmarks/compare.py $(COMPARE_ARGS)
 
 serve: $(STAMP)
 	$(BIN)/ember serve --host $(HOST) --port $(PORT)

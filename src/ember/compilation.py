@@ -1,12 +1,13 @@
-"""Graph fusion: `torch.compile` of the decoder layer's two fixed-shape regions.
+"""Graph fusion: `torch.compile` of the decoder layer, compiled once and reused by every layer.
 
-Each layer runs [norm, QKV, rope] -> paged attention -> [o_proj, residual, norm, MLP,
-residual]. The bracketed regions are compiled once for all layers (regional compilation:
-the layers share code, their weights are graph inputs) and fuse the many small elementwise
-kernels between the matmuls; the paged attention, whose shapes follow each batch's context
-lengths, stays eager. Shapes: the token count T is the only varying size; T = 1 (one
-sequence decoding) gets a graph of its own, every T >= 2 shares one dynamic-shape graph.
-Both are compiled at start (warm-up), and Inductor's on-disk cache makes a second start fast.
+The paged attention is an opaque custom op inside the layer's graph (see `layers.attention`),
+so one graph serves every batch of the same token count T, decode or prefill or both: T is
+the only varying size. T = 1 (one sequence decoding, the latency case) gets a graph of its
+own, every T >= 2 shares one dynamic-shape graph; both are compiled at start (warm-up, with a
+progress bar), and Inductor's on-disk cache makes a second start fast. The layers share the
+compiled code (regional compilation: their weights are graph inputs), so compile time does
+not grow with depth. What the graph fuses: norms, rotary, residual adds, SiLU*up and dtype
+casts around the matmuls (ATen's int4/int8/bf16 kernels) and the attention op.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-logger = logging.getLogger("ember")
+from ember.layers.attention import AttentionMetadata, DecodeBatch, PrefillChunk
 
-REGIONS = ("attention_inputs", "attention_output_and_mlp")
+logger = logging.getLogger("ember")
 
 
 def _cache_dir() -> None:
@@ -32,46 +33,42 @@ def _cache_dir() -> None:
                           str(Path.home() / ".cache" / "ember" / "torchinductor"))
 
 
-def compile_layers(model: torch.nn.Module, dtype: torch.dtype) -> bool:
-    """Compile the regions of every layer of `model` and warm them up; on any failure the
-    model stays eager (with a warning). Returns whether the compiled regions are in use."""
+def compile_model(model: torch.nn.Module, kv_caches: list) -> bool:
+    """Compile the decoder layers of `model` and warm them up on `kv_caches` (slots 0 and 1
+    are written: the caller zeroes blocks as it hands them out); on any failure the model
+    stays eager (with a warning). Returns whether the compiled layers are in use."""
     _cache_dir()
-    layer_cls = type(model.layers[0])
-    compiled = {name: torch.compile(getattr(layer_cls, name), dynamic=None) for name in REGIONS}
+    compiled = torch.compile(type(model.layers[0]).forward)
     for layer in model.layers:
-        for name, fn in compiled.items():
-            setattr(layer, name, types.MethodType(fn, layer))
+        layer.forward = types.MethodType(compiled, layer)
     start = time.perf_counter()
     try:
-        _warm_up(model, dtype)
+        _warm_up(model, kv_caches)
     except Exception as e:  # a compiler bug must never take the engine down
         logger.warning("torch.compile failed (%s: %s); running eager", type(e).__name__,
                        str(e).splitlines()[0] if str(e) else "")
         for layer in model.layers:
-            for name in REGIONS:
-                delattr(layer, name)
+            del layer.forward
         return False
-    logger.info("compiled the decoder layer's regions for T=1 and T>=2 in %.1f s",
+    logger.info("compiled the decoder layer for T=1 and T>=2 in %.1f s",
                 time.perf_counter() - start)
     return True
 
 
 @torch.inference_mode()
-def _warm_up(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    layer = model.layers[0]
-    cfg = model.config
+def _warm_up(model: torch.nn.Module, kv_caches: list) -> None:
     device = model.embed_tokens.weight.device
-    attn = layer.self_attn
     with tqdm(total=2, desc="Compiling (T=1, T>=2)", leave=False,
               disable=not logger.isEnabledFor(logging.INFO)) as bar:
         for t in (1, 2):
-            x = torch.zeros(t, cfg.hidden_size, device=device)  # the float32 residual stream
-            positions = torch.zeros(t, dtype=torch.long, device=device)
-            rope = model.rotary(positions, dtype)
-            o = torch.zeros(t, attn.num_heads * attn.head_dim, dtype=dtype, device=device)
-            if t > 1:
-                for tensor in (x, *rope, o):
+            ids = torch.zeros(t, dtype=torch.long, device=device)
+            positions = torch.arange(t, device=device)
+            slots = torch.arange(t, device=device)
+            if t == 1:  # one decoding sequence
+                meta = AttentionMetadata(slots, DecodeBatch(slots, slots[None], None))
+            else:  # a prompt: T becomes a dynamic size
+                meta = AttentionMetadata(slots, None, [PrefillChunk(0, t, None, None)])
+                for tensor in (ids, positions):
                     torch._dynamo.mark_dynamic(tensor, 0)
-            layer.attention_inputs(x, rope)
-            layer.attention_output_and_mlp(x, o)
+            model(ids, positions, kv_caches, meta)
             bar.update(1)

@@ -14,6 +14,7 @@ import random
 import resource
 import statistics
 import time
+import uuid
 from typing import Any
 
 import torch
@@ -41,9 +42,13 @@ def percentile(xs: list[float], q: float) -> float:
 def one_iteration(engine, rng: random.Random, input_len: int, output_len: int
                   ) -> tuple[float, list[float]]:
     vocab = engine.model_config.vocab_size
-    prompt = [rng.randrange(100, vocab) for _ in range(input_len)]
+    return run_prompt(engine, [rng.randrange(100, vocab) for _ in range(input_len)], output_len)
+
+
+def run_prompt(engine, prompt: list[int], output_len: int) -> tuple[float, list[float]]:
+    """Greedy `output_len` tokens after `prompt`: (TTFT, the gaps between later tokens)."""
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    engine.add_request(f"bench-{rng.random()}", prompt, params)
+    engine.add_request(f"bench-{uuid.uuid4().hex}", prompt, params)
     ttft, itl = None, []
     last = start = time.perf_counter()
     while engine.has_unfinished_requests():

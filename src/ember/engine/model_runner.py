@@ -22,7 +22,7 @@ from ember.engine.request import Request
 from ember.engine.scheduler import SchedulerOutput
 from ember.layers.attention import AttentionMetadata, DecodeBatch, PrefillChunk
 from ember.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, SamplingRow
-from ember.compilation import compile_layers
+from ember.compilation import compile_model
 from ember.loading.loader import Checkpoint, load_model
 
 if TYPE_CHECKING:
@@ -89,17 +89,18 @@ def load_runner(
     model = load_model(ckpt, dtype, device, max_model_len, tp, quantization,
                        config.int4_group_size)
     world = tp.world_size if tp is not None else 1
-    if config.enforce_eager:
-        logger.info("eager mode (--enforce-eager): no torch.compile")
-    elif world > 1:  # the all-reduce hooks would break the compiled regions' graphs
-        logger.info("tensor parallelism runs eager (torch.compile is single-rank for now)")
-    else:
-        compile_layers(model, dtype)
     num_blocks = num_kv_blocks(config, shard_config(ckpt.config, world), dtype, device,
                                max_model_len)
     if tp is not None:
         num_blocks = tp.min_over_ranks(num_blocks)
-    return ModelRunner(model, ckpt.config, config, num_blocks, device, dtype, tp)
+    runner = ModelRunner(model, ckpt.config, config, num_blocks, device, dtype, tp)
+    if config.enforce_eager:
+        logger.info("eager mode (--enforce-eager): no torch.compile")
+    elif world > 1:  # the all-reduce hooks would break the graph
+        logger.info("tensor parallelism runs eager (torch.compile is single-rank for now)")
+    else:
+        compile_model(model, runner.kv_caches)
+    return runner
 
 
 class ModelRunner:

@@ -10,11 +10,19 @@ context is gathered from its blocks into a [B, Kmax] grid, padding masked. Each 
 gets its own call without padding: a first chunk attends causally to its own K/V directly; a
 later chunk (or one after a prefix-cache hit) reads its context from the cache, with a mask
 that offsets the causal diagonal. Sequences never see each other's tokens.
+
+Under torch.compile the attention is one opaque custom op, `ember::paged_attention` (as vLLM
+does it): the compiled graph spans the whole model, its only varying size the token count,
+while the batch's shape of sequences (which tokens decode, which prefill, their contexts)
+reaches the op through the step's metadata, set around the forward pass
+(`attention_metadata`), not through graph inputs that would make every batch a new graph.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +64,77 @@ class AttentionMetadata:
         )
 
 
+_current: AttentionMetadata | None = None  # the running step's, see `attention_metadata`
+
+
+@contextmanager
+def attention_metadata(meta: AttentionMetadata) -> Iterator[None]:
+    """Make `meta` the batch description of the forward pass run inside this block."""
+    global _current
+    previous, _current = _current, meta
+    try:
+        yield
+    finally:
+        _current = previous
+
+
+def _sdpa(q, k, v, mask, scale: float, causal: bool = False):  # [B, S, H, D] in and out
+    return F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+        is_causal=causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
+    ).transpose(1, 2)
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache[slots] for slots of any shape (index_select: twice as fast as indexing)."""
+    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
+
+
+def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+                         ) -> torch.Tensor:
+    """q [T, H, D], k and v [T, Hkv, D] of the step's new tokens -> [T, H * D]."""
+    meta = _current
+    assert meta is not None, "attention outside `attention_metadata`"
+    # Write first, then read: the new tokens attend to themselves through the cache.
+    k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+    t, h, d = q.shape
+    d_batch = meta.decode
+    if d_batch is not None:  # one query each: a batch of SDPA's [1, Kmax] problems
+        keys = _gather(k_cache, d_batch.gather_slots).to(q.dtype)  # [B, Kmax, Hkv, D]
+        values = _gather(v_cache, d_batch.gather_slots).to(q.dtype)
+        if not meta.prefills:  # every token decodes: the rows are the batch, in order
+            return _sdpa(q.unsqueeze(1), keys, values, d_batch.mask, scale).reshape(t, h * d)
+        out = torch.empty_like(q)
+        out[d_batch.token_idx] = _sdpa(q[d_batch.token_idx].unsqueeze(1), keys, values,
+                                       d_batch.mask, scale).squeeze(1)
+    else:
+        out = torch.empty_like(q)
+    for p in meta.prefills:
+        qs = q[p.start : p.end].unsqueeze(0)
+        if p.gather_slots is None:
+            o = _sdpa(qs, k[p.start : p.end].unsqueeze(0), v[p.start : p.end].unsqueeze(0),
+                      None, scale, causal=True)
+        else:
+            keys = _gather(k_cache, p.gather_slots).to(q.dtype).unsqueeze(0)
+            values = _gather(v_cache, p.gather_slots).to(q.dtype).unsqueeze(0)
+            o = _sdpa(qs, keys, values, p.mask, scale)
+        out[p.start : p.end] = o.squeeze(0)
+    return out.view(t, h * d)
+
+
+@torch.library.custom_op("ember::paged_attention", mutates_args=("k_cache", "v_cache"))
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+    return paged_attention_impl(q, k, v, k_cache, v_cache, scale)
+
+
+@paged_attention.register_fake
+def _(q, k, v, k_cache, v_cache, scale):
+    return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+
+
 class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         super().__init__()
@@ -63,41 +142,10 @@ class PagedAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
-        self.gqa = num_heads != num_kv_heads
 
-    def _sdpa(self, q, k, v, mask, causal=False):  # [B, S, H, D] in, [B, S, H, D] out
-        return F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-            is_causal=causal, scale=self.scale, enable_gqa=self.gqa,
-        ).transpose(1, 2)
-
-    def forward(
-        self,
-        q: torch.Tensor,  # [T, H, D]
-        k: torch.Tensor,  # [T, Hkv, D]
-        v: torch.Tensor,  # [T, Hkv, D]
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        # Write first, then read: the new tokens attend to themselves through the cache.
-        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
-        out = torch.empty_like(q)
-        if meta.decode is not None:
-            d = meta.decode
-            keys = k_cache[d.gather_slots].to(q.dtype)  # [Bd, Kmax, Hkv, D]
-            values = v_cache[d.gather_slots].to(q.dtype)
-            o = self._sdpa(q[d.token_idx].unsqueeze(1), keys, values, d.mask)
-            out[d.token_idx] = o.squeeze(1)
-        for p in meta.prefills:
-            qs = q[p.start : p.end].unsqueeze(0)
-            if p.gather_slots is None:
-                o = self._sdpa(qs, k[p.start : p.end].unsqueeze(0),
-                               v[p.start : p.end].unsqueeze(0), None, causal=True)
-            else:
-                keys = k_cache[p.gather_slots].to(q.dtype).unsqueeze(0)
-                values = v_cache[p.gather_slots].to(q.dtype).unsqueeze(0)
-                o = self._sdpa(qs, keys, values, p.mask)
-            out[p.start : p.end] = o.squeeze(0)
-        return out.view(-1, self.num_heads * self.head_dim)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """q [T, H, D], k and v [T, Hkv, D] -> [T, H * D]."""
+        if torch.compiler.is_compiling():  # an opaque node of the graph
+            return torch.ops.ember.paged_attention(q, k, v, k_cache, v_cache, self.scale)
+        return paged_attention_impl(q, k, v, k_cache, v_cache, self.scale)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ember.config import ModelConfig
 from ember.errors import ModelLoadError
-from ember.layers.attention import AttentionMetadata, PagedAttention
+from ember.layers.attention import AttentionMetadata, PagedAttention, attention_metadata
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding, apply_rotary
 from ember.quantization import QuantizedWeight, install_quantized
@@ -75,20 +75,10 @@ class LlamaDecoderLayer(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin of the tokens' positions
         kv_cache: KVCache,
-        meta: AttentionMetadata,
     ) -> torch.Tensor:
-        # Two regions of fixed-shape work around the paged attention, whose shapes follow the
-        # batch's context lengths: `compilation.compile_layers` compiles each region once for
-        # all layers (the attention stays eager).
-        q, k, v = self.attention_inputs(x, rope)
-        o = self.self_attn.attn(q, k, v, kv_cache[0], kv_cache[1], meta)
-        return self.attention_output_and_mlp(x, o)
-
-    def attention_inputs(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.self_attn.qkv(self.input_layernorm(x), rope)
-
-    def attention_output_and_mlp(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        q, k, v = self.self_attn.qkv(h, rope)
+        o = self.self_attn.attn(q, k, v, kv_cache[0], kv_cache[1])
         x = x + self.self_attn.o_proj(o)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -127,12 +117,18 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[KVCache],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        """The final hidden states [T, hidden] of a flat batch described by `meta`."""
+        with attention_metadata(meta):
+            return self.hidden_states(input_ids, positions, kv_caches)
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                      kv_caches: list[KVCache]) -> torch.Tensor:
         # The residual stream stays float32 whatever the model dtype (as llama.cpp keeps it):
         # bf16 sums drift over 30 layers; only the matmuls' inputs are in the model dtype.
         x = self.embed_tokens(input_ids).float()
         rope = self.rotary(positions, self.embed_tokens.weight.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, rope, kv_cache, meta)
+            x = layer(x, rope, kv_cache)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
