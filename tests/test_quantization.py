@@ -40,6 +40,27 @@ def test_int4_linear_computes_with_its_dequantized_weight(group):
     torch.testing.assert_close(y.float(), ref, atol=0.15, rtol=0.02)  # bf16 activations
 
 
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_linear_many_rows_dequantize_from_the_packed_weight(group):
+    """A prompt's many rows take the dequantize + dense GEMM path (eager and compiled): it
+    reads ATen's packed layout correctly, and agrees with the int4 kernel's result."""
+    from ember.quantization.int4 import DENSE_MIN_TOKENS_EAGER, cpu_layout_known
+
+    assert cpu_layout_known()  # the layout check holds on this machine's ATen
+    w = Int4Weight.quantize(_weight(192, 256), group)
+    lin = Int4Linear(w, None, CPU, torch.bfloat16)
+    assert lin.dense_for_many_rows
+    x = torch.randn(DENSE_MIN_TOKENS_EAGER, 256, dtype=torch.bfloat16)
+    ref = F.linear(x.float(), w.dequantize())
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(x, lin.weight, group,
+                                                        lin.scales_and_zeros)
+    compiled = torch.compile(lin, dynamic=False)
+    for y in (lin(x), compiled(x[:64])):
+        n = y.shape[0]
+        torch.testing.assert_close(y.float(), ref[:n], atol=0.3, rtol=0.02)  # bf16 weights
+        torch.testing.assert_close(y.float(), kernel[:n].float(), atol=0.3, rtol=0.02)
+
+
 def test_int8_linear_computes_with_its_dequantized_weight():
     w = Int8Weight.quantize(_weight())
     assert (w.dequantize() - _weight()).abs().max() <= w.scale.max() / 2 + 1e-6

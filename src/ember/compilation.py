@@ -3,8 +3,8 @@
 The paged attention is an opaque custom op inside the layer's graph (see `layers.attention`),
 so one graph serves every batch of the same token count T, decode or prefill or both: T is
 the only varying size. T = 1 (one sequence decoding, the latency case) gets a graph of its
-own, every T >= 2 shares one dynamic-shape graph; both are compiled at start (warm-up, with a
-progress bar), and Inductor's on-disk cache makes a second start fast. The layers share the
+own, T >= 2 dynamic-shape graphs (split at 16 rows, where int4 layers switch to dequantize +
+dense GEMM); all are compiled at start (warm-up, with a progress bar), and Inductor's on-disk cache makes a second start fast. The layers share the
 compiled code (regional compilation: their weights are graph inputs), so compile time does
 not grow with depth. What the graph fuses: norms, rotary, residual adds, SiLU*up and dtype
 casts around the matmuls (ATen's int4/int8/bf16 kernels) and the attention op.
@@ -50,17 +50,24 @@ def compile_model(model: torch.nn.Module, kv_caches: list) -> bool:
         for layer in model.layers:
             del layer.forward
         return False
-    logger.info("compiled the decoder layer for T=1 and T>=2 in %.1f s",
+    logger.info("compiled the decoder layer for T=1, 2..15 and >=16 tokens in %.1f s",
                 time.perf_counter() - start)
     return True
+
+
+# Token counts that warm up every graph: one decoding sequence; a small batch (the dynamic
+# graph for T >= 2); a batch large enough for the dense path of the int4 layers (T >= 16,
+# see `quantization.int4`), which Dynamo keeps as a graph of its own.
+WARM_UP_TOKENS = (1, 2, 64)
 
 
 @torch.inference_mode()
 def _warm_up(model: torch.nn.Module, kv_caches: list) -> None:
     device = model.embed_tokens.weight.device
-    with tqdm(total=2, desc="Compiling (T=1, T>=2)", leave=False,
+    sizes = [t for t in WARM_UP_TOKENS if t <= kv_caches[0][0].shape[0]]
+    with tqdm(total=len(sizes), desc=f"Compiling (T={', '.join(map(str, sizes))})", leave=False,
               disable=not logger.isEnabledFor(logging.INFO)) as bar:
-        for t in (1, 2):
+        for t in sizes:
             ids = torch.zeros(t, dtype=torch.long, device=device)
             positions = torch.arange(t, device=device)
             slots = torch.arange(t, device=device)
