@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -229,10 +230,13 @@ def startup(args) -> dict:
     """`ember serve` to healthy: a first start (empty compile cache), then a second."""
     cache = tempfile.mkdtemp(prefix="ember-inductor-")
     times = []
-    for _ in range(2):
-        s = ember_server(args.threads, 8, cache)
-        times.append(s.wait_ready())
-        s.stop()
+    try:
+        for _ in range(2):
+            s = ember_server(args.threads, 8, cache)
+            times.append(s.wait_ready())
+            s.stop()
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     return {"first_start_s": times[0], "second_start_s": times[1]}
 
 
