@@ -291,8 +291,10 @@ def plot(result: dict, path: Path) -> None:
         for ax, key in zip(axes, ("tpot_ms", "ttft_ms", "output_tokens_per_s")):
             ax.plot(cs, [sw[name][str(c)][key] for c in cs], style, label=name)
     titles = ("decode ms/token (TPOT, median)", "TTFT ms (median)", "aggregate output tokens/s")
-    for ax, title in zip(axes, titles):
+    for i, (ax, title) in enumerate(zip(axes, titles)):
         ax.set_xscale("log", base=2)
+        if i < 2:  # latencies span orders of magnitude
+            ax.set_yscale("log")
         ax.set_xlabel("concurrent streams")
         ax.set_title(title)
         ax.grid(alpha=0.3)

@@ -189,12 +189,10 @@ class ModelRunner:
             tables = torch.zeros(len(decode_reqs), width, dtype=torch.long)
             for i, r in enumerate(decode_reqs):
                 tables[i, : len(r.block_table[:width])] = torch.tensor(r.block_table[:width])
-            k_pos = torch.arange(max_k)
-            gather = tables[:, k_pos // self.block_size] * self.block_size + k_pos % self.block_size
             mask = None
             if int(ctx.min()) != max_k:
-                mask = (k_pos[None, :] < ctx[:, None])[:, None, None, :]
-            decode = DecodeBatch(torch.tensor(decode_rows), gather, mask)
+                mask = (torch.arange(max_k)[None, :] < ctx[:, None])[:, None, None, :]
+            decode = DecodeBatch(torch.tensor(decode_rows), tables, self.block_size, max_k, mask)
         meta = AttentionMetadata(torch.cat(slot_mapping), decode, prefills)
         return StepInput(torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions),
                          meta, sample_rows, self._num_zeroed_blocks)

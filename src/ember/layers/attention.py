@@ -32,7 +32,9 @@ from torch import nn
 @dataclass
 class DecodeBatch:
     token_idx: torch.Tensor  # [Bd] rows of the flat batch that are decode tokens
-    gather_slots: torch.Tensor  # [Bd, Kmax] each sequence's context slots (pad: slot 0)
+    block_tables: torch.Tensor  # [Bd, ceil(Kmax / block_size)] each one's blocks (pad: 0)
+    block_size: int
+    max_len: int  # Kmax: the longest context
     mask: torch.Tensor | None  # [Bd, 1, 1, Kmax] True = real key; None when no padding
 
 
@@ -57,8 +59,8 @@ class AttentionMetadata:
         d = self.decode
         return AttentionMetadata(
             self.slot_mapping.to(device),
-            None if d is None else DecodeBatch(d.token_idx.to(device), d.gather_slots.to(device),
-                                               move(d.mask)),
+            None if d is None else DecodeBatch(d.token_idx.to(device), d.block_tables.to(device),
+                                               d.block_size, d.max_len, move(d.mask)),
             [PrefillChunk(p.start, p.end, move(p.gather_slots), move(p.mask))
              for p in self.prefills],
         )
@@ -90,6 +92,16 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
 
 
+def _gather_blocks(cache: torch.Tensor, d: DecodeBatch) -> torch.Tensor:
+    """The first Kmax slots of each decoding sequence's blocks: [B, Kmax, Hkv, D]. Whole
+    blocks are copied (contiguous runs of slots): 1/block_size the index work of slots."""
+    tables, block_size = d.block_tables, d.block_size
+    b, width = tables.shape
+    blocks = cache.view(-1, block_size, *cache.shape[1:])
+    out = blocks.index_select(0, tables.reshape(-1))
+    return out.view(b, width * block_size, *cache.shape[1:])[:, : d.max_len]
+
+
 def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
                          ) -> torch.Tensor:
@@ -102,8 +114,8 @@ def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     t, h, d = q.shape
     d_batch = meta.decode
     if d_batch is not None:  # one query each: a batch of SDPA's [1, Kmax] problems
-        keys = _gather(k_cache, d_batch.gather_slots).to(q.dtype)  # [B, Kmax, Hkv, D]
-        values = _gather(v_cache, d_batch.gather_slots).to(q.dtype)
+        keys = _gather_blocks(k_cache, d_batch).to(q.dtype)  # [B, Kmax, Hkv, D]
+        values = _gather_blocks(v_cache, d_batch).to(q.dtype)
         if not meta.prefills:  # every token decodes: the rows are the batch, in order
             return _sdpa(q.unsqueeze(1), keys, values, d_batch.mask, scale).reshape(t, h * d)
         out = torch.empty_like(q)
