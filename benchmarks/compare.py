@@ -161,8 +161,11 @@ def roofline(engine, decode_tokens_per_s: float) -> dict:
     from ember.quantization import weight_bytes
 
     model = engine.model
-    rotary = sum(b.numel() * b.element_size() for b in model.rotary.buffers())
-    per_token = weight_bytes(model) - rotary  # the one-row embedding read is noise
+    # Not read by a decode step: the rotary tables (one row each) and the int4 layers' second
+    # copy of their scales (only for 16+ rows); the one-row embedding read is noise.
+    unread = sum(b.numel() * b.element_size() for name, b in model.named_buffers()
+                 if name.startswith("rotary.") or name.rsplit(".", 1)[-1].startswith("dense_"))
+    per_token = weight_bytes(model) - unread
     bw = read_bandwidth_gbs()
     achieved = per_token * decode_tokens_per_s / 1e9
     return {"weight_bytes_per_token": per_token, "read_bandwidth_gb_s": bw,
