@@ -6,13 +6,15 @@ Each layer owns a slice of the cache: `k_cache`, `v_cache` of shape
 model runner once per step and shared by every layer.
 
 Decoding sequences (one new token each) are served together by one SDPA call: each one's
-context is gathered from its blocks into a [B, Kmax] grid, padding masked. Each prefill chunk
+context is gathered, whole blocks at a time and only the blocks in use, into a [B, Kmax]
+grid, padding masked. Each prefill chunk
 gets its own call without padding: a first chunk attends causally to its own K/V directly; a
 later chunk (or one after a prefix-cache hit) reads its context from the cache, with a mask
 that offsets the causal diagonal. Sequences never see each other's tokens.
 
 Under torch.compile the attention is one opaque custom op, `ember::paged_attention` (as vLLM
-does it): the compiled graph spans the whole model, its only varying size the token count,
+does it): the compiled graph spans the whole decoder layer, its only varying size the token
+count,
 while the batch's shape of sequences (which tokens decode, which prefill, their contexts)
 reaches the op through the step's metadata, set around the forward pass
 (`attention_metadata`), not through graph inputs that would make every batch a new graph.
