@@ -3,6 +3,8 @@
     make compare            # builds the llama.cpp peer once (benchmarks/peers/), then this
     .venv/bin/python benchmarks/compare.py [--threads 2] [--repeats 5] [--concurrency 1 4 16 64]
 
+0. Start-up: `ember serve` until healthy, first with an empty compile cache, then again
+   (measured first, while this process holds no model).
 1. Single stream, in this process, alternating engines within each repetition (so a noisy
    machine hurts all alike): a random --prompt-len-token prompt (the same ids for all), TTFT
    (prefill + first token), then --decode-len greedy tokens, ms/token median. ember runs its
@@ -11,8 +13,7 @@
    transformers in float32 (its GGUF loader dequantizes).
 2. Roofline: the bytes of weights one ember decode step reads, the machine's read bandwidth
    (a torch reduction over 1 GiB), and the fraction of the bound ember's decode reaches.
-3. Start-up: `ember serve` until healthy, first with an empty compile cache, then again.
-4. Concurrency sweep over the OpenAI protocol (`ember bench serve`'s client): `ember serve`
+3. Concurrency sweep over the OpenAI protocol (`ember bench serve`'s client): `ember serve`
    against llama.cpp's llama-server with as many parallel slots as concurrent streams, at each
    of --concurrency; TTFT, decode ms/token (TPOT) and aggregate output tokens/s.
 
@@ -335,12 +336,14 @@ def main() -> int:
 
     gguf = default_gguf_path()
     vocab = 49152 - 1  # SmolLM2's vocabulary; ids from 100 up skip the special tokens
-    result: dict = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    result: dict = {"command": " ".join(["benchmarks/compare.py", *sys.argv[1:]]),
                     "date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads,
                     "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                     "prompt_len": args.prompt_len, "decode_len": args.decode_len,
                     "sweep_input_len": args.sweep_input_len,
                     "sweep_output_len": args.sweep_output_len, "repeats": args.repeats}
+    if not args.skip_startup:  # first, while this process holds no model or thread pool
+        result["startup"] = startup(args)
     single = single_stream(args, gguf, vocab)
     ember_engine = single.pop("_ember").engine
     result["single_stream"] = single
@@ -353,8 +356,6 @@ def main() -> int:
             ratios[f"decode_tokens_per_s_vs_{peer}"] = (single["ember"]["decode_tokens_per_s"]
                                                         / single[peer]["decode_tokens_per_s"])
             ratios[f"ttft_vs_{peer}"] = single["ember"]["ttft_ms"] / single[peer]["ttft_ms"]
-    if not args.skip_startup:
-        result["startup"] = startup(args)
     if not args.skip_sweep:
         result["sweep"] = sweep(args, gguf, vocab)
         sw = result["sweep"]
