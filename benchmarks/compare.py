@@ -313,19 +313,29 @@ def plot(result: dict, path: Path) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--repeats", type=int, default=5, help="single-stream repetitions")
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--decode-len", type=int, default=128)
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    p.add_argument("--sweep-input-len", type=int, default=128)
-    p.add_argument("--sweep-output-len", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-llama-cpp", action="store_true")
-    p.add_argument("--skip-transformers", action="store_true")
-    p.add_argument("--skip-sweep", action="store_true")
-    p.add_argument("--skip-startup", action="store_true")
-    p.add_argument("--output", default=str(RESULTS / "compare.json"))
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="CPU threads of every engine (default: all cores, %(default)s)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="single-stream repetitions after one warm-up (default: %(default)s)")
+    p.add_argument("--prompt-len", type=int, default=512,
+                   help="single-stream prompt tokens (default: %(default)s)")
+    p.add_argument("--decode-len", type=int, default=128,
+                   help="single-stream generated tokens (transformers: at most 64) "
+                   "(default: %(default)s)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64],
+                   help="concurrent streams of the sweep (default: %(default)s)")
+    p.add_argument("--sweep-input-len", type=int, default=128,
+                   help="prompt tokens per sweep request (default: %(default)s)")
+    p.add_argument("--sweep-output-len", type=int, default=64,
+                   help="output tokens per sweep request (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="of the random prompts")
+    p.add_argument("--skip-llama-cpp", action="store_true", help="no llama.cpp peer")
+    p.add_argument("--skip-transformers", action="store_true", help="no transformers peer")
+    p.add_argument("--skip-sweep", action="store_true", help="no concurrency sweep")
+    p.add_argument("--skip-startup", action="store_true", help="no start-up timing")
+    p.add_argument("--output", default=str(RESULTS / "compare.json"),
+                   help="the JSON result; the plot goes beside it as .png "
+                   "(default: %(default)s)")
     args = p.parse_args()
     if not args.skip_llama_cpp and not (LLAMA_BIN / "llama-server").exists():
         sys.exit("the llama.cpp peer is not built: run benchmarks/peers/build_llama_cpp.sh "
