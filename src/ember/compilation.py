@@ -72,7 +72,7 @@ def _warm_up(model: torch.nn.Module, kv_caches: list) -> None:
             positions = torch.arange(t, device=device)
             slots = torch.arange(t, device=device)
             if t == 1:  # one decoding sequence
-                meta = AttentionMetadata(slots, DecodeBatch(slots, slots[None], 1, 1, None))
+                meta = AttentionMetadata(slots, DecodeBatch(slots, slots[None], 1, slots + 1, 1, None))
             else:  # a prompt: T becomes a dynamic size
                 meta = AttentionMetadata(slots, None, [PrefillChunk(0, t, None, None)])
                 for tensor in (ids, positions):

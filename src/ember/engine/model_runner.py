@@ -192,7 +192,8 @@ class ModelRunner:
             mask = None
             if int(ctx.min()) != max_k:
                 mask = (torch.arange(max_k)[None, :] < ctx[:, None])[:, None, None, :]
-            decode = DecodeBatch(torch.tensor(decode_rows), tables, self.block_size, max_k, mask)
+            decode = DecodeBatch(torch.tensor(decode_rows), tables, self.block_size, ctx, max_k,
+                                 mask)
         meta = AttentionMetadata(torch.cat(slot_mapping), decode, prefills)
         return StepInput(torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions),
                          meta, sample_rows, self._num_zeroed_blocks)

@@ -30,12 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember import kernels
+
 
 @dataclass
 class DecodeBatch:
     token_idx: torch.Tensor  # [Bd] rows of the flat batch that are decode tokens
     block_tables: torch.Tensor  # [Bd, ceil(Kmax / block_size)] each one's blocks (pad: 0)
     block_size: int
+    context_lens: torch.Tensor  # [Bd] keys of each (int64)
     max_len: int  # Kmax: the longest context
     mask: torch.Tensor | None  # [Bd, 1, 1, Kmax] True = real key; None when no padding
 
@@ -61,8 +64,9 @@ class AttentionMetadata:
         d = self.decode
         return AttentionMetadata(
             self.slot_mapping.to(device),
-            None if d is None else DecodeBatch(d.token_idx.to(device), d.block_tables.to(device),
-                                               d.block_size, d.max_len, move(d.mask)),
+            None if d is None else DecodeBatch(
+                d.token_idx.to(device), d.block_tables.to(device), d.block_size,
+                d.context_lens.to(device), d.max_len, move(d.mask)),
             [PrefillChunk(p.start, p.end, move(p.gather_slots), move(p.mask))
              for p in self.prefills],
         )
@@ -110,19 +114,30 @@ def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """q [T, H, D], k and v [T, Hkv, D] of the step's new tokens -> [T, H * D]."""
     meta = _current
     assert meta is not None, "attention outside `attention_metadata`"
+    own_kernels = kernels.available(q.device)
     # Write first, then read: the new tokens attend to themselves through the cache.
-    k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-    v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+    if own_kernels:
+        torch.ops.ember_cpu.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    else:
+        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
     t, h, d = q.shape
     d_batch = meta.decode
-    if d_batch is not None:  # one query each: a batch of SDPA's [1, Kmax] problems
-        keys = _gather_blocks(k_cache, d_batch).to(q.dtype)  # [B, Kmax, Hkv, D]
-        values = _gather_blocks(v_cache, d_batch).to(q.dtype)
-        if not meta.prefills:  # every token decodes: the rows are the batch, in order
-            return _sdpa(q.unsqueeze(1), keys, values, d_batch.mask, scale).reshape(t, h * d)
+    if d_batch is not None:  # one query each
+        only_decodes = not meta.prefills  # then the rows are the batch, in order
+        qd = q if only_decodes else q[d_batch.token_idx]
+        if own_kernels:  # reads the blocks in place
+            o = torch.ops.ember_cpu.decode_attention(
+                qd, k_cache, v_cache, d_batch.block_tables, d_batch.context_lens,
+                d_batch.block_size, scale)
+        else:  # a batch of SDPA's [1, Kmax] problems over gathered blocks
+            keys = _gather_blocks(k_cache, d_batch).to(q.dtype)  # [B, Kmax, Hkv, D]
+            values = _gather_blocks(v_cache, d_batch).to(q.dtype)
+            o = _sdpa(qd.unsqueeze(1), keys, values, d_batch.mask, scale).squeeze(1)
+        if only_decodes:
+            return o.reshape(t, h * d)
         out = torch.empty_like(q)
-        out[d_batch.token_idx] = _sdpa(q[d_batch.token_idx].unsqueeze(1), keys, values,
-                                       d_batch.mask, scale).squeeze(1)
+        out[d_batch.token_idx] = o
     else:
         out = torch.empty_like(q)
     for p in meta.prefills:
@@ -138,13 +153,15 @@ def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.view(t, h * d)
 
 
-@torch.library.custom_op("ember::paged_attention", mutates_args=("k_cache", "v_cache"))
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, scale: float) -> torch.Tensor:
-    return paged_attention_impl(q, k, v, k_cache, v_cache, scale)
+# Defined through the low-level `Library` API, not `torch.library.custom_op`: the compiled
+# graph calls the op 30 times a step, and custom_op's Python wrapper cost ~50 µs a call.
+_lib = torch.library.Library("ember", "DEF")
+_lib.define("paged_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, "
+            "Tensor(b!) v_cache, float scale) -> Tensor")
+_lib.impl("paged_attention", paged_attention_impl, "CompositeExplicitAutograd")
 
 
-@paged_attention.register_fake
+@torch.library.register_fake("ember::paged_attention", lib=_lib)
 def _(q, k, v, k_cache, v_cache, scale):
     return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
 

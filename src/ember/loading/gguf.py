@@ -24,6 +24,7 @@ from ember.config import ModelConfig
 from ember.errors import ConfigError, ModelLoadError
 from ember.loading.tokenizer import Tokenizer
 from ember.quantization.int4 import Int4Weight
+from ember.quantization.q8_0 import Q8_0Weight
 
 logger = logging.getLogger("ember")
 
@@ -223,10 +224,12 @@ def open_gguf(path: str | Path) -> GGUFReader:
 
 def load_gguf(
     path: str | Path, dtype: torch.dtype, keep_quantized: bool = False
-) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor | Int4Weight]], Tokenizer, int]:
+) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor | Int4Weight | Q8_0Weight]],
+           Tokenizer, int]:
     """Returns (model config, iterator of (HF name, tensor in `dtype`), tokenizer, context
     length). The file is memory-mapped; tensors are dequantized one by one as iterated, but
-    with `keep_quantized` the Q4_0 / Q4_1 projections come as they are, as `Int4Weight`s."""
+    with `keep_quantized` the Q4_0 / Q4_1 projections come as they are, as `Int4Weight`s, and
+    a Q8_0 head as a `Q8_0Weight` (a tied one besides the dense embedding)."""
     path = Path(path)
     reader = open_gguf(path)
     meta = _Metadata(reader, path)
@@ -375,7 +378,7 @@ def quantized_tensor(tensor: ReaderTensor) -> Int4Weight | None:
 
 def _iter_weights(
     reader: GGUFReader, arch: str, config: ModelConfig, dtype: torch.dtype, keep_quantized: bool
-) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
+) -> Iterator[tuple[str, torch.Tensor | Int4Weight | Q8_0Weight]]:
     for t in reader.tensors:
         name = hf_name(t.name)
         if name is None:  # rope_freqs, the only other tensor load_gguf lets through
@@ -384,6 +387,14 @@ def _iter_weights(
         w: torch.Tensor | Int4Weight | None = None
         if keep_quantized and name.endswith("_proj.weight"):
             w = quantized_tensor(t)
+        head = name == "lm_head.weight" or (name == "model.embed_tokens.weight"
+                                            and config.tie_word_embeddings)
+        if keep_quantized and head and t.tensor_type == GGMLQuantizationType.Q8_0:
+            # The head as it is (the model keeps it so where ember's Q8_0 kernel runs).
+            q, d = unpack_q8_0(torch.from_numpy(t.data.copy()), tensor_shape(t))
+            yield "lm_head.weight", Q8_0Weight(q, d.float())
+            if name == "lm_head.weight":
+                continue
         if w is None:
             w = dequantize_tensor(t).to(dtype)
         n_head = {".self_attn.q_proj.": config.num_attention_heads,

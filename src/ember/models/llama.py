@@ -14,12 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember import kernels
 from ember.config import ModelConfig
 from ember.errors import ModelLoadError
 from ember.layers.attention import AttentionMetadata, PagedAttention, attention_metadata
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding, apply_rotary
 from ember.quantization import QuantizedWeight, install_quantized
+from ember.quantization.q8_0 import Q8_0Linear, Q8_0Weight
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -107,7 +109,7 @@ class LlamaForCausalLM(nn.Module):
 
     def tie_weights(self) -> None:
         """Share the embedding with the head; again after `to_empty`, which unties them."""
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(
@@ -145,8 +147,17 @@ class LlamaForCausalLM(nn.Module):
         cfg = self.config
         q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         shard_sizes = {"qkv_proj": [q, kv, kv], "gate_up_proj": [cfg.intermediate_size] * 2}
+        q8_head: Q8_0Weight | None = None
         for name, tensor in weights:
             name = name.removeprefix("model.")
+            if isinstance(tensor, Q8_0Weight):  # a GGUF head, kept as it is where it runs
+                if kernels.available(self.embed_tokens.weight.device):
+                    q8_head = tensor
+                    loaded.add(name)
+                    continue
+                if cfg.tie_word_embeddings:
+                    continue  # the dense embedding (it comes too) is the head
+                tensor = tensor.dequantize().to(self.embed_tokens.weight.dtype)
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue  # the embedding is the head
             shard = None
@@ -183,3 +194,9 @@ class LlamaForCausalLM(nn.Module):
         install_quantized(self, {name: [shards[i] for i in sorted(shards)]
                                  for name, shards in quantized.items()},
                           self.embed_tokens.weight.dtype)
+        if q8_head is not None:
+            if (q8_head.out_features, q8_head.in_features) != (cfg.vocab_size, cfg.hidden_size):
+                raise ModelLoadError(f"lm_head.weight: checkpoint shape {tuple(q8_head.q.shape)}")
+            embedding = self.embed_tokens.weight
+            self.lm_head = Q8_0Linear(q8_head, embedding.device,
+                                      embedding if cfg.tie_word_embeddings else None)

@@ -1,0 +1,97 @@
+"""ember's own CPU kernels (cpu.cpp), where PyTorch's generic ops leave speed on the table.
+
+They are compiled once per machine, for its own instruction set (like llama.cpp's native
+build), by the system C++ compiler against the installed torch, and cached under
+~/.cache/ember/kernels/<hash of source, torch, compiler flags> (`make install` builds them
+ahead: `python -m ember.kernels`). They register as `torch.ops.ember_cpu.*`. Without a
+compiler, or if the build fails, ember runs PyTorch's ops instead, with a warning: the kernels
+make it faster, never able to run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("ember")
+
+SOURCE = Path(__file__).with_name("cpu.cpp")
+# -march=native: this machine's vector units (AVX-512, its bf16 and VNNI extensions, ...); the
+# kernels issue no AMX. fast-math for vectorized exp and reductions, but keeping inf/NaN
+# semantics. OpenMP: at::parallel_for's threads (torch's own libgomp at run time).
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-std=c++20",
+         "-shared", "-fPIC", "-w"]
+DISABLE_ENV = "EMBER_DISABLE_CPU_KERNELS"  # =1: PyTorch's ops only (for A/B comparisons)
+
+_loaded = False  # set by `load`
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _cache_path(cxx: str) -> Path:
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), " ".join(FLAGS).encode(),
+                 cxx.encode()):
+        key.update(part)
+    root = Path(os.environ.get("EMBER_KERNELS_CACHE", Path.home() / ".cache" / "ember" / "kernels"))
+    return root / key.hexdigest()[:16] / "ember_cpu.so"
+
+
+def _build(cxx: str, target: Path) -> None:
+    torch_dir = Path(torch.__file__).parent
+    cmd = [cxx, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+           f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include/torch/csrc/api/include'}",
+           str(SOURCE), "-o", str(target) + ".tmp",
+           f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    os.replace(str(target) + ".tmp", target)  # atomic: a reader never sees half a library
+
+
+@functools.cache
+def load() -> bool:
+    """Build (once per machine) and load the CPU kernels; whether `torch.ops.ember_cpu` is
+    there to use."""
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        logger.info("CPU kernels off (%s): PyTorch's ops only", DISABLE_ENV)
+        return False
+    cxx = _compiler()
+    if cxx is None:
+        logger.warning("no C++ compiler found: ember's CPU kernels are off (slower attention)")
+        return False
+    target = _cache_path(cxx)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # One build at a time (parallel tests, several ranks): the others wait, then load it.
+        with open(target.parent / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not target.exists():
+                logger.info("building ember's CPU kernels for this machine (once, ~15 s)")
+                start = time.perf_counter()
+                _build(cxx, target)
+                logger.info("built the CPU kernels in %.1f s: %s", time.perf_counter() - start,
+                            target)
+        torch.ops.load_library(str(target))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", None) or str(e)
+        logger.warning("ember's CPU kernels are off: their build failed (%s)",
+                       detail.strip().splitlines()[-1] if detail.strip() else type(e).__name__)
+        return False
+    global _loaded
+    _loaded = True
+    return True
+
+
+def available(device: torch.device) -> bool:
+    """Whether ember's kernels serve tensors on `device` (CPU, once `load`ed)."""
+    return _loaded and device.type == "cpu"

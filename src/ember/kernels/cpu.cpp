@@ -1,0 +1,381 @@
+// ember's CPU kernels, registered as torch ops (`torch.ops.ember_cpu.*`): built and loaded by
+// `ember.kernels` on first use, with the CPU's own instruction set (-march=native).
+//
+// decode_attention: one new query per sequence against its paged KV cache, read in place
+// through the block table (no gather into a padded grid, no mask), the query heads of one KV
+// head together (GQA: each key is loaded once for the group), softmax in float32.
+// write_kv: the step's new keys and values into their cache slots.
+// q8_0_linear: y = x @ W.T with W in GGUF's Q8_0 layout as it is (int8 codes, one scale per
+// 32 inputs): reads 1.06 bytes per weight instead of bf16's 2, computes in float32.
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+template <typename T> inline T from_float(float x) { return static_cast<T>(x); }
+
+// e^x for x <= 0 (softmax's shifted scores) without a libm call, so the loop vectorizes:
+// 2^(x log2 e) = 2^i * 2^f, 2^f by a degree-5 minimax polynomial (relative error < 1e-7).
+inline float exp_nonpositive(float x) {
+  const float t = std::max(x, -87.f) * 1.4426950409f;
+  const float i = std::floor(t), f = t - i;
+  float p = 1.8775767e-3f;
+  p = p * f + 8.9893397e-3f;
+  p = p * f + 5.5826318e-2f;
+  p = p * f + 2.4015361e-1f;
+  p = p * f + 6.9315308e-1f;
+  p = p * f + 9.9999994e-1f;
+  const int32_t bits = (static_cast<int32_t>(i) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+constexpr int64_t kMaxGroup = 16;  // query heads per KV head held in registers/stack
+
+// One (sequence, KV head): its `group` query heads against the n keys behind `table`.
+// DIM > 0 fixes the head size at compile time (fully unrolled rows); 0 reads it at run time.
+template <int DIM, typename QT, typename KT>
+void attend_one(const QT* q, int64_t q_head_stride, const KT* k, const KT* v, int64_t slot_stride,
+                const int64_t* table, int64_t n, int64_t block_size, int64_t group,
+                int64_t run_dim, float scale, QT* out, std::vector<float>& scores) {
+  const int64_t dim = DIM > 0 ? DIM : run_dim;
+  float qf[kMaxGroup * 256], acc[kMaxGroup * 256], row[256];
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] = to_float(q[g * q_head_stride + d]) * scale;
+  scores.resize(group * n);
+  float* s = scores.data();
+  for (int64_t j0 = 0; j0 < n; j0 += block_size) {
+    const int64_t base = table[j0 / block_size] * block_size - j0;
+    const int64_t stop = std::min(n, j0 + block_size);
+    for (int64_t j = j0; j < stop; ++j) {
+      const KT* kr = k + (base + j) * slot_stride;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) row[d] = to_float(kr[d]);
+      for (int64_t g = 0; g < group; ++g) {
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < dim; ++d) dot += qf[g * dim + d] * row[d];
+        s[g * n + j] = dot;
+      }
+    }
+  }
+  float inv_sum[kMaxGroup];
+  for (int64_t g = 0; g < group; ++g) {
+    float* sg = s + g * n;
+    float m = sg[0];
+    for (int64_t j = 1; j < n; ++j) m = std::max(m, sg[j]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) {
+      sg[j] = exp_nonpositive(sg[j] - m);
+      sum += sg[j];
+    }
+    inv_sum[g] = 1.f / sum;
+  }
+  std::fill(acc, acc + group * dim, 0.f);
+  for (int64_t j0 = 0; j0 < n; j0 += block_size) {
+    const int64_t base = table[j0 / block_size] * block_size - j0;
+    const int64_t stop = std::min(n, j0 + block_size);
+    for (int64_t j = j0; j < stop; ++j) {
+      const KT* vr = v + (base + j) * slot_stride;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) row[d] = to_float(vr[d]);
+      for (int64_t g = 0; g < group; ++g) {
+        const float p = s[g * n + j];
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) acc[g * dim + d] += p * row[d];
+      }
+    }
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t d = 0; d < dim; ++d)
+      out[g * dim + d] = from_float<QT>(acc[g * dim + d] * inv_sum[g]);
+}
+
+template <typename QT, typename KT>
+void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache,
+                             const at::Tensor& v_cache, const at::Tensor& block_tables,
+                             const at::Tensor& context_lens, int64_t block_size, float scale,
+                             at::Tensor& out) {
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k_cache.size(1), group = heads / kv_heads;
+  const int64_t width = block_tables.size(1);
+  const QT* qp = q.data_ptr<QT>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
+  const KT* kp = k_cache.data_ptr<KT>();
+  const KT* vp = v_cache.data_ptr<KT>();
+  const int64_t cs0 = k_cache.stride(0), cs1 = k_cache.stride(1);
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  QT* op = out.data_ptr<QT>();
+
+  int64_t total = 0;
+  for (int64_t b = 0; b < batch; ++b) total += lens[b];
+  // A task is one (sequence, KV head); threads pay off only for enough keys.
+  const int64_t tasks = batch * kv_heads;
+  const int64_t grain = total * kv_heads * group < 4096 ? tasks : 1;
+
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kv_heads, h = task % kv_heads;
+      auto run = [&](auto dim_tag) {
+        constexpr int D = decltype(dim_tag)::value;
+        attend_one<D>(qp + b * qs0 + h * group * qs1, qs1, kp + h * cs1, vp + h * cs1, cs0,
+                      tables + b * width, lens[b], block_size, group, dim, scale,
+                      op + (b * heads + h * group) * dim, scores);
+      };
+      if (dim == 64) run(std::integral_constant<int, 64>{});
+      else if (dim == 128) run(std::integral_constant<int, 128>{});
+      else run(std::integral_constant<int, 0>{});
+    }
+  });
+}
+
+template <typename QT>
+void dispatch_cache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const at::Tensor& tables, const at::Tensor& lens, int64_t block_size,
+                    float scale, at::Tensor& out) {
+  if (k_cache.scalar_type() == at::kBFloat16)
+    decode_attention_kernel<QT, c10::BFloat16>(q, k_cache, v_cache, tables, lens, block_size,
+                                               scale, out);
+  else
+    decode_attention_kernel<QT, float>(q, k_cache, v_cache, tables, lens, block_size, scale,
+                                       out);
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_tables,
+                            const at::Tensor& context_lens, int64_t block_size, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q: [B, H, D] with contiguous rows");
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.scalar_type() == v_cache.scalar_type(),
+              "caches: two contiguous [slots, Hkv, D] tensors of one dtype");
+  TORCH_CHECK(k_cache.size(2) == q.size(2) && q.size(2) <= 256 &&
+                  q.size(1) % k_cache.size(1) == 0 && q.size(1) / k_cache.size(1) <= kMaxGroup,
+              "head size up to 256; up to 16 query heads per KV head");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong &&
+                  block_tables.is_contiguous() && context_lens.is_contiguous() &&
+                  block_tables.size(0) == q.size(0) && context_lens.numel() == q.size(0),
+              "block_tables [B, W] and context_lens [B]: contiguous int64");
+  const auto qt = q.scalar_type(), ct = k_cache.scalar_type();
+  TORCH_CHECK((qt == at::kFloat || qt == at::kBFloat16) && (ct == at::kFloat || ct == at::kBFloat16),
+              "float32 or bfloat16 only");
+  auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  const float s = static_cast<float>(scale);
+  if (qt == at::kBFloat16)
+    dispatch_cache<c10::BFloat16>(q, k_cache, v_cache, block_tables, context_lens, block_size, s, out);
+  else
+    dispatch_cache<float>(q, k_cache, v_cache, block_tables, context_lens, block_size, s, out);
+  return out;
+}
+
+template <typename ST, typename CT>
+void write_rows(const at::Tensor& src, at::Tensor& cache, const int64_t* slots) {
+  const int64_t t = src.size(0), heads = src.size(1), dim = src.size(2);
+  const ST* sp = src.data_ptr<ST>();
+  CT* cp = cache.data_ptr<CT>();
+  for (int64_t i = 0; i < t; ++i)
+    for (int64_t h = 0; h < heads; ++h) {
+      const ST* s = sp + i * src.stride(0) + h * src.stride(1);
+      CT* c = cp + (slots[i] * heads + h) * dim;
+      for (int64_t d = 0; d < dim; ++d) c[d] = from_float<CT>(to_float(s[d]));
+    }
+}
+
+template <typename CT>
+void write_one(const at::Tensor& src, at::Tensor& cache, const int64_t* slots) {
+  if (src.scalar_type() == at::kBFloat16) write_rows<c10::BFloat16, CT>(src, cache, slots);
+  else write_rows<float, CT>(src, cache, slots);
+}
+
+void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+              const at::Tensor& slots) {
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.stride(2) == 1 && v.stride(2) == 1 &&
+                  k.sizes() == v.sizes() && k.scalar_type() == v.scalar_type(),
+              "k, v: [T, Hkv, D] with contiguous rows");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.size(1) == k.size(1) && k_cache.size(2) == k.size(2),
+              "caches: contiguous [slots, Hkv, D]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == k.size(0),
+              "slots: [T] int64");
+  const auto st = k.scalar_type(), ct = k_cache.scalar_type();
+  TORCH_CHECK((st == at::kFloat || st == at::kBFloat16) && (ct == at::kFloat || ct == at::kBFloat16),
+              "float32 or bfloat16 only");
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  if (ct == at::kBFloat16) {
+    write_one<c10::BFloat16>(k, k_cache, sl);
+    write_one<c10::BFloat16>(v, v_cache, sl);
+  } else {
+    write_one<float>(k, k_cache, sl);
+    write_one<float>(v, v_cache, sl);
+  }
+}
+
+// ---- Q8_0 linear ---------------------------------------------------------------------------
+constexpr int64_t kQ8Group = 32;
+
+// Rows [n0, n1) of y for MC (1..4) rows of x (float32 [MC, K] at x, row stride K).
+template <int MC>
+void q8_0_rows(const float* x, int64_t K, const int8_t* q, const float* scales, int64_t n0,
+               int64_t n1, float* y, int64_t ldy) {
+  const int64_t groups = K / kQ8Group;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* qr = q + n * K;
+    const float* sr = scales + n * groups;
+#if defined(__AVX512F__)
+    __m512 acc[MC];
+    for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512 s = _mm512_set1_ps(sr[g]);
+      const int8_t* qg = qr + g * kQ8Group;
+      const __m512 w0 = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)qg))), s);
+      const __m512 w1 = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(qg + 16)))), s);
+      for (int m = 0; m < MC; ++m) {
+        const float* xg = x + m * K + g * kQ8Group;
+        acc[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xg), acc[m]);
+        acc[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xg + 16), acc[m]);
+      }
+    }
+    for (int m = 0; m < MC; ++m) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m]);
+#else
+    for (int m = 0; m < MC; ++m) {
+      float total = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < kQ8Group; ++i)
+          dot += static_cast<float>(qr[g * kQ8Group + i]) * x[m * K + g * kQ8Group + i];
+        total += dot * sr[g];
+      }
+      y[m * ldy + n] = total;
+    }
+#endif
+  }
+}
+
+// Rows [n0, n1) of W, dequantized to float32 [n1 - n0, K] at w.
+void q8_0_dequantize(const int8_t* q, const float* scales, int64_t K, int64_t n0, int64_t n1,
+                     float* w) {
+  const int64_t groups = K / kQ8Group;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t g = 0; g < groups; ++g) {
+      const float s = scales[n * groups + g];
+      const int8_t* qg = q + n * K + g * kQ8Group;
+      float* wg = w + (n - n0) * K + g * kQ8Group;
+#pragma omp simd
+      for (int64_t i = 0; i < kQ8Group; ++i) wg[i] = static_cast<float>(qg[i]) * s;
+    }
+}
+
+// y[m, n] for MC rows of x against `rows` dense float32 weight rows w [rows, K] (K % 16 == 0).
+// Two weight rows at a time: 2 * MC independent accumulators keep the FMA units busy.
+template <int MC>
+void dense_rows(const float* x, int64_t K, const float* w, int64_t rows, float* y, int64_t ldy) {
+  int64_t r = 0;
+#if defined(__AVX512F__)
+  for (; r + 2 <= rows; r += 2) {
+    const float* w0 = w + r * K;
+    const float* w1 = w0 + K;
+    __m512 a0[MC], a1[MC];
+    for (int m = 0; m < MC; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m512 v0 = _mm512_loadu_ps(w0 + k), v1 = _mm512_loadu_ps(w1 + k);
+      for (int m = 0; m < MC; ++m) {
+        const __m512 xm = _mm512_loadu_ps(x + m * K + k);
+        a0[m] = _mm512_fmadd_ps(v0, xm, a0[m]);
+        a1[m] = _mm512_fmadd_ps(v1, xm, a1[m]);
+      }
+    }
+    for (int m = 0; m < MC; ++m) {
+      y[m * ldy + r] = _mm512_reduce_add_ps(a0[m]);
+      y[m * ldy + r + 1] = _mm512_reduce_add_ps(a1[m]);
+    }
+  }
+#endif
+  for (; r < rows; ++r)
+    for (int m = 0; m < MC; ++m) {
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t k = 0; k < K; ++k) dot += w[r * K + k] * x[m * K + k];
+      y[m * ldy + r] = dot;
+    }
+}
+
+constexpr int64_t kQ8Tile = 16;  // weight rows per task: dequantized, they stay in L1/L2
+
+at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1), "x [M, K], q [N, K]");
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) % kQ8Group == 0,
+              "q: contiguous int8 [N, K], K a multiple of 32");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
+                  scales.size(0) == q.size(0) && scales.size(1) == q.size(1) / kQ8Group,
+              "scales: contiguous float32 [N, K / 32]");
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), K = q.size(1), N = q.size(0);
+  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const float* xp = xf.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // Threads split the weight rows: each row is read from memory once. Up to 4 rows of x: the
+  // codes are converted in registers as they stream by. More: a tile of rows is dequantized
+  // once, then every row of x runs over it.
+  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+    if (M <= 4) {
+      switch (M) {
+        case 1: q8_0_rows<1>(xp, K, qp, sp, n0, n1, yp, N); break;
+        case 2: q8_0_rows<2>(xp, K, qp, sp, n0, n1, yp, N); break;
+        case 3: q8_0_rows<3>(xp, K, qp, sp, n0, n1, yp, N); break;
+        default: q8_0_rows<4>(xp, K, qp, sp, n0, n1, yp, N); break;
+      }
+      return;
+    }
+    std::vector<float> tile(kQ8Tile * K);
+    for (int64_t t0 = n0; t0 < n1; t0 += kQ8Tile) {
+      const int64_t rows = std::min(kQ8Tile, n1 - t0);
+      q8_0_dequantize(qp, sp, K, t0, t0 + rows, tile.data());
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) dense_rows<4>(xp + m * K, K, tile.data(), rows, yp + m * N + t0, N);
+      for (; m < M; ++m) dense_rows<1>(xp + m * K, K, tile.data(), rows, yp + m * N + t0, N);
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ember_cpu, m) {
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor context_lens, int block_size, float scale) -> Tensor");
+  m.def("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots) -> ()");
+  m.def("q8_0_linear(Tensor x, Tensor q, Tensor scales) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ember_cpu, CPU, m) {
+  m.impl("decode_attention", decode_attention);
+  m.impl("write_kv", write_kv);
+  m.impl("q8_0_linear", q8_0_linear);
+}

@@ -1,0 +1,158 @@
+"""ember's CPU kernels (ember.kernels) against PyTorch's ops, and their fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ember import kernels
+from ember.layers import attention
+from ember.layers.attention import (AttentionMetadata, DecodeBatch, PrefillChunk,
+                                    attention_metadata, paged_attention_impl)
+from ember.quantization.q8_0 import DENSE_MIN_ROWS, Q8_0Linear, Q8_0Weight
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert kernels.load(), "the CPU kernels must build on this machine (g++ is there)"
+
+
+def _sdpa_decode(q, k_cache, v_cache, tables, lens, block_size, scale):
+    """The reference: each sequence's keys gathered slot by slot, one SDPA call each."""
+    out = []
+    for b in range(q.shape[0]):
+        pos = torch.arange(int(lens[b]))
+        slots = tables[b, pos // block_size] * block_size + pos % block_size
+        keys, values = k_cache[slots].float(), v_cache[slots].float()  # [n, Hkv, D]
+        o = F.scaled_dot_product_attention(
+            q[b].float()[:, None], keys.transpose(0, 1), values.transpose(0, 1), scale=scale,
+            enable_gqa=True)
+        out.append(o[:, 0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (8, 8, 128), (4, 2, 48)])
+def test_decode_attention_matches_sdpa(dtype, heads, kv_heads, dim):
+    g = torch.Generator().manual_seed(heads * dim)
+    block_size, num_blocks, batch = 16, 64, 5
+    k_cache = torch.randn(num_blocks * block_size, kv_heads, dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks * block_size, kv_heads, dim, generator=g).to(dtype)
+    lens = torch.tensor([1, 16, 17, 100, 250])  # block edges, one key, several blocks
+    width = -(-int(lens.max()) // block_size)
+    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:width] for _ in range(batch)])
+    q = torch.randn(batch, heads, dim, generator=g).to(dtype)
+    out = torch.ops.ember_cpu.decode_attention(q, k_cache, v_cache, tables, lens, block_size,
+                                               dim**-0.5)
+    ref = _sdpa_decode(q, k_cache, v_cache, tables, lens, block_size, dim**-0.5)
+    assert out.dtype == dtype and out.shape == q.shape
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+def test_decode_attention_reads_a_strided_query_and_refuses_bad_input():
+    k_cache = torch.randn(32, 2, 64)
+    qkv = torch.randn(2, 8 * 64)  # q as a view into a fused projection's output
+    q = qkv.view(2, 8, 64)[:, :4]
+    tables, lens = torch.tensor([[1], [0]]), torch.tensor([3, 16])
+    out = torch.ops.ember_cpu.decode_attention(q, k_cache, k_cache, tables, lens, 16, 0.125)
+    torch.testing.assert_close(out, _sdpa_decode(q, k_cache, k_cache, tables, lens, 16, 0.125),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="int64"):
+        torch.ops.ember_cpu.decode_attention(q, k_cache, k_cache, tables.int(), lens, 16, 0.1)
+    with pytest.raises(RuntimeError, match="multiple|heads"):
+        torch.ops.ember_cpu.decode_attention(torch.randn(2, 3, 64), k_cache, k_cache, tables,
+                                             lens, 16, 0.1)
+
+
+@pytest.mark.parametrize("src,cache", [(torch.float32, torch.float32),
+                                       (torch.float32, torch.bfloat16),
+                                       (torch.bfloat16, torch.bfloat16)])
+def test_write_kv_fills_the_slots(src, cache):
+    k = torch.randn(3, 2, 16).to(src)
+    v = torch.randn(3, 2, 16).to(src)
+    k_cache, v_cache = torch.zeros(10, 2, 16, dtype=cache), torch.zeros(10, 2, 16, dtype=cache)
+    slots = torch.tensor([7, 0, 4])
+    torch.ops.ember_cpu.write_kv(k, v, k_cache, v_cache, slots)
+    ref_k, ref_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    ref_k.index_copy_(0, slots, k.to(cache))
+    ref_v.index_copy_(0, slots, v.to(cache))
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 17])
+def test_q8_0_linear_computes_with_the_files_values(rows):
+    """Exactly the Q8_0 values (codes x scales), float32 accumulation; every path (1-4 rows
+    streaming, more rows over dequantized tiles, an odd row count of weights)."""
+    g = torch.Generator().manual_seed(rows)
+    n, k = 301, 96
+    w = Q8_0Weight(torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8),
+                   torch.rand(n, k // 32, generator=g) * 0.02)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    y = torch.ops.ember_cpu.q8_0_linear(x, w.q, w.scale)
+    ref = x.double() @ w.dequantize().double().t()
+    assert y.dtype == torch.float32 and y.shape == (rows, n)
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_q8_0_linear_module_uses_the_tied_dense_weight_for_big_batches():
+    g = torch.Generator().manual_seed(0)
+    w = Q8_0Weight(torch.randint(-127, 128, (64, 64), generator=g, dtype=torch.int8),
+                   torch.rand(64, 2, generator=g) * 0.02)
+    dense = w.dequantize().bfloat16()
+    lin = Q8_0Linear(w, CPU, dense)
+    for rows in (1, DENSE_MIN_ROWS):
+        x = torch.randn(rows, 64, generator=g).bfloat16()
+        y = lin(x)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, x.float() @ w.dequantize().t(), atol=0.05, rtol=0.02)
+
+
+def _meta_mixed(block_size: int) -> tuple[AttentionMetadata, int]:
+    """Rows 0-1: two decodes (contexts 5 and 20); rows 2-5: a first prompt chunk of 4."""
+    tables = torch.tensor([[3, 0], [1, 2]])
+    lens = torch.tensor([5, 20])
+    slots = torch.cat([torch.tensor([3 * block_size + 4, 2 * block_size + 3]),
+                       torch.arange(4) + 4 * block_size])
+    mask = (torch.arange(20)[None, :] < lens[:, None])[:, None, None, :]
+    decode = DecodeBatch(torch.tensor([0, 1]), tables, block_size, lens, 20, mask)
+    return AttentionMetadata(slots, decode, [PrefillChunk(2, 6, None, None)]), 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_with_and_without_the_kernels_agree(monkeypatch, dtype):
+    """The model's attention (decodes and a prompt in one batch) gives the same result and the
+    same cache through the kernels as through PyTorch's ops."""
+    block_size = 16
+    meta, t = _meta_mixed(block_size)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(t, 6, 32, generator=g).to(dtype)
+    k = torch.randn(t, 2, 32, generator=g).to(dtype)
+    v = torch.randn(t, 2, 32, generator=g).to(dtype)
+    cache = torch.randn(5 * block_size, 2, 32, generator=g).to(dtype)
+    results = []
+    for own in (True, False):
+        monkeypatch.setattr(attention.kernels, "available", lambda device, own=own: own)
+        k_cache, v_cache = cache.clone(), cache.clone()
+        with attention_metadata(meta):
+            out = paged_attention_impl(q, k, v, k_cache, v_cache, 32**-0.5)
+        results.append((out, k_cache, v_cache))
+    (a, ka, va), (b, kb, vb) = results
+    assert torch.equal(ka, kb) and torch.equal(va, vb)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+def test_a_failed_build_leaves_pytorchs_ops(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CXX", "false")  # a compiler that fails
+    monkeypatch.setenv("EMBER_KERNELS_CACHE", str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="ember"):
+        assert kernels.load.__wrapped__() is False
+    assert "CPU kernels are off" in caplog.text
+    monkeypatch.setenv(kernels.DISABLE_ENV, "1")
+    assert kernels.load.__wrapped__() is False
