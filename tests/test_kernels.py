@@ -148,6 +148,14 @@ def test_attention_with_and_without_the_kernels_agree(monkeypatch, dtype):
     torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
 
 
+def test_loading_the_kernels_keeps_subnormal_floats():
+    """The library must not switch the process to flush-to-zero (what linking -ffast-math
+    code does): every other float computation in the server would change."""
+    smallest_normal = float("2.2250738585072014e-308")
+    assert smallest_normal / 2 > 0
+    assert torch.tensor(smallest_normal, dtype=torch.float64).div(2).item() > 0
+
+
 def test_a_failed_build_leaves_pytorchs_ops(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CXX", "false")  # a compiler that fails
     monkeypatch.setenv("EMBER_KERNELS_CACHE", str(tmp_path))
@@ -156,3 +164,24 @@ def test_a_failed_build_leaves_pytorchs_ops(monkeypatch, tmp_path, caplog):
     assert "CPU kernels are off" in caplog.text
     monkeypatch.setenv(kernels.DISABLE_ENV, "1")
     assert kernels.load.__wrapped__() is False
+
+
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("rows", [2, 5, 16, 40])
+def test_int4_linear_op_computes_with_the_dequantized_weight(group, rows):
+    """Both paths of the op (ATen's kernel below `dense_min_rows`, dequantized + GEMM from
+    it on) against the weight's own dequantization, and against ATen's kernel."""
+    from ember.quantization.int4 import Int4Linear, Int4Weight
+
+    g = torch.Generator().manual_seed(rows)
+    w = Int4Weight.quantize(torch.randn(192, 256, generator=g), group)
+    lin = Int4Linear(w, None, CPU, torch.bfloat16)
+    x = torch.randn(rows, 256, generator=g).bfloat16()
+    y = torch.ops.ember_cpu.int4_linear(x, lin.weight, lin.dense_scales, lin.dense_zeros,
+                                        lin.scales_and_zeros, group, 16)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, 192)
+    torch.testing.assert_close(y.float(), F.linear(x.float(), w.dequantize()), atol=0.3,
+                               rtol=0.02)
+    aten = torch.ops.aten._weight_int4pack_mm_for_cpu(x, lin.weight, group, lin.scales_and_zeros)
+    torch.testing.assert_close(y.float(), aten.float(), atol=0.3, rtol=0.02)
+    assert torch.equal(lin(x), y)  # the module takes the op for 2+ rows

@@ -3,8 +3,9 @@
 The paged attention is an opaque custom op inside the layer's graph (see `layers.attention`),
 so one graph serves every batch of the same token count T, decode or prefill or both: T is
 the only varying size. T = 1 (one sequence decoding, the latency case) gets a graph of its
-own, T >= 2 dynamic-shape graphs (split at 16 rows, where int4 layers switch to dequantize +
-dense GEMM); all are compiled at start (warm-up, with a progress bar), and Inductor's on-disk cache makes a second start fast. The layers share the
+own, T >= 2 one dynamic-shape graph (two without ember's CPU kernels: split at 16 rows, where
+int4 layers switch to dequantize + dense GEMM); all are compiled at start (warm-up, with a
+progress bar), and Inductor's on-disk cache makes a second start fast. The layers share the
 compiled code (regional compilation: their weights are graph inputs), so compile time does
 not grow with depth. What the graph fuses: norms, rotary, residual adds, SiLU*up and dtype
 casts around the matmuls (ATen's int4/int8/bf16 kernels) and the attention op.
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ember import kernels
 from ember.layers.attention import AttentionMetadata, DecodeBatch, PrefillChunk
 
 logger = logging.getLogger("ember")
@@ -50,21 +52,25 @@ def compile_model(model: torch.nn.Module, kv_caches: list) -> bool:
         for layer in model.layers:
             del layer.forward
         return False
-    logger.info("compiled the decoder layer for T=1, 2..15 and >=16 tokens in %.1f s",
+    device = model.embed_tokens.weight.device
+    logger.info("compiled the decoder layer for T=%s tokens in %.1f s",
+                "1, >=2" if len(warm_up_tokens(device)) == 2 else "1, 2..15, >=16",
                 time.perf_counter() - start)
     return True
 
 
 # Token counts that warm up every graph: one decoding sequence; a small batch (the dynamic
-# graph for T >= 2); a batch large enough for the dense path of the int4 layers (T >= 16,
-# see `quantization.int4`), which Dynamo keeps as a graph of its own.
-WARM_UP_TOKENS = (1, 2, 64)
+# graph for T >= 2); without ember's CPU kernels, a batch large enough for the dense path of
+# the int4 layers (T >= 16, see `quantization.int4`), which Dynamo then keeps as a graph of
+# its own (ember's int4 op chooses its path inside, invisible to the graph).
+def warm_up_tokens(device: torch.device) -> tuple[int, ...]:
+    return (1, 2) if kernels.available(device) else (1, 2, 64)
 
 
 @torch.inference_mode()
 def _warm_up(model: torch.nn.Module, kv_caches: list) -> None:
     device = model.embed_tokens.weight.device
-    sizes = [t for t in WARM_UP_TOKENS if t <= kv_caches[0][0].shape[0]]
+    sizes = [t for t in warm_up_tokens(device) if t <= kv_caches[0][0].shape[0]]
     with tqdm(total=len(sizes), desc=f"Compiling (T={', '.join(map(str, sizes))})", leave=False,
               disable=not logger.isEnabledFor(logging.INFO)) as bar:
         for t in sizes:

@@ -26,10 +26,12 @@ logger = logging.getLogger("ember")
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
 # -march=native: this machine's vector units (AVX-512, its bf16 and VNNI extensions, ...); the
-# kernels issue no AMX. fast-math for vectorized exp and reductions, but keeping inf/NaN
-# semantics. OpenMP: at::parallel_for's threads (torch's own libgomp at run time).
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-std=c++20",
-         "-shared", "-fPIC", "-w"]
+# kernels issue no AMX. Reassociation (vectorized reductions) but not -ffast-math, which,
+# linked into a shared library, sets flush-to-zero for the whole process (crtfastmath).
+# OpenMP: at::parallel_for's threads (torch's own libgomp at run time).
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
+         "-fassociative-math", "-freciprocal-math", "-fopenmp", "-std=c++20", "-shared", "-fPIC",
+         "-w"]
 DISABLE_ENV = "EMBER_DISABLE_CPU_KERNELS"  # =1: PyTorch's ops only (for A/B comparisons)
 
 _loaded = False  # set by `load`
@@ -87,9 +89,18 @@ def load() -> bool:
         logger.warning("ember's CPU kernels are off: their build failed (%s)",
                        detail.strip().splitlines()[-1] if detail.strip() else type(e).__name__)
         return False
+    _register_fakes()
     global _loaded
     _loaded = True
     return True
+
+
+def _register_fakes() -> None:
+    """Output shapes for torch.compile of the ops a compiled graph calls directly."""
+
+    @torch.library.register_fake("ember_cpu::int4_linear")
+    def _(x, packed, scales, zeros, scales_and_zeros, group_size, dense_min_rows):
+        return x.new_empty(x.shape[0], scales.numel() * group_size // x.shape[1])
 
 
 def available(device: torch.device) -> bool:

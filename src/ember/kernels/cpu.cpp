@@ -7,6 +7,11 @@
 // write_kv: the step's new keys and values into their cache slots.
 // q8_0_linear: y = x @ W.T with W in GGUF's Q8_0 layout as it is (int8 codes, one scale per
 // 32 inputs): reads 1.06 bytes per weight instead of bf16's 2, computes in float32.
+// int4_linear: y = x @ W.T with W group-wise int4 in ATen's CPU packing (what
+// aten._convert_weight_to_int4pack_for_cpu makes), w = (q - 8) * scale + zero. Few rows of x:
+// ATen's int4 kernel; from dense_min_rows rows on (compute-bound): W dequantized to x's
+// dtype in one vectorized pass, then ATen's GEMM. One op for every row count, so a compiled
+// graph does not split on it.
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -82,6 +87,7 @@ void attend_one(const QT* q, int64_t q_head_stride, const KT* k, const KT* v, in
   for (int64_t g = 0; g < group; ++g) {
     float* sg = s + g * n;
     float m = sg[0];
+#pragma omp simd reduction(max : m)
     for (int64_t j = 1; j < n; ++j) m = std::max(m, sg[j]);
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
@@ -365,6 +371,99 @@ at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return y;
 }
 
+// ---- int4 linear ----------------------------------------------------------------------------
+// ATen's CPU packing: output rows in blocks of 64; per block, K-major, 32 bytes per input
+// column, byte j holding row j (low nibble) and row j + 32 (high nibble). The scales and zeros
+// come in the same order: [K / G, N / 64, 2, 32] (rows j and j + 32 of each block).
+constexpr int64_t kInt4Block = 64;
+
+template <typename ST>
+inline void load_block_params(const ST* p, float* out) {
+  for (int64_t i = 0; i < kInt4Block; ++i) out[i] = to_float(p[i]);
+}
+
+// W^T [K, N] in OT from the packed codes: 64 contiguous outputs per (block, input column).
+template <typename ST, typename OT>
+void int4_dequantize(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros,
+                     int64_t K, int64_t N, int64_t G, at::Tensor& w) {
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const ST* scp = scales.data_ptr<ST>();
+  const ST* zp = zeros.data_ptr<ST>();
+  OT* wp = w.data_ptr<OT>();
+  at::parallel_for(0, N / kInt4Block, 1, [&](int64_t b0, int64_t b1) {
+    float s[kInt4Block], c[kInt4Block], row[kInt4Block];
+    for (int64_t nb = b0; nb < b1; ++nb)
+      for (int64_t g = 0; g < K / G; ++g) {
+        load_block_params(scp + (g * N + nb * kInt4Block), s);
+        load_block_params(zp + (g * N + nb * kInt4Block), c);
+        for (int64_t j = 0; j < kInt4Block; ++j) c[j] -= 8.f * s[j];
+#if defined(__AVX512F__)
+        __m512 sv[4], cv[4];
+        for (int i = 0; i < 4; ++i) sv[i] = _mm512_loadu_ps(s + 16 * i), cv[i] = _mm512_loadu_ps(c + 16 * i);
+        const __m256i low4 = _mm256_set1_epi8(0x0F);
+#endif
+        for (int64_t k = g * G; k < (g + 1) * G; ++k) {
+          const uint8_t* b = pp + (nb * K + k) * 32;
+          OT* dst = wp + k * N + nb * kInt4Block;
+#if defined(__AVX512F__)
+          const __m256i bytes = _mm256_loadu_si256((const __m256i*)b);
+          const __m256i lo = _mm256_and_si256(bytes, low4);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+          const __m128i parts[4] = {_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1),
+                                    _mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)};
+          for (int i = 0; i < 4; ++i) {
+            const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(parts[i])),
+                                             sv[i], cv[i]);
+            if constexpr (std::is_same_v<OT, float>) {
+              _mm512_storeu_ps(dst + 16 * i, v);
+            } else {  // round to nearest even, as c10::BFloat16 does (no NaNs here)
+              __m512i u = _mm512_castps_si512(v);
+              u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                   _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+              _mm256_storeu_si256((__m256i*)(dst + 16 * i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+            }
+          }
+#else
+#pragma omp simd
+          for (int j = 0; j < 32; ++j) {
+            row[j] = static_cast<float>(b[j] & 15) * s[j] + c[j];
+            row[j + 32] = static_cast<float>(b[j] >> 4) * s[j + 32] + c[j + 32];
+          }
+          for (int j = 0; j < kInt4Block; ++j) dst[j] = from_float<OT>(row[j]);
+#endif
+        }
+      }
+  });
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                       const at::Tensor& zeros, const at::Tensor& scales_and_zeros,
+                       int64_t group_size, int64_t dense_min_rows) {
+  TORCH_CHECK(x.dim() == 2, "x: [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = scales.numel() / (K / group_size);
+  if (M < dense_min_rows)
+    return at::_weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros);
+  TORCH_CHECK(K % group_size == 0 && N % kInt4Block == 0 && packed.numel() == N * K / 2 &&
+                  packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "packed: ATen's CPU int4 packing of an [N, K] weight, N a multiple of 64");
+  TORCH_CHECK(scales.is_contiguous() && zeros.is_contiguous() && scales.sizes() == zeros.sizes() &&
+                  scales.scalar_type() == zeros.scalar_type() &&
+                  (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16),
+              "scales, zeros: contiguous [K / G, N / 64, 2, 32], float32 or bfloat16");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "x: float32 or bfloat16");
+  const bool bf16_params = scales.scalar_type() == at::kBFloat16;
+  auto w = at::empty({K, N}, x.options());
+  if (x.scalar_type() == at::kBFloat16) {
+    if (bf16_params) int4_dequantize<c10::BFloat16, c10::BFloat16>(packed, scales, zeros, K, N, group_size, w);
+    else int4_dequantize<float, c10::BFloat16>(packed, scales, zeros, K, N, group_size, w);
+  } else {
+    if (bf16_params) int4_dequantize<c10::BFloat16, float>(packed, scales, zeros, K, N, group_size, w);
+    else int4_dequantize<float, float>(packed, scales, zeros, K, N, group_size, w);
+  }
+  return at::mm(x, w);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ember_cpu, m) {
@@ -372,10 +471,13 @@ TORCH_LIBRARY(ember_cpu, m) {
         "Tensor context_lens, int block_size, float scale) -> Tensor");
   m.def("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots) -> ()");
   m.def("q8_0_linear(Tensor x, Tensor q, Tensor scales) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor zeros, "
+        "Tensor scales_and_zeros, int group_size, int dense_min_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ember_cpu, CPU, m) {
   m.impl("decode_attention", decode_attention);
   m.impl("write_kv", write_kv);
   m.impl("q8_0_linear", q8_0_linear);
+  m.impl("int4_linear", int4_linear);
 }
