@@ -54,6 +54,16 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+// f(j, slot) for the n keys behind a block table, a block at a time (one table lookup each).
+template <typename F>
+inline void for_each_slot(const int64_t* table, int64_t n, int64_t block_size, F&& f) {
+  for (int64_t j0 = 0; j0 < n; j0 += block_size) {
+    const int64_t base = table[j0 / block_size] * block_size - j0;
+    const int64_t stop = std::min(n, j0 + block_size);
+    for (int64_t j = j0; j < stop; ++j) f(j, base + j);
+  }
+}
+
 constexpr int64_t kMaxGroup = 16;  // query heads per KV head held in registers/stack
 
 // One (sequence, KV head): its `group` query heads against the n keys behind `table`.
@@ -68,21 +78,17 @@ void attend_one(const QT* q, int64_t q_head_stride, const KT* k, const KT* v, in
     for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] = to_float(q[g * q_head_stride + d]) * scale;
   scores.resize(group * n);
   float* s = scores.data();
-  for (int64_t j0 = 0; j0 < n; j0 += block_size) {
-    const int64_t base = table[j0 / block_size] * block_size - j0;
-    const int64_t stop = std::min(n, j0 + block_size);
-    for (int64_t j = j0; j < stop; ++j) {
-      const KT* kr = k + (base + j) * slot_stride;
+  for_each_slot(table, n, block_size, [&](int64_t j, int64_t slot) {
+    const KT* kr = k + slot * slot_stride;
 #pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) row[d] = to_float(kr[d]);
-      for (int64_t g = 0; g < group; ++g) {
-        float dot = 0.f;
+    for (int64_t d = 0; d < dim; ++d) row[d] = to_float(kr[d]);
+    for (int64_t g = 0; g < group; ++g) {
+      float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < dim; ++d) dot += qf[g * dim + d] * row[d];
-        s[g * n + j] = dot;
-      }
+      for (int64_t d = 0; d < dim; ++d) dot += qf[g * dim + d] * row[d];
+      s[g * n + j] = dot;
     }
-  }
+  });
   float inv_sum[kMaxGroup];
   for (int64_t g = 0; g < group; ++g) {
     float* sg = s + g * n;
@@ -98,20 +104,16 @@ void attend_one(const QT* q, int64_t q_head_stride, const KT* k, const KT* v, in
     inv_sum[g] = 1.f / sum;
   }
   std::fill(acc, acc + group * dim, 0.f);
-  for (int64_t j0 = 0; j0 < n; j0 += block_size) {
-    const int64_t base = table[j0 / block_size] * block_size - j0;
-    const int64_t stop = std::min(n, j0 + block_size);
-    for (int64_t j = j0; j < stop; ++j) {
-      const KT* vr = v + (base + j) * slot_stride;
+  for_each_slot(table, n, block_size, [&](int64_t j, int64_t slot) {
+    const KT* vr = v + slot * slot_stride;
 #pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) row[d] = to_float(vr[d]);
-      for (int64_t g = 0; g < group; ++g) {
-        const float p = s[g * n + j];
+    for (int64_t d = 0; d < dim; ++d) row[d] = to_float(vr[d]);
+    for (int64_t g = 0; g < group; ++g) {
+      const float p = s[g * n + j];
 #pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) acc[g * dim + d] += p * row[d];
-      }
+      for (int64_t d = 0; d < dim; ++d) acc[g * dim + d] += p * row[d];
     }
-  }
+  });
   for (int64_t g = 0; g < group; ++g)
     for (int64_t d = 0; d < dim; ++d)
       out[g * dim + d] = from_float<QT>(acc[g * dim + d] * inv_sum[g]);
