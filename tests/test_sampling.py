@@ -274,3 +274,15 @@ def test_metadata_flags():
     assert busy.output_token_ids is not None and busy.output_token_ids.tolist() == [
         [1, 2, 3], [V, V, V]]
     assert busy.banned_token_ids is not None and busy.banned_token_ids.tolist() == [[V], [4]]
+
+
+def test_cpu_argmax_agrees_with_torch_on_ties_and_nan():
+    from ember.layers.sampler import _argmax
+
+    x = torch.tensor([[1.0, 3.0, 3.0, -1.0], [0.0, float("nan"), 5.0, float("nan")],
+                      [-float("inf"), -2.0, -2.0, -float("inf")]])
+    assert torch.equal(_argmax(x), x.argmax(dim=-1))  # first maximum; NaN wins
+    with torch.inference_mode():
+        big = torch.randn(3, 49152, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(_argmax(big), big.argmax(dim=-1))
+        assert torch.equal(_argmax(big[:, ::2]), big[:, ::2].argmax(dim=-1))  # a strided view

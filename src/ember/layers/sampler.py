@@ -204,6 +204,14 @@ def exponential_noise(seeds: Tensor, positions: Tensor, vocab_size: int) -> Tens
     return u.log_().neg_()
 
 
+def _argmax(x: Tensor) -> Tensor:
+    """Row-wise argmax (the first maximum; NaN counts as the maximum, as in torch). On CPU
+    through NumPy: ATen's CPU argmax over a 49k vocabulary takes ~100 µs a row, NumPy's ~5."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch.from_numpy(x.contiguous().numpy().argmax(axis=-1))
+    return x.argmax(dim=-1)
+
+
 # ---- the sampler --------------------------------------------------------------------------
 class Sampler(nn.Module):
     def forward(self, logits: Tensor, meta: SamplingMetadata) -> SamplerOutput:
@@ -211,10 +219,10 @@ class Sampler(nn.Module):
         processed = process_logits(logits, meta)
         # Greedy rows: argmax of the penalised logits. Temperature 1 is used for them, and the
         # filters always keep the most likely token, so the argmax is unchanged.
-        sampled = processed.argmax(dim=-1)
+        sampled = _argmax(processed)
         if not meta.all_greedy:
             noise = exponential_noise(meta.seeds, meta.positions, logits.shape[1])
-            random = (processed.softmax(dim=-1) / noise).argmax(dim=-1)
+            random = _argmax(processed.softmax(dim=-1) / noise)
             sampled = torch.where(meta.temperature < _SAMPLING_EPS, sampled, random)
         topk_ids = topk_logprobs = None
         if meta.max_num_logprobs > 0:
