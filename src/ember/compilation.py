@@ -4,7 +4,9 @@ The paged attention is an opaque custom op inside the layer's graph (see `layers
 so one graph serves every batch of the same token count T, decode or prefill or both: T is
 the only varying size. T = 1 (one sequence decoding, the latency case) gets a graph of its
 own, T >= 2 one dynamic-shape graph (two without ember's CPU kernels: split at 16 rows, where
-int4 layers switch to dequantize + dense GEMM); all are compiled at start (warm-up, with a
+int4 layers switch to dequantize + dense GEMM). Where decode steps go through the fused C++
+call instead (`models.fused_decode`, on CPU), the layers' graphs serve the steps with a
+prompt chunk, and the T = 1 graph is not needed. All are compiled at start (warm-up, with a
 progress bar), and Inductor's on-disk cache makes a second start fast. The layers share the
 compiled code (regional compilation: their weights are graph inputs), so compile time does
 not grow with depth. What the graph fuses: norms, rotary, residual adds, SiLU*up and dtype
@@ -58,25 +60,31 @@ def compile_model(model: torch.nn.Module, kv_caches: list) -> bool:
         for layer in model.layers:
             del layer.forward
         return False
-    device = model.embed_tokens.weight.device
     logger.info("compiled the decoder layer for T=%s tokens in %.1f s",
-                "1, >=2" if len(warm_up_tokens(device)) == 2 else "1, 2..15, >=16",
-                time.perf_counter() - start)
+                _describe(warm_up_tokens(model)), time.perf_counter() - start)
     return True
 
 
-# Token counts that warm up every graph: one decoding sequence; a small batch (the dynamic
-# graph for T >= 2); without ember's CPU kernels, a batch large enough for the dense path of
-# the int4 layers (T >= 16, see `quantization.int4`), which Dynamo then keeps as a graph of
-# its own (ember's int4 op chooses its path inside, invisible to the graph).
-def warm_up_tokens(device: torch.device) -> tuple[int, ...]:
-    return (1, 2) if kernels.available(device) else (1, 2, 64)
+# Token counts that warm up every graph the model will run: one decoding sequence (unless
+# decode steps go through the fused call, `models.fused_decode`: then T=1 never reaches the
+# layers, since a one-token step is always a decode); a small batch (the dynamic graph for
+# T >= 2); without ember's CPU kernels, a batch large enough for the dense path of the int4
+# layers (T >= 16, see `quantization.int4`), which Dynamo then keeps as a graph of its own
+# (ember's int4 op chooses its path inside, invisible to the graph).
+def warm_up_tokens(model: torch.nn.Module) -> tuple[int, ...]:
+    sizes = (2,) if kernels.available(model.embed_tokens.weight.device) else (2, 64)
+    return sizes if getattr(model, "fused_decode", None) is not None else (1, *sizes)
+
+
+def _describe(sizes: tuple[int, ...]) -> str:
+    return ", ".join({1: "1", 2: ">=2" if 64 not in sizes else "2..15", 64: ">=16"}[t]
+                     for t in sizes)
 
 
 @torch.inference_mode()
 def _warm_up(model: torch.nn.Module, kv_caches: list) -> None:
     device = model.embed_tokens.weight.device
-    sizes = [t for t in warm_up_tokens(device) if t <= kv_caches[0][0].shape[0]]
+    sizes = [t for t in warm_up_tokens(model) if t <= kv_caches[0][0].shape[0]]
     with tqdm(total=len(sizes), desc=f"Compiling (T={', '.join(map(str, sizes))})", leave=False,
               disable=not logger.isEnabledFor(logging.INFO)) as bar:
         for t in sizes:

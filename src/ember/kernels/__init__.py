@@ -1,4 +1,4 @@
-"""ember's own CPU kernels (cpu.cpp), where PyTorch's generic ops leave speed on the table.
+"""ember's own CPU kernels (cpu.cpp, decode.cpp), where PyTorch's generic ops leave speed on the table.
 
 They are compiled once per machine, for its own instruction set (like llama.cpp's native
 build), by the system C++ compiler against the installed torch, and cached under
@@ -24,7 +24,9 @@ import torch
 
 logger = logging.getLogger("ember")
 
-SOURCE = Path(__file__).with_name("cpu.cpp")
+_HERE = Path(__file__).parent
+SOURCES = [_HERE / "cpu.cpp", _HERE / "decode.cpp"]
+HEADERS = [_HERE / "common.h"]
 # -march=native: this machine's vector units (AVX-512, its bf16 and VNNI extensions, ...); the
 # kernels issue no AMX. Reassociation (vectorized reductions) but not -ffast-math, which,
 # linked into a shared library, sets flush-to-zero for the whole process (crtfastmath).
@@ -43,20 +45,32 @@ def _compiler() -> str | None:
 
 def _cache_path(cxx: str) -> Path:
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), " ".join(FLAGS).encode(),
-                 cxx.encode()):
+    for part in (*(p.read_bytes() for p in SOURCES + HEADERS), torch.__version__.encode(),
+                 " ".join(FLAGS).encode(), cxx.encode()):
         key.update(part)
     root = Path(os.environ.get("EMBER_KERNELS_CACHE", Path.home() / ".cache" / "ember" / "kernels"))
     return root / key.hexdigest()[:16] / "ember_cpu.so"
 
 
 def _build(cxx: str, target: Path) -> None:
+    """Compile each source to an object file, all at once (a core each), then link them."""
     torch_dir = Path(torch.__file__).parent
-    cmd = [cxx, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-           f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include/torch/csrc/api/include'}",
-           str(SOURCE), "-o", str(target) + ".tmp",
-           f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}"]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    compile_flags = [f for f in FLAGS if f != "-shared"]
+    include = [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+               f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include/torch/csrc/api/include'}"]
+    objects = [target.with_name(f"{src.stem}.o") for src in SOURCES]
+    jobs = [subprocess.Popen([cxx, *compile_flags, *include, "-c", str(src), "-o", str(obj)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for src, obj in zip(SOURCES, objects)]
+    for job in jobs:
+        _, err = job.communicate()
+        if job.returncode:
+            raise subprocess.CalledProcessError(job.returncode, job.args, stderr=err)
+    subprocess.run([cxx, *FLAGS, *map(str, objects), "-o", str(target) + ".tmp",
+                    f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10",
+                    f"-Wl,-rpath,{torch_dir / 'lib'}"], check=True, capture_output=True, text=True)
+    for obj in objects:
+        obj.unlink()
     os.replace(str(target) + ".tmp", target)  # atomic: a reader never sees half a library
 
 
@@ -78,7 +92,7 @@ def load() -> bool:
         with open(target.parent / "lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not target.exists():
-                logger.info("building ember's CPU kernels for this machine (once, ~15 s)")
+                logger.info("building ember's CPU kernels for this machine (once, ~20 s)")
                 start = time.perf_counter()
                 _build(cxx, target)
                 logger.info("built the CPU kernels in %.1f s: %s", time.perf_counter() - start,

@@ -15,7 +15,8 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-#include <ATen/ATen.h>
+#include "common.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -26,33 +27,8 @@
 #include <type_traits>
 #include <vector>
 
+namespace ember {
 namespace {
-
-inline float to_float(float x) { return x; }
-inline float to_float(c10::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-template <typename T> inline T from_float(float x) { return static_cast<T>(x); }
-
-// e^x for x <= 0 (softmax's shifted scores) without a libm call, so the loop vectorizes:
-// 2^(x log2 e) = 2^i * 2^f, 2^f by a degree-5 minimax polynomial (relative error < 1e-7).
-inline float exp_nonpositive(float x) {
-  const float t = std::max(x, -87.f) * 1.4426950409f;
-  const float i = std::floor(t), f = t - i;
-  float p = 1.8775767e-3f;
-  p = p * f + 8.9893397e-3f;
-  p = p * f + 5.5826318e-2f;
-  p = p * f + 2.4015361e-1f;
-  p = p * f + 6.9315308e-1f;
-  p = p * f + 9.9999994e-1f;
-  const int32_t bits = (static_cast<int32_t>(i) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
 
 // f(j, slot) for the n keys behind a block table, a block at a time (one table lookup each).
 template <typename F>
@@ -171,6 +147,8 @@ void dispatch_cache(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
                                        out);
 }
 
+}  // namespace
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables,
                             const at::Tensor& context_lens, int64_t block_size, double scale) {
@@ -198,6 +176,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
   return out;
 }
 
+namespace {
+
 template <typename ST, typename CT>
 void write_rows(const at::Tensor& src, at::Tensor& cache, const int64_t* slots) {
   const int64_t t = src.size(0), heads = src.size(1), dim = src.size(2);
@@ -216,6 +196,8 @@ void write_one(const at::Tensor& src, at::Tensor& cache, const int64_t* slots) {
   if (src.scalar_type() == at::kBFloat16) write_rows<c10::BFloat16, CT>(src, cache, slots);
   else write_rows<float, CT>(src, cache, slots);
 }
+
+}  // namespace
 
 void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
               const at::Tensor& slots) {
@@ -239,6 +221,8 @@ void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
     write_one<float>(v, v_cache, sl);
   }
 }
+
+namespace {
 
 // ---- Q8_0 linear ---------------------------------------------------------------------------
 constexpr int64_t kQ8Group = 32;
@@ -438,6 +422,8 @@ void int4_dequantize(const at::Tensor& packed, const at::Tensor& scales, const a
   });
 }
 
+}  // namespace
+
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& zeros, const at::Tensor& scales_and_zeros,
                        int64_t group_size, int64_t dense_min_rows) {
@@ -466,7 +452,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   return at::mm(x, w);
 }
 
-}  // namespace
+}  // namespace ember
 
 TORCH_LIBRARY(ember_cpu, m) {
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
@@ -478,8 +464,8 @@ TORCH_LIBRARY(ember_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(ember_cpu, CPU, m) {
-  m.impl("decode_attention", decode_attention);
-  m.impl("write_kv", write_kv);
-  m.impl("q8_0_linear", q8_0_linear);
-  m.impl("int4_linear", int4_linear);
+  m.impl("decode_attention", ember::decode_attention);
+  m.impl("write_kv", ember::write_kv);
+  m.impl("q8_0_linear", ember::q8_0_linear);
+  m.impl("int4_linear", ember::int4_linear);
 }

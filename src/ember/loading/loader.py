@@ -241,6 +241,8 @@ def load_model(
         n = quantize_model(net, quantization, group_size)
         logger.info("quantized %d linear layers to %s", n, quantization)
     logger.info("weights: %.1f MB", weight_bytes(net) / 1e6)
+    if net.fuse_decode():
+        logger.info("decode steps: every layer in one call of the CPU kernels (decode_layers)")
     return net.eval()
 
 

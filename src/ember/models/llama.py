@@ -20,6 +20,7 @@ from ember.errors import ModelLoadError
 from ember.layers.attention import AttentionMetadata, PagedAttention, attention_metadata
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding, apply_rotary
+from ember.models.fused_decode import FusedDecode
 from ember.quantization import QuantizedWeight, install_quantized
 from ember.quantization.q8_0 import Q8_0Linear, Q8_0Weight
 
@@ -106,6 +107,9 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(
             cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling
         )
+        # Decode-only steps through one C++ call, where the CPU kernels serve the layers
+        # (`models.fused_decode`; set up by `fuse_decode` once the weights are in).
+        self.fused_decode: FusedDecode | None = None
 
     def tie_weights(self) -> None:
         """Share the embedding with the head; again after `to_empty`, which unties them."""
@@ -120,18 +124,21 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """The final hidden states [T, hidden] of a flat batch described by `meta`."""
-        with attention_metadata(meta):
-            return self.hidden_states(input_ids, positions, kv_caches)
-
-    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                      kv_caches: list[KVCache]) -> torch.Tensor:
         # The residual stream stays float32 whatever the model dtype (as llama.cpp keeps it):
         # bf16 sums drift over 30 layers; only the matmuls' inputs are in the model dtype.
         x = self.embed_tokens(input_ids).float()
         rope = self.rotary(positions, self.embed_tokens.weight.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, rope, kv_cache)
+        if self.fused_decode is not None and not meta.prefills:
+            return self.norm(self.fused_decode(x, rope, kv_caches, meta))
+        with attention_metadata(meta):
+            for layer, kv_cache in zip(self.layers, kv_caches):
+                x = layer(x, rope, kv_cache)
         return self.norm(x)
+
+    def fuse_decode(self) -> bool:
+        """Serve decode-only steps with `FusedDecode` if the loaded layers allow it."""
+        self.fused_decode = FusedDecode.build(self)
+        return self.fused_decode is not None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # Logits in float32: sampling and logprobs need the precision.

@@ -1,0 +1,52 @@
+// What ember's CPU kernel sources share: float conversions and the ops one calls from another.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace ember {
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+template <typename T> inline T from_float(float x) { return static_cast<T>(x); }
+
+// e^x for x <= 0 (softmax's shifted scores) without a libm call, so the loop vectorizes:
+// 2^(x log2 e) = 2^i * 2^f, 2^f by a degree-5 minimax polynomial (relative error < 1e-7).
+inline float exp_nonpositive(float x) {
+  const float t = std::max(x, -87.f) * 1.4426950409f;
+  const float i = std::floor(t), f = t - i;
+  float p = 1.8775767e-3f;
+  p = p * f + 8.9893397e-3f;
+  p = p * f + 5.5826318e-2f;
+  p = p * f + 2.4015361e-1f;
+  p = p * f + 6.9315308e-1f;
+  p = p * f + 9.9999994e-1f;
+  const int32_t bits = (static_cast<int32_t>(i) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// SiLU's sigmoid through exp_nonpositive (vectorizable): e^-|x| stays in (0, 1].
+inline float sigmoid(float x) {
+  const float e = exp_nonpositive(-std::fabs(x));
+  return (x >= 0.f ? 1.f : e) / (1.f + e);
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_tables,
+                            const at::Tensor& context_lens, int64_t block_size, double scale);
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                       const at::Tensor& zeros, const at::Tensor& scales_and_zeros,
+                       int64_t group_size, int64_t dense_min_rows);
+
+}  // namespace ember

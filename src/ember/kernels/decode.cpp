@@ -1,0 +1,179 @@
+// decode_layers: every decoder layer of a Llama-family model for a batch of decoding sequences
+// (one new token each), in one call from Python.
+//
+// A decode step of a small model is a few hundred small kernels; entered one at a time from
+// Python (or one compiled layer at a time), their launch and guard costs add up to a fifth of
+// the step. Here the layer loop runs in C++: RMSNorm, rotary embedding, the KV write and SiLU *
+// up are short loops over the batch's rows (a few hundred floats each), the projections go to
+// the matmul kernels (ember's int4, ATen's int8 or dense), the attention to `decode_attention`.
+// The arithmetic is the model's (`models/llama.py`): the residual stream in float32, the norms'
+// outputs rounded to the activation dtype before and after the weight, rotary and SiLU * up
+// computed in float32 from activation-dtype inputs and rounded once, as the compiled graph
+// does.
+#include "common.h"
+
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+namespace ember {
+namespace {
+
+// Per layer: input norm weight, 4 tensors per projection (qkv, o), post-attention norm
+// weight, 4 per projection (gate_up, down). A projection's 4: int4 (uint8 codes in ATen's CPU
+// packing, its scales_and_zeros, and the dense path's scales and zeros: see int4_linear);
+// int8 (int8 codes, per-row scales, -, -); dense ([N, K] weight, -, -, -).
+constexpr int64_t kProjection = 4;
+constexpr int64_t kPerLayer = 2 + 4 * kProjection;
+
+at::Tensor project(const at::Tensor& x, const at::Tensor* p, int64_t group_size,
+                   int64_t dense_min_rows) {
+  switch (p[0].scalar_type()) {
+    case at::kByte: return int4_linear(x, p[0], p[2], p[3], p[1], group_size, dense_min_rows);
+    case at::kChar: return at::_weight_int8pack_mm(x, p[0], p[1]);
+    default: return at::mm(x, p[0].t());
+  }
+}
+
+// x * rsqrt(mean(x^2) + eps), rounded to AT, times the weight, rounded: RMSNorm's two casts.
+template <typename AT>
+void rms_norm(const float* x, const AT* w, int64_t n, float eps, AT* out) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += x[i] * x[i];
+  const float r = 1.f / std::sqrt(sum / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = from_float<AT>(to_float(w[i]) * to_float(from_float<AT>(x[i] * r)));
+}
+
+// Rotate-half rotary embedding of one head: out = x * cos + rotate_half(x) * sin.
+template <typename AT, typename OT>
+void rotate(const AT* x, const AT* cos, const AT* sin, int64_t dim, OT* out) {
+  const int64_t half = dim / 2;
+  for (int64_t d = 0; d < half; ++d) {
+    const float a = to_float(x[d]), b = to_float(x[d + half]);
+    out[d] = from_float<OT>(a * to_float(cos[d]) - b * to_float(sin[d]));
+    out[d + half] = from_float<OT>(b * to_float(cos[d + half]) + a * to_float(sin[d + half]));
+  }
+}
+
+template <typename AT>
+at::Tensor run_layers(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin,
+                      at::TensorList params, at::TensorList k_caches, at::TensorList v_caches,
+                      const at::Tensor& slots, const at::Tensor& block_tables,
+                      const at::Tensor& context_lens, int64_t block_size, int64_t heads,
+                      int64_t kv_heads, int64_t group_size, int64_t dense_min_rows, float eps,
+                      float scale) {
+  const int64_t T = x_in.size(0), D = x_in.size(1), dim = cos.size(1);
+  const int64_t q_size = heads * dim, kv_size = kv_heads * dim;
+  const auto act = x_in.options().dtype(c10::CppTypeToScalarType<AT>::value);
+  at::Tensor x = x_in.clone();
+  float* xp = x.data_ptr<float>();
+  at::Tensor h = at::empty({T, D}, act);
+  at::Tensor q = at::empty({T, heads, dim}, act);
+  AT* hp = h.data_ptr<AT>();
+  AT* qp = q.data_ptr<AT>();
+  const AT* cp = cos.data_ptr<AT>();
+  const AT* sp = sin.data_ptr<AT>();
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  const int64_t layers = static_cast<int64_t>(k_caches.size());
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor* p = params.data() + l * kPerLayer;
+    const AT* norm1 = p[0].data_ptr<AT>();
+    const AT* norm2 = p[1 + 2 * kProjection].data_ptr<AT>();
+    AT* kc = k_caches[l].data_ptr<AT>();
+    AT* vc = v_caches[l].data_ptr<AT>();
+
+    for (int64_t t = 0; t < T; ++t) rms_norm(xp + t * D, norm1, D, eps, hp + t * D);
+    const at::Tensor qkv = project(h, p + 1, group_size, dense_min_rows);
+    const AT* qkvp = qkv.data_ptr<AT>();
+    const int64_t row = qkv.size(1);
+    for (int64_t t = 0; t < T; ++t) {  // rotate q; rotate k and write it and v to their slot
+      const AT* r = qkvp + t * row;
+      const AT* c = cp + t * dim;
+      const AT* s = sp + t * dim;
+      for (int64_t hd = 0; hd < heads; ++hd)
+        rotate(r + hd * dim, c, s, dim, qp + (t * heads + hd) * dim);
+      for (int64_t hd = 0; hd < kv_heads; ++hd) {
+        rotate(r + q_size + hd * dim, c, s, dim, kc + (sl[t] * kv_heads + hd) * dim);
+        std::memcpy(vc + (sl[t] * kv_heads + hd) * dim, r + q_size + kv_size + hd * dim,
+                    dim * sizeof(AT));
+      }
+    }
+    const at::Tensor o = decode_attention(q, k_caches[l], v_caches[l], block_tables,
+                                          context_lens, block_size, scale);
+    const at::Tensor attn = project(o.view({T, q_size}), p + 1 + kProjection, group_size,
+                                    dense_min_rows);
+    const AT* ap = attn.data_ptr<AT>();
+#pragma omp simd
+    for (int64_t i = 0; i < T * D; ++i) xp[i] += to_float(ap[i]);
+
+    for (int64_t t = 0; t < T; ++t) rms_norm(xp + t * D, norm2, D, eps, hp + t * D);
+    const at::Tensor gate_up = project(h, p + 2 + 2 * kProjection, group_size, dense_min_rows);
+    const int64_t inter = gate_up.size(1) / 2;
+    const AT* gp = gate_up.data_ptr<AT>();
+    at::Tensor act = at::empty({T, inter}, h.options());
+    AT* actp = act.data_ptr<AT>();
+    for (int64_t t = 0; t < T; ++t) {  // SiLU(gate) * up
+      const AT* g = gp + t * 2 * inter;
+#pragma omp simd
+      for (int64_t i = 0; i < inter; ++i) {
+        const float a = to_float(g[i]);
+        actp[t * inter + i] = from_float<AT>(a * sigmoid(a) * to_float(g[inter + i]));
+      }
+    }
+    const at::Tensor down = project(act, p + 2 + 3 * kProjection, group_size, dense_min_rows);
+    const AT* dp = down.data_ptr<AT>();
+#pragma omp simd
+    for (int64_t i = 0; i < T * D; ++i) xp[i] += to_float(dp[i]);
+  }
+  return x;
+}
+
+at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                         at::TensorList params, at::TensorList k_caches, at::TensorList v_caches,
+                         const at::Tensor& slots, const at::Tensor& block_tables,
+                         const at::Tensor& context_lens, int64_t block_size, int64_t heads,
+                         int64_t kv_heads, int64_t group_size, int64_t dense_min_rows,
+                         double eps, double scale) {
+  const int64_t layers = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x: the float32 residual stream [T, hidden]");
+  TORCH_CHECK(layers > 0 && v_caches.size() == k_caches.size() &&
+                  static_cast<int64_t>(params.size()) == layers * kPerLayer,
+              "params: ", kPerLayer, " tensors per layer; one K and one V cache per layer");
+  const auto dtype = params[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "activations: float32 or bfloat16");
+  TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == x.size(0) &&
+                  cos.scalar_type() == dtype && sin.scalar_type() == dtype &&
+                  cos.is_contiguous() && sin.is_contiguous() && cos.size(1) % 2 == 0,
+              "cos, sin: contiguous [T, head_dim] in the activation dtype");
+  for (int64_t l = 0; l < layers; ++l)
+    TORCH_CHECK(k_caches[l].scalar_type() == dtype && v_caches[l].scalar_type() == dtype &&
+                    k_caches[l].is_contiguous() && v_caches[l].is_contiguous() &&
+                    k_caches[l].size(1) == kv_heads && k_caches[l].size(2) == cos.size(1),
+                "caches: contiguous [slots, kv_heads, head_dim] in the activation dtype");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() &&
+                  slots.numel() == x.size(0),
+              "slots: [T] int64");
+  if (dtype == at::kBFloat16)
+    return run_layers<c10::BFloat16>(x, cos, sin, params, k_caches, v_caches, slots,
+                                     block_tables, context_lens, block_size, heads, kv_heads,
+                                     group_size, dense_min_rows, eps, scale);
+  return run_layers<float>(x, cos, sin, params, k_caches, v_caches, slots, block_tables,
+                           context_lens, block_size, heads, kv_heads, group_size,
+                           dense_min_rows, eps, scale);
+}
+
+}  // namespace
+}  // namespace ember
+
+TORCH_LIBRARY_FRAGMENT(ember_cpu, m) {
+  m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor[] params, Tensor(a!)[] k_caches, "
+        "Tensor(b!)[] v_caches, Tensor slots, Tensor block_tables, Tensor context_lens, "
+        "int block_size, int heads, int kv_heads, int group_size, int dense_min_rows, "
+        "float eps, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ember_cpu, CPU, m) { m.impl("decode_layers", ember::decode_layers); }

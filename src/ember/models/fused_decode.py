@@ -1,0 +1,86 @@
+"""Decode steps through one C++ call: `ember_cpu.decode_layers` runs every decoder layer.
+
+A step where every sequence decodes one token spends a fifth of its time entering ~200 small
+kernels from Python, layer after layer (Dynamo guards, wrappers, thread start-ups), at ~100 µs
+a layer for the default model. `FusedDecode` hands the whole layer loop to ember's CPU kernels
+instead (`ember.kernels`, decode.cpp): the same arithmetic as `LlamaDecoderLayer` (tested
+against it), with the projections' own matmul kernels and the paged decode attention. Steps
+with a prompt chunk keep the compiled layers (prefill is compute-bound: one graph, big GEMMs).
+
+It serves a model whose projections are int4 (ATen's CPU packing), int8 or dense, without
+biases or tensor parallelism's hooks, on CPU with the kernels built; `FusedDecode.build`
+returns None otherwise, and the layers run as before.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ember import kernels
+from ember.layers.attention import AttentionMetadata
+from ember.quantization.int4 import DENSE_MIN_TOKENS, Int4Linear
+from ember.quantization.int8 import Int8Linear
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+def _projection(m: nn.Module, dtype: torch.dtype) -> list[torch.Tensor] | None:
+    """The 4 tensors decode.cpp takes for one projection, or None if it cannot run it."""
+    if m._forward_hooks or getattr(m, "bias", None) is not None:
+        return None
+    none = torch.empty(0, dtype=dtype)
+    if isinstance(m, Int4Linear) and m.dense_for_many_rows:
+        return [m.weight, m.scales_and_zeros, m.dense_scales, m.dense_zeros]
+    if isinstance(m, Int8Linear):
+        return [m.weight, m.scales, none, none]
+    if type(m) is nn.Linear and m.weight.dtype == dtype:
+        return [m.weight, none, none, none]
+    return None
+
+
+class FusedDecode:
+    def __init__(self, params: list[torch.Tensor], num_heads: int, num_kv_heads: int,
+                 group_size: int, eps: float, scale: float) -> None:
+        self.params = params
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.group_size, self.eps, self.scale = group_size, eps, scale
+
+    @classmethod
+    def build(cls, model: nn.Module) -> "FusedDecode | None":
+        """The fused decode of `model` (a `LlamaForCausalLM`), if its layers allow one."""
+        dtype = model.embed_tokens.weight.dtype
+        if not kernels.available(model.embed_tokens.weight.device) or dtype not in (
+                torch.float32, torch.bfloat16):
+            return None
+        params: list[torch.Tensor] = []
+        group_sizes = set()
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            parts = [_projection(m, dtype) for m in
+                     (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            if any(p is None for p in parts) or any(n.dtype != dtype for n in norms) or (
+                    layer._forward_hooks or attn._forward_hooks or mlp._forward_hooks):
+                return None
+            params += [norms[0], *parts[0], *parts[1], norms[1], *parts[2], *parts[3]]
+            group_sizes |= {m.group_size for m in (attn.qkv_proj, attn.o_proj,
+                                                   mlp.gate_up_proj, mlp.down_proj)
+                            if isinstance(m, Int4Linear)}
+        if len(group_sizes) > 1:
+            return None
+        first = model.layers[0]
+        return cls(params, first.self_attn.num_heads, first.self_attn.num_kv_heads,
+                   group_sizes.pop() if group_sizes else 32, first.input_layernorm.eps,
+                   first.self_attn.attn.scale)
+
+    def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
+        """The residual stream after every layer, for a step of decodes only (`meta.decode`
+        covers every row, in order)."""
+        d = meta.decode
+        cos, sin = (t.reshape(t.shape[0], -1) for t in rope)
+        return torch.ops.ember_cpu.decode_layers(
+            x, cos, sin, self.params, [k for k, _ in kv_caches], [v for _, v in kv_caches],
+            meta.slot_mapping, d.block_tables, d.context_lens, d.block_size, self.num_heads,
+            self.num_kv_heads, self.group_size, DENSE_MIN_TOKENS, self.eps, self.scale)

@@ -1,0 +1,108 @@
+"""The fused decode step (`models.fused_decode`, ember_cpu.decode_layers) computes what the
+decoder layers compute, on the real model in its default mode (int4 + bf16) and in the
+exactness mode (dense float32), and steps aside where it cannot serve the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember import LLM, SamplingParams
+from ember.layers.attention import AttentionMetadata, DecodeBatch, PrefillChunk
+from ember.quantization.int4 import Int4Linear
+
+BLOCK = 16
+# Three sequences at different context lengths (a block edge among them), blocks apart.
+CONTEXTS = (5, 16, 40)
+
+
+@torch.inference_mode()
+def _decode_twice(model, caches, text):
+    """One decode step for three sequences, through the fused call and through the layers
+    (from the same cache: the step's K/V slots are rewritten by the second): hidden states,
+    and the K/V each wrote for layer 0 and the last layer."""
+    text = text * 4
+    tables = torch.stack([torch.arange(4) + 1 + 4 * i for i in range(len(CONTEXTS))])
+    ids, positions, slots, prefills = [], [], [], []
+    for i, n in enumerate(CONTEXTS):  # the prompts, through the layers
+        pos = torch.arange(n)
+        prefills.append(PrefillChunk(len(ids), len(ids) + n, None, None))
+        ids += text[7 * i : 7 * i + n]
+        positions.append(pos)
+        slots.append(tables[i, pos // BLOCK] * BLOCK + pos % BLOCK)
+    model(torch.tensor(ids), torch.cat(positions), caches,
+          AttentionMetadata(torch.cat(slots), None, prefills))
+    pos = torch.tensor(CONTEXTS)
+    step = (torch.tensor([text[7 * i + n] for i, n in enumerate(CONTEXTS)]), pos)
+    step_slots = tables[torch.arange(len(CONTEXTS)), pos // BLOCK] * BLOCK + pos % BLOCK
+    lens = pos + 1
+    mask = (torch.arange(int(lens.max()))[None, :] < lens[:, None])[:, None, None, :]
+    meta = AttentionMetadata(step_slots, DecodeBatch(
+        torch.arange(len(CONTEXTS)), tables, BLOCK, lens, int(lens.max()), mask))
+    fused = model.fused_decode
+    results = []
+    for use in (fused, None):
+        model.fused_decode = use
+        hidden = model(*step, caches, meta)
+        kv = [c[step_slots].clone() for layer in (0, -1) for c in caches[layer]]
+        results.append((hidden, kv))
+    model.fused_decode = fused
+    return results
+
+
+@torch.inference_mode()
+def _check(llm, atol):
+    model, caches = llm.llm_engine.model, llm.llm_engine.runner.kv_caches
+    assert model.fused_decode is not None
+    text = llm.get_tokenizer().encode(
+        "The old lighthouse keeper climbed the stairs every evening, counting the steps as his "
+        "father had taught him, and at the top he lit the lamp.")
+    (h_fused, kv_fused), (h_layers, kv_layers) = _decode_twice(model, caches, text)
+    for a, b in zip(kv_fused, kv_layers):
+        torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=atol)
+    torch.testing.assert_close(h_fused, h_layers, atol=atol, rtol=atol)
+    logits_fused, logits_layers = model.compute_logits(h_fused), model.compute_logits(h_layers)
+    assert torch.equal(logits_fused.argmax(-1), logits_layers.argmax(-1))
+    return logits_fused, logits_layers
+
+
+def test_fused_decode_matches_the_layers_exactness_mode(default_llm):
+    _check(default_llm, atol=2e-4)
+
+
+def test_fused_decode_matches_the_layers_default_mode():
+    llm = LLM(max_model_len=256, enforce_eager=True)
+    assert isinstance(llm.llm_engine.model.layers[0].mlp.down_proj, Int4Linear)
+    # bf16 activations: the eager layers round after every op, the fused step (like the
+    # compiled graph) once per fused computation: 1-ulp flips spread a little.
+    fused, layers = _check(llm, atol=0.1)
+    assert (fused - layers).abs().max() < 0.05 * layers.std()
+    # Through the engine: the decode steps go through the fused call, and greedy text agrees
+    # with the layers' (its first tokens at least: later, near-ties may part them).
+    model = llm.llm_engine.model
+    fused_decode, calls = model.fused_decode, []
+    model.fused_decode = lambda *args: calls.append(1) or fused_decode(*args)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    try:
+        with_fused = [o.outputs[0].token_ids for o in llm.generate(prompts, params,
+                                                                    use_tqdm=False)]
+        assert len(calls) == 23  # every step after the prompts' (both decode in each)
+        model.fused_decode = None
+        alone = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        model.fused_decode = fused_decode
+    assert [t[:8] for t in with_fused] == [t[:8] for t in alone]
+
+
+def test_fused_decode_steps_aside_where_it_cannot_serve(tiny_llama_dir):
+    llm = LLM(model=str(tiny_llama_dir), max_model_len=128, enforce_eager=True)
+    model = llm.llm_engine.model
+    assert model.fuse_decode()  # dense float32 layers: served
+    handle = model.layers[1].mlp.down_proj.register_forward_hook(lambda *a: None)
+    assert not model.fuse_decode()  # a hook (tensor parallelism's all-reduce) must run
+    handle.remove()
+    model.layers[0].self_attn.qkv_proj.bias = torch.nn.Parameter(
+        torch.zeros(model.layers[0].self_attn.qkv_proj.out_features), requires_grad=False)
+    assert not model.fuse_decode()  # biases (Qwen2's Q/K/V) are not in the fused step
+    assert model.fused_decode is None
