@@ -43,7 +43,8 @@ def test_decode_attention_matches_sdpa(dtype, heads, kv_heads, dim):
     block_size, num_blocks, batch = 16, 64, 5
     k_cache = torch.randn(num_blocks * block_size, kv_heads, dim, generator=g).to(dtype)
     v_cache = torch.randn(num_blocks * block_size, kv_heads, dim, generator=g).to(dtype)
-    lens = torch.tensor([1, 16, 17, 100, 250])  # block edges, one key, several blocks
+    # Block edges, one key, several blocks, several chunks of keys (attended in parallel).
+    lens = torch.tensor([1, 16, 17, 250, 700])
     width = -(-int(lens.max()) // block_size)
     tables = torch.stack([torch.randperm(num_blocks, generator=g)[:width] for _ in range(batch)])
     q = torch.randn(batch, heads, dim, generator=g).to(dtype)
@@ -166,11 +167,12 @@ def test_a_failed_build_leaves_pytorchs_ops(monkeypatch, tmp_path, caplog):
     assert kernels.load.__wrapped__() is False
 
 
-@pytest.mark.parametrize("group", [32, 128])
-@pytest.mark.parametrize("rows", [2, 5, 16, 40])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 40])
 def test_int4_linear_op_computes_with_the_dequantized_weight(group, rows):
-    """Both paths of the op (ATen's kernel below `dense_min_rows`, dequantized + GEMM from
-    it on) against the weight's own dequantization, and against ATen's kernel."""
+    """Every path of the op (ember's bf16 GEMV up to 4 rows, ATen's kernel below
+    `dense_min_rows`, dequantized + GEMM from it on) against the weight's own dequantization,
+    and against ATen's kernel."""
     from ember.quantization.int4 import Int4Linear, Int4Weight
 
     g = torch.Generator().manual_seed(rows)
@@ -184,4 +186,4 @@ def test_int4_linear_op_computes_with_the_dequantized_weight(group, rows):
                                rtol=0.02)
     aten = torch.ops.aten._weight_int4pack_mm_for_cpu(x, lin.weight, group, lin.scales_and_zeros)
     torch.testing.assert_close(y.float(), aten.float(), atol=0.3, rtol=0.02)
-    assert torch.equal(lin(x), y)  # the module takes the op for 2+ rows
+    assert torch.equal(lin(x), y)  # the module takes the op for every row count

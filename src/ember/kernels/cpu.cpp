@@ -30,31 +30,54 @@
 namespace ember {
 namespace {
 
-// f(j, slot) for the n keys behind a block table, a block at a time (one table lookup each).
+// f(j, slot) for keys [j0, j1) behind a block table, a block at a time (one lookup each).
 template <typename F>
-inline void for_each_slot(const int64_t* table, int64_t n, int64_t block_size, F&& f) {
-  for (int64_t j0 = 0; j0 < n; j0 += block_size) {
-    const int64_t base = table[j0 / block_size] * block_size - j0;
-    const int64_t stop = std::min(n, j0 + block_size);
-    for (int64_t j = j0; j < stop; ++j) f(j, base + j);
+inline void for_each_slot(const int64_t* table, int64_t j0, int64_t j1, int64_t block_size,
+                          F&& f) {
+  for (int64_t j = j0; j < j1;) {
+    const int64_t blk = j / block_size, base = (table[blk] - blk) * block_size;
+    for (const int64_t stop = std::min(j1, (blk + 1) * block_size); j < stop; ++j) f(j, base + j);
   }
 }
 
-constexpr int64_t kMaxGroup = 16;  // query heads per KV head held in registers/stack
+// Asks for the `bytes` (a multiple of 64) at `row + kAhead` rows on: a decode step reads
+// the cache from memory (the weights streamed since evicted it), a key's rows one at a time,
+// a head's rows apart: too sparse for the hardware prefetchers to run far enough ahead.
+constexpr int64_t kAhead = 8;
+template <typename T>
+inline void prefetch_ahead(const T* base, const int64_t* table, int64_t j, int64_t j1,
+                           int64_t block_size, int64_t slot_stride, int64_t bytes) {
+  const int64_t ahead = j + kAhead;
+  if (ahead >= j1) return;
+  const int64_t slot = table[ahead / block_size] * block_size + ahead % block_size;
+  const char* p = reinterpret_cast<const char*>(base + slot * slot_stride);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
+}
 
-// One (sequence, KV head): its `group` query heads against the n keys behind `table`.
-// DIM > 0 fixes the head size at compile time (fully unrolled rows); 0 reads it at run time.
+constexpr int64_t kMaxGroup = 16;  // query heads per KV head held in registers/stack
+// Keys per task: a long context is split into chunks attended in parallel (flash-decoding),
+// so that one sequence's few KV heads still keep every thread busy; their partial softmaxes
+// are merged after.
+constexpr int64_t kChunk = 128;
+
+// The partial result of one chunk: per query head the running max m, the sum l of
+// exp(score - m), and acc = sum of exp(score - m) * value (float32, not yet divided by l).
+struct Partial {
+  float* m;
+  float* l;
+  float* acc;  // [group, dim]
+};
+
+// Scores of keys [j0, j1) for `group` query heads (scaled), into s[g * n + j - j0].
 template <int DIM, typename QT, typename KT>
-void attend_one(const QT* q, int64_t q_head_stride, const KT* k, const KT* v, int64_t slot_stride,
-                const int64_t* table, int64_t n, int64_t block_size, int64_t group,
-                int64_t run_dim, float scale, QT* out, std::vector<float>& scores) {
-  const int64_t dim = DIM > 0 ? DIM : run_dim;
-  float qf[kMaxGroup * 256], acc[kMaxGroup * 256], row[256];
+void scores_generic(const QT* q, int64_t qs, const KT* k, int64_t slot_stride,
+                    const int64_t* table, int64_t j0, int64_t j1, int64_t block_size,
+                    int64_t group, int64_t dim, float scale, float* s) {
+  const int64_t n = j1 - j0;
+  float qf[kMaxGroup * 256], row[256];
   for (int64_t g = 0; g < group; ++g)
-    for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] = to_float(q[g * q_head_stride + d]) * scale;
-  scores.resize(group * n);
-  float* s = scores.data();
-  for_each_slot(table, n, block_size, [&](int64_t j, int64_t slot) {
+    for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] = to_float(q[g * qs + d]) * scale;
+  for_each_slot(table, j0, j1, block_size, [&](int64_t j, int64_t slot) {
     const KT* kr = k + slot * slot_stride;
 #pragma omp simd
     for (int64_t d = 0; d < dim; ++d) row[d] = to_float(kr[d]);
@@ -62,37 +85,130 @@ void attend_one(const QT* q, int64_t q_head_stride, const KT* k, const KT* v, in
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
       for (int64_t d = 0; d < dim; ++d) dot += qf[g * dim + d] * row[d];
-      s[g * n + j] = dot;
+      s[g * n + j - j0] = dot;
     }
   });
-  float inv_sum[kMaxGroup];
+}
+
+// acc[g] += p[g, j] * value_j over keys [j0, j1).
+template <int DIM, typename KT>
+void values_generic(const KT* v, int64_t slot_stride, const int64_t* table, int64_t j0,
+                    int64_t j1, int64_t block_size, int64_t group, int64_t dim, const float* p,
+                    float* acc) {
+  const int64_t n = j1 - j0;
+  float row[256];
+  for_each_slot(table, j0, j1, block_size, [&](int64_t j, int64_t slot) {
+    const KT* vr = v + slot * slot_stride;
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) row[d] = to_float(vr[d]);
+    for (int64_t g = 0; g < group; ++g) {
+      const float pj = p[g * n + j - j0];
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) acc[g * dim + d] += pj * row[d];
+    }
+  });
+}
+
+#if defined(__AVX512BF16__)
+// bfloat16 query and cache: q . k by the bf16 dot-product instruction straight from the
+// cache's bytes (products exact, float32 sums), one horizontal sum per key and head.
+template <int DIM>
+void scores_bf16(const c10::BFloat16* q, int64_t qs, const c10::BFloat16* k, int64_t slot_stride,
+                 const int64_t* table, int64_t j0, int64_t j1, int64_t block_size, int64_t group,
+                 float scale, float* s) {
+  constexpr int P = DIM / 32;  // zmm registers of bf16 pairs per row
+  const int64_t n = j1 - j0;
+  __m512bh qv[kMaxGroup][P];
+  for (int64_t g = 0; g < group; ++g)
+    for (int i = 0; i < P; ++i) qv[g][i] = (__m512bh)_mm512_loadu_si512(q + g * qs + 32 * i);
+  for_each_slot(table, j0, j1, block_size, [&](int64_t j, int64_t slot) {
+    prefetch_ahead(k, table, j, j1, block_size, slot_stride, DIM * 2);
+    const c10::BFloat16* kr = k + slot * slot_stride;
+    __m512bh kv[P];
+    for (int i = 0; i < P; ++i) kv[i] = (__m512bh)_mm512_loadu_si512(kr + 32 * i);
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 dot = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[g][0], kv[0]);
+      for (int i = 1; i < P; ++i) dot = _mm512_dpbf16_ps(dot, qv[g][i], kv[i]);
+      s[g * n + j - j0] = _mm512_reduce_add_ps(dot) * scale;
+    }
+  });
+}
+
+template <int DIM>
+void values_bf16(const c10::BFloat16* v, int64_t slot_stride, const int64_t* table, int64_t j0,
+                 int64_t j1, int64_t block_size, int64_t group, const float* p, float* acc) {
+  constexpr int R = DIM / 16;  // zmm registers of float32 per row
+  const int64_t n = j1 - j0;
+  for_each_slot(table, j0, j1, block_size, [&](int64_t j, int64_t slot) {
+    prefetch_ahead(v, table, j, j1, block_size, slot_stride, DIM * 2);
+    const c10::BFloat16* vr = v + slot * slot_stride;
+    __m512 row[R];
+    for (int i = 0; i < R; ++i)
+      row[i] = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(vr + 16 * i))), 16));
+    for (int64_t g = 0; g < group; ++g) {
+      const __m512 pj = _mm512_set1_ps(p[g * n + j - j0]);
+      float* a = acc + g * DIM;
+      for (int i = 0; i < R; ++i)
+        _mm512_storeu_ps(a + 16 * i, _mm512_fmadd_ps(pj, row[i], _mm512_loadu_ps(a + 16 * i)));
+    }
+  });
+}
+#endif
+
+// The largest of x[0..n), n >= 1. (GCC does not vectorize a float max reduction without
+// -ffinite-math-only, and a scalar loop of dependent maxes costs 4 cycles a key.)
+inline float max_of(const float* x, int64_t n) {
+  float m = x[0];
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  if (n >= 16) {
+    __m512 v = _mm512_loadu_ps(x);
+    for (j = 16; j + 16 <= n; j += 16) v = _mm512_max_ps(v, _mm512_loadu_ps(x + j));
+    m = _mm512_reduce_max_ps(v);
+  }
+#endif
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// One (sequence, KV head, chunk of keys [j0, j1)): its `group` query heads' partial softmax.
+// DIM > 0 fixes the head size at compile time (fully unrolled rows); 0 reads it at run time.
+template <int DIM, typename QT, typename KT>
+void attend_chunk(const QT* q, int64_t qs, const KT* k, const KT* v, int64_t slot_stride,
+                  const int64_t* table, int64_t j0, int64_t j1, int64_t block_size,
+                  int64_t group, int64_t run_dim, float scale, Partial out,
+                  std::vector<float>& scores) {
+  const int64_t dim = DIM > 0 ? DIM : run_dim, n = j1 - j0;
+  scores.resize(group * n);
+  float* s = scores.data();
+  constexpr bool kBf16 = std::is_same_v<QT, c10::BFloat16> && std::is_same_v<KT, c10::BFloat16>
+                         && DIM > 0 && DIM % 32 == 0;
+#if defined(__AVX512BF16__)
+  if constexpr (kBf16)
+    scores_bf16<DIM>(q, qs, k, slot_stride, table, j0, j1, block_size, group, scale, s);
+  else
+#endif
+    scores_generic<DIM>(q, qs, k, slot_stride, table, j0, j1, block_size, group, dim, scale, s);
   for (int64_t g = 0; g < group; ++g) {
     float* sg = s + g * n;
-    float m = sg[0];
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 1; j < n; ++j) m = std::max(m, sg[j]);
+    const float m = max_of(sg, n);
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < n; ++j) {
       sg[j] = exp_nonpositive(sg[j] - m);
       sum += sg[j];
     }
-    inv_sum[g] = 1.f / sum;
+    out.m[g] = m;
+    out.l[g] = sum;
   }
-  std::fill(acc, acc + group * dim, 0.f);
-  for_each_slot(table, n, block_size, [&](int64_t j, int64_t slot) {
-    const KT* vr = v + slot * slot_stride;
-#pragma omp simd
-    for (int64_t d = 0; d < dim; ++d) row[d] = to_float(vr[d]);
-    for (int64_t g = 0; g < group; ++g) {
-      const float p = s[g * n + j];
-#pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) acc[g * dim + d] += p * row[d];
-    }
-  });
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t d = 0; d < dim; ++d)
-      out[g * dim + d] = from_float<QT>(acc[g * dim + d] * inv_sum[g]);
+  std::fill(out.acc, out.acc + group * dim, 0.f);
+#if defined(__AVX512BF16__)
+  if constexpr (kBf16)
+    values_bf16<DIM>(v, slot_stride, table, j0, j1, block_size, group, s, out.acc);
+  else
+#endif
+    values_generic<DIM>(v, slot_stride, table, j0, j1, block_size, group, dim, s, out.acc);
 }
 
 template <typename QT, typename KT>
@@ -112,27 +228,58 @@ void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache,
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   QT* op = out.data_ptr<QT>();
 
+  // Tasks: (sequence, KV head, chunk), numbered sequence by sequence.
+  std::vector<int64_t> first(batch + 1, 0);  // first chunk of each sequence
   int64_t total = 0;
-  for (int64_t b = 0; b < batch; ++b) total += lens[b];
-  // A task is one (sequence, KV head); threads pay off only for enough keys.
-  const int64_t tasks = batch * kv_heads;
+  for (int64_t b = 0; b < batch; ++b) {
+    first[b + 1] = first[b] + std::max<int64_t>(1, (lens[b] + kChunk - 1) / kChunk);
+    total += lens[b];
+  }
+  const int64_t chunks = first[batch], tasks = chunks * kv_heads;
+  const int64_t stride = group * (dim + 2);  // floats of one task's Partial
+  std::vector<float> partials(tasks * stride);
+  auto partial = [&](int64_t task) {
+    float* base = partials.data() + task * stride;
+    return Partial{base, base + group, base + 2 * group};
+  };
+  // Threads pay off only for enough keys.
   const int64_t grain = total * kv_heads * group < 4096 ? tasks : 1;
-
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
+    int64_t b = 0;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / kv_heads, h = task % kv_heads;
+      const int64_t chunk = task / kv_heads, h = task % kv_heads;
+      while (first[b + 1] <= chunk) ++b;
+      const int64_t j0 = (chunk - first[b]) * kChunk, j1 = std::min(lens[b], j0 + kChunk);
       auto run = [&](auto dim_tag) {
         constexpr int D = decltype(dim_tag)::value;
-        attend_one<D>(qp + b * qs0 + h * group * qs1, qs1, kp + h * cs1, vp + h * cs1, cs0,
-                      tables + b * width, lens[b], block_size, group, dim, scale,
-                      op + (b * heads + h * group) * dim, scores);
+        attend_chunk<D>(qp + b * qs0 + h * group * qs1, qs1, kp + h * cs1, vp + h * cs1, cs0,
+                        tables + b * width, j0, j1, block_size, group, dim, scale,
+                        partial(task), scores);
       };
       if (dim == 64) run(std::integral_constant<int, 64>{});
       else if (dim == 128) run(std::integral_constant<int, 128>{});
       else run(std::integral_constant<int, 0>{});
     }
   });
+  // Merge each (sequence, KV head)'s chunks: rescale to the common max, divide by the sum.
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t h = 0; h < kv_heads; ++h)
+      for (int64_t g = 0; g < group; ++g) {
+        float m = -INFINITY;
+        for (int64_t c = first[b]; c < first[b + 1]; ++c)
+          m = std::max(m, partial(c * kv_heads + h).m[g]);
+        float l = 0.f, o[256] = {};
+        for (int64_t c = first[b]; c < first[b + 1]; ++c) {
+          const Partial pt = partial(c * kv_heads + h);
+          const float w = exp_nonpositive(pt.m[g] - m);
+          l += pt.l[g] * w;
+#pragma omp simd
+          for (int64_t d = 0; d < dim; ++d) o[d] += w * pt.acc[g * dim + d];
+        }
+        QT* dst = op + (b * heads + h * group + g) * dim;
+        for (int64_t d = 0; d < dim; ++d) dst[d] = from_float<QT>(o[d] / l);
+      }
 }
 
 template <typename QT>
@@ -422,6 +569,103 @@ void int4_dequantize(const at::Tensor& packed, const at::Tensor& scales, const a
   });
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+#define EMBER_INT4_GEMV 1
+constexpr int64_t kGemvMaxRows = 4;
+
+// y = x @ W^T for MC (1..4) bfloat16 rows of x, output rows in blocks [b0, b1): the bytes of
+// two input columns (k, k + 1; 64 bytes, adjacent in the packing) are interleaved by one byte
+// permute so that every 16-bit word holds one output row's two codes; widened to bfloat16
+// pairs (0x4300 | q is the bfloat16 of 128 + q, exactly) they meet x's pair (k, k + 1) in one
+// bf16 dot-product instruction per 16 rows. Per group: y += scale * sum((128 + q) x) +
+// (zero - 136 scale) * sum(x), which is (q - 8) * scale + zero summed against x.
+template <int MC>
+void int4_gemv_blocks(const uint16_t* x, int64_t K, const uint8_t* packed, const uint16_t* scales,
+                      const uint16_t* zeros, const float* xsum, int64_t N, int64_t G, int64_t b0,
+                      int64_t b1, uint16_t* y) {
+  alignas(64) static const uint8_t kInterleave[64] = {
+      0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11, 43,
+      12, 44, 13, 45, 14, 46, 15, 47, 16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54,
+      23, 55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i interleave = _mm512_load_si512(kInterleave);
+  const __m512i low4 = _mm512_set1_epi8(0x0F), bias = _mm512_set1_epi16(0x4300);
+  const int64_t groups = K / G, nblocks = N / kInt4Block;
+  auto widen = [](const uint16_t* p) {  // 16 bfloat16 -> float32
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  };
+  for (int64_t nb = b0; nb < b1; ++nb) {
+    __m512 acc[MC][4];
+    for (int m = 0; m < MC; ++m)
+      for (int i = 0; i < 4; ++i) acc[m][i] = _mm512_setzero_ps();
+    const uint8_t* pb = packed + nb * K * 32;
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 part[MC][4];
+      for (int m = 0; m < MC; ++m)
+        for (int i = 0; i < 4; ++i) part[m][i] = _mm512_setzero_ps();
+      for (int64_t k = g * G; k < (g + 1) * G; k += 2) {
+        const __m512i w = _mm512_permutexvar_epi8(interleave, _mm512_loadu_si512(pb + k * 32));
+        const __m512i lo = _mm512_and_si512(w, low4);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+        const __m512bh wv[4] = {
+            (__m512bh)_mm512_or_si512(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(lo)), bias),
+            (__m512bh)_mm512_or_si512(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(lo, 1)), bias),
+            (__m512bh)_mm512_or_si512(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(hi)), bias),
+            (__m512bh)_mm512_or_si512(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(hi, 1)), bias)};
+        for (int m = 0; m < MC; ++m) {
+          int32_t pair;
+          std::memcpy(&pair, x + m * K + k, sizeof pair);
+          const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+          for (int i = 0; i < 4; ++i) part[m][i] = _mm512_dpbf16_ps(part[m][i], wv[i], xv);
+        }
+      }
+      const int64_t at = (g * nblocks + nb) * kInt4Block;
+      for (int i = 0; i < 4; ++i) {
+        const __m512 s = widen(scales + at + 16 * i);
+        const __m512 c = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), s, widen(zeros + at + 16 * i));
+        for (int m = 0; m < MC; ++m)
+          acc[m][i] = _mm512_fmadd_ps(c, _mm512_set1_ps(xsum[m * groups + g]),
+                                      _mm512_fmadd_ps(part[m][i], s, acc[m][i]));
+      }
+    }
+    for (int m = 0; m < MC; ++m)
+      for (int i = 0; i < 4; ++i)
+        _mm256_storeu_si256((__m256i*)(y + m * N + nb * kInt4Block + 16 * i),
+                            (__m256i)_mm512_cvtneps_pbh(acc[m][i]));
+  }
+}
+
+at::Tensor int4_gemv(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales,
+                     const at::Tensor& zeros, int64_t N, int64_t G) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), groups = K / G;
+  const c10::BFloat16* xb = x.data_ptr<c10::BFloat16>();
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb);
+  std::vector<float> xsum(M * groups);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t k = g * G; k < (g + 1) * G; ++k) sum += to_float(xb[m * K + k]);
+      xsum[m * groups + g] = sum;
+    }
+  auto y = at::empty({M, N}, x.options());
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::BFloat16>());
+  const uint16_t* zp = reinterpret_cast<const uint16_t*>(zeros.data_ptr<c10::BFloat16>());
+  uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>());
+  at::parallel_for(0, N / kInt4Block, 1, [&](int64_t b0, int64_t b1) {
+    switch (M) {
+      case 1: int4_gemv_blocks<1>(xp, K, pp, sp, zp, xsum.data(), N, G, b0, b1, yp); break;
+      case 2: int4_gemv_blocks<2>(xp, K, pp, sp, zp, xsum.data(), N, G, b0, b1, yp); break;
+      case 3: int4_gemv_blocks<3>(xp, K, pp, sp, zp, xsum.data(), N, G, b0, b1, yp); break;
+      default: int4_gemv_blocks<4>(xp, K, pp, sp, zp, xsum.data(), N, G, b0, b1, yp); break;
+    }
+  });
+  return y;
+}
+#endif
+
 }  // namespace
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
@@ -429,6 +673,11 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
                        int64_t group_size, int64_t dense_min_rows) {
   TORCH_CHECK(x.dim() == 2, "x: [M, K]");
   const int64_t M = x.size(0), K = x.size(1), N = scales.numel() / (K / group_size);
+#ifdef EMBER_INT4_GEMV
+  if (M <= kGemvMaxRows && x.scalar_type() == at::kBFloat16 &&
+      scales.scalar_type() == at::kBFloat16 && N % kInt4Block == 0 && K % group_size == 0)
+    return int4_gemv(x, packed, scales, zeros, N, group_size);
+#endif
   if (M < dense_min_rows)
     return at::_weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros);
   TORCH_CHECK(K % group_size == 0 && N % kInt4Block == 0 && packed.numel() == N * K / 2 &&

@@ -10,9 +10,11 @@ The int4 kernel is made for few rows (decode): its cost grows with every row of 
 For a batch of `DENSE_MIN_TOKENS` rows or more (a prompt, many decodes), `Int4Linear` on CPU
 dequantizes the weight from the packed tensor itself (no second copy kept) and runs a dense
 GEMM: at 512 tokens, 30 layers of the default model take ~0.2 s instead of ~1.35 s. With
-ember's CPU kernels (`ember.kernels`) one op chooses for 2+ rows, inside (so a compiled graph
-does not split on the row count), and dequantizes in one vectorized C++ pass; without them,
-the dequantization is written in PyTorch (fused by torch.compile).
+ember's CPU kernels (`ember.kernels`) one op chooses by the row count, inside (so a compiled
+graph does not split on it): for 1-4 bfloat16 rows ember's GEMV (bf16 dot-product
+instructions over ATen's packing), then ATen's kernel, from 16 rows the dequantization in one
+vectorized C++ pass; without them, the dequantization is written in PyTorch (fused by
+torch.compile).
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         many = DENSE_MIN_TOKENS if torch.compiler.is_compiling() else DENSE_MIN_TOKENS_EAGER
-        if self.dense_for_many_rows and x.shape[0] > 1 and kernels.available(x.device):
+        if self.dense_for_many_rows and kernels.available(x.device):
             # ember's op picks its path by the row count inside, so under torch.compile one
             # graph serves every batch of 2 or more tokens.
             y = torch.ops.ember_cpu.int4_linear(x, self.weight, self.dense_scales,
