@@ -169,15 +169,17 @@ def test_a_failed_build_leaves_pytorchs_ops(monkeypatch, tmp_path, caplog):
 
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 40])
-def test_int4_linear_op_computes_with_the_dequantized_weight(group, rows):
-    """Every path of the op (ember's bf16 GEMV up to 4 rows, ATen's kernel below
-    `dense_min_rows`, dequantized + GEMM from it on) against the weight's own dequantization,
-    and against ATen's kernel."""
+def test_int4_linear_op_computes_with_the_dequantized_weight(group, rows, monkeypatch):
+    """ATen's packing: the op's paths (ATen's kernel below `dense_min_rows`, dequantized +
+    GEMM from it on) against the weight's own dequantization, and against ATen's kernel."""
+    from ember.quantization import int4
     from ember.quantization.int4 import Int4Linear, Int4Weight
 
+    monkeypatch.setattr(int4.kernels, "int4_tiles", lambda device: False)
     g = torch.Generator().manual_seed(rows)
     w = Int4Weight.quantize(torch.randn(192, 256, generator=g), group)
     lin = Int4Linear(w, None, CPU, torch.bfloat16)
+    assert not lin.tiled and lin.dense_for_many_rows
     x = torch.randn(rows, 256, generator=g).bfloat16()
     y = torch.ops.ember_cpu.int4_linear(x, lin.weight, lin.dense_scales, lin.dense_zeros,
                                         lin.scales_and_zeros, group, 16)
@@ -187,3 +189,29 @@ def test_int4_linear_op_computes_with_the_dequantized_weight(group, rows):
     aten = torch.ops.aten._weight_int4pack_mm_for_cpu(x, lin.weight, group, lin.scales_and_zeros)
     torch.testing.assert_close(y.float(), aten.float(), atol=0.3, rtol=0.02)
     assert torch.equal(lin(x), y)  # the module takes the op for every row count
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 15, 16, 40])
+def test_int4_tiled_linear_computes_with_the_dequantized_weight(group, rows):
+    """ember's layout: the GEMV (rows four at a time) and the dequantize + GEMM path, against
+    the weight's own dequantization and ATen's kernel on the same weight."""
+    from ember.quantization.int4 import Int4Linear, Int4Weight, tile_codes
+
+    assert kernels.int4_tiles(CPU)  # AVX512-BF16 on this machine
+    g = torch.Generator().manual_seed(rows + group)
+    w = Int4Weight.quantize(torch.randn(192, 256, generator=g), group)
+    lin = Int4Linear(w, None, CPU, torch.bfloat16)
+    assert lin.tiled and not hasattr(lin, "weight")  # one copy of the codes, ember's
+    assert torch.equal(lin.tiles, tile_codes(w.q))
+    x = torch.randn(rows, 256, generator=g).bfloat16()
+    y = lin(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, 192)
+    torch.testing.assert_close(y.float(), F.linear(x.float(), w.dequantize()), atol=0.3,
+                               rtol=0.02)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.q.int(), 1)
+    sz = torch.stack([w.scale, w.zero], -1).transpose(0, 1).contiguous().bfloat16()
+    aten = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
+    torch.testing.assert_close(y.float(), aten.float(), atol=0.3, rtol=0.02)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        lin(x.float())

@@ -60,7 +60,7 @@ def compile_model(model: torch.nn.Module, kv_caches: list) -> bool:
         for layer in model.layers:
             del layer.forward
         return False
-    logger.info("compiled the decoder layer for T=%s tokens in %.1f s",
+    logger.info("compiled the decoder layer for %s tokens in %.1f s",
                 _describe(warm_up_tokens(model)), time.perf_counter() - start)
     return True
 
@@ -77,7 +77,7 @@ def warm_up_tokens(model: torch.nn.Module) -> tuple[int, ...]:
 
 
 def _describe(sizes: tuple[int, ...]) -> str:
-    return ", ".join({1: "1", 2: ">=2" if 64 not in sizes else "2..15", 64: ">=16"}[t]
+    return ", ".join({1: "T=1", 2: "T>=2" if 64 not in sizes else "T=2..15", 64: "T>=16"}[t]
                      for t in sizes)
 
 

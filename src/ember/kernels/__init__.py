@@ -116,7 +116,22 @@ def _register_fakes() -> None:
     def _(x, packed, scales, zeros, scales_and_zeros, group_size, dense_min_rows):
         return x.new_empty(x.shape[0], scales.numel() * group_size // x.shape[1])
 
+    @torch.library.register_fake("ember_cpu::int4_tiled_linear")
+    def _(x, codes, scales, zeros, group_size, dense_min_rows):
+        return x.new_empty(x.shape[0], codes.shape[0] * 16)
+
 
 def available(device: torch.device) -> bool:
     """Whether ember's kernels serve tensors on `device` (CPU, once `load`ed)."""
     return _loaded and device.type == "cpu"
+
+
+def int4_tiles(device: torch.device) -> bool:
+    """Whether int4 layers on `device` can use ember's own layout and GEMV (`int4_tiled_linear`:
+    built where the CPU has AVX512-BF16)."""
+    return available(device) and _tiles_supported()
+
+
+@functools.cache
+def _tiles_supported() -> bool:
+    return bool(torch.ops.ember_cpu.int4_tiles_supported())

@@ -48,5 +48,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& zeros, const at::Tensor& scales_and_zeros,
                        int64_t group_size, int64_t dense_min_rows);
+at::Tensor int4_tiled_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                             const at::Tensor& zeros, int64_t group_size, int64_t dense_min_rows);
 
 }  // namespace ember

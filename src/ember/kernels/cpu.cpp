@@ -569,78 +569,149 @@ void int4_dequantize(const at::Tensor& packed, const at::Tensor& scales, const a
   });
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
-#define EMBER_INT4_GEMV 1
-constexpr int64_t kGemvMaxRows = 4;
+#if defined(__AVX512BF16__)
+#define EMBER_INT4_TILES 1
 
-// y = x @ W^T for MC (1..4) bfloat16 rows of x, output rows in blocks [b0, b1): the bytes of
-// two input columns (k, k + 1; 64 bytes, adjacent in the packing) are interleaved by one byte
-// permute so that every 16-bit word holds one output row's two codes; widened to bfloat16
-// pairs (0x4300 | q is the bfloat16 of 128 + q, exactly) they meet x's pair (k, k + 1) in one
-// bf16 dot-product instruction per 16 rows. Per group: y += scale * sum((128 + q) x) +
-// (zero - 136 scale) * sum(x), which is (q - 8) * scale + zero summed against x.
+// The GEMV's own layout of the codes (`tile_codes`): tiles of 16 output rows; per tile and
+// 8 input columns k0..k0+7, 64 bytes: in 128-bit lane i, byte 2d + e (d < 4, e < 2) holds row
+// 4i + d at k0 + e (low nibble) and k0 + 4 + e (high nibble), byte 8 + 2d + e the same row at
+// k0 + 2 + e and k0 + 6 + e. Then two masks and four byte-interleaves with 0x43 (the
+// bfloat16 0x43qq is 128 + q, exactly) give four registers of (k, k + 1) bf16 pairs for the
+// 16 rows, for x's pairs at k0, k0 + 2, k0 + 4, k0 + 6: 11 vector instructions per 128
+// weights, where ATen's packing needs a byte permute and widening moves (18).
 template <int MC>
-void int4_gemv_blocks(const uint16_t* x, int64_t K, const uint8_t* packed, const uint16_t* scales,
-                      const uint16_t* zeros, const float* xsum, int64_t N, int64_t G, int64_t b0,
-                      int64_t b1, uint16_t* y) {
-  alignas(64) static const uint8_t kInterleave[64] = {
-      0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11, 43,
-      12, 44, 13, 45, 14, 46, 15, 47, 16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54,
-      23, 55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  const __m512i interleave = _mm512_load_si512(kInterleave);
-  const __m512i low4 = _mm512_set1_epi8(0x0F), bias = _mm512_set1_epi16(0x4300);
-  const int64_t groups = K / G, nblocks = N / kInt4Block;
+void int4_gemv_tiles(const uint16_t* x, int64_t K, const uint8_t* codes, const uint16_t* scales,
+                     const uint16_t* zeros, const float* xsum, int64_t N, int64_t G, int64_t t0,
+                     int64_t t1, uint16_t* y) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F), c43 = _mm512_set1_epi8(0x43);
+  const int64_t groups = K / G;
   auto widen = [](const uint16_t* p) {  // 16 bfloat16 -> float32
     return _mm512_castsi512_ps(_mm512_slli_epi32(
         _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
   };
-  for (int64_t nb = b0; nb < b1; ++nb) {
-    __m512 acc[MC][4];
-    for (int m = 0; m < MC; ++m)
-      for (int i = 0; i < 4; ++i) acc[m][i] = _mm512_setzero_ps();
-    const uint8_t* pb = packed + nb * K * 32;
+  auto pair = [](const uint16_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, sizeof v);
+    return (__m512bh)_mm512_set1_epi32(v);
+  };
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* pt = codes + t * K * 8;
+    __m512 acc[MC];
+    for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       __m512 part[MC][4];
       for (int m = 0; m < MC; ++m)
         for (int i = 0; i < 4; ++i) part[m][i] = _mm512_setzero_ps();
-      for (int64_t k = g * G; k < (g + 1) * G; k += 2) {
-        const __m512i w = _mm512_permutexvar_epi8(interleave, _mm512_loadu_si512(pb + k * 32));
-        const __m512i lo = _mm512_and_si512(w, low4);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
-        const __m512bh wv[4] = {
-            (__m512bh)_mm512_or_si512(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(lo)), bias),
-            (__m512bh)_mm512_or_si512(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(lo, 1)), bias),
-            (__m512bh)_mm512_or_si512(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(hi)), bias),
-            (__m512bh)_mm512_or_si512(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(hi, 1)), bias)};
+      for (int64_t k = g * G; k < (g + 1) * G; k += 8) {
+        const __m512i raw = _mm512_loadu_si512(pt + k * 8);
+        const __m512i lo = _mm512_and_si512(raw, low4);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+        const __m512bh w0 = (__m512bh)_mm512_unpacklo_epi8(lo, c43);
+        const __m512bh w1 = (__m512bh)_mm512_unpackhi_epi8(lo, c43);
+        const __m512bh w2 = (__m512bh)_mm512_unpacklo_epi8(hi, c43);
+        const __m512bh w3 = (__m512bh)_mm512_unpackhi_epi8(hi, c43);
         for (int m = 0; m < MC; ++m) {
-          int32_t pair;
-          std::memcpy(&pair, x + m * K + k, sizeof pair);
-          const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
-          for (int i = 0; i < 4; ++i) part[m][i] = _mm512_dpbf16_ps(part[m][i], wv[i], xv);
+          const uint16_t* xm = x + m * K + k;
+          part[m][0] = _mm512_dpbf16_ps(part[m][0], w0, pair(xm));
+          part[m][1] = _mm512_dpbf16_ps(part[m][1], w1, pair(xm + 2));
+          part[m][2] = _mm512_dpbf16_ps(part[m][2], w2, pair(xm + 4));
+          part[m][3] = _mm512_dpbf16_ps(part[m][3], w3, pair(xm + 6));
         }
       }
-      const int64_t at = (g * nblocks + nb) * kInt4Block;
-      for (int i = 0; i < 4; ++i) {
-        const __m512 s = widen(scales + at + 16 * i);
-        const __m512 c = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), s, widen(zeros + at + 16 * i));
-        for (int m = 0; m < MC; ++m)
-          acc[m][i] = _mm512_fmadd_ps(c, _mm512_set1_ps(xsum[m * groups + g]),
-                                      _mm512_fmadd_ps(part[m][i], s, acc[m][i]));
+      const __m512 sc = widen(scales + g * N + 16 * t);
+      const __m512 c = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), sc, widen(zeros + g * N + 16 * t));
+      for (int m = 0; m < MC; ++m) {
+        const __m512 sum = _mm512_add_ps(_mm512_add_ps(part[m][0], part[m][1]),
+                                         _mm512_add_ps(part[m][2], part[m][3]));
+        acc[m] = _mm512_fmadd_ps(c, _mm512_set1_ps(xsum[m * groups + g]),
+                                 _mm512_fmadd_ps(sum, sc, acc[m]));
       }
     }
     for (int m = 0; m < MC; ++m)
-      for (int i = 0; i < 4; ++i)
-        _mm256_storeu_si256((__m256i*)(y + m * N + nb * kInt4Block + 16 * i),
-                            (__m256i)_mm512_cvtneps_pbh(acc[m][i]));
+      _mm256_storeu_si256((__m256i*)(y + m * N + 16 * t), (__m256i)_mm512_cvtneps_pbh(acc[m]));
   }
 }
 
-at::Tensor int4_gemv(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales,
-                     const at::Tensor& zeros, int64_t N, int64_t G) {
+// W^T [K, N] in bfloat16 from the tiles: each pair register (16 rows at k, k + 1) is split by
+// one word permute into the 16 rows' values at k and at k + 1, which are W^T's rows k and
+// k + 1 for this tile's 16 columns: (128 + q) * scale + (zero - 136 scale) in float32 with the
+// group's 16 scales as they are, rounded once.
+void int4_dequantize_tiles(const uint8_t* codes, const uint16_t* scales, const uint16_t* zeros,
+                           int64_t K, int64_t N, int64_t G, uint16_t* wt) {
+  alignas(64) static const uint16_t kSplit[32] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20,
+                                                  22, 24, 26, 28, 30, 1,  3,  5,  7,  9,  11,
+                                                  13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+  const __m512i split = _mm512_load_si512(kSplit);
+  const __m512i low4 = _mm512_set1_epi8(0x0F), c43 = _mm512_set1_epi8(0x43);
+  auto widen = [](__m256i v) {  // 16 bfloat16 -> float32
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+  };
+  // Four tiles side by side (64 columns): each row of W^T is written in whole cache lines.
+  constexpr int64_t kSide = 4;
+  const int64_t tiles = N / 16;
+  at::parallel_for(0, (tiles + kSide - 1) / kSide, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t first = q * kSide, count = std::min(kSide, tiles - first);
+      for (int64_t g = 0; g < K / G; ++g) {
+        __m512 sc[kSide], c[kSide];
+        for (int64_t j = 0; j < count; ++j) {
+          const int64_t col = g * N + 16 * (first + j);
+          sc[j] = widen(_mm256_loadu_si256((const __m256i*)(scales + col)));
+          c[j] = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), sc[j],
+                                  widen(_mm256_loadu_si256((const __m256i*)(zeros + col))));
+        }
+        for (int64_t k = g * G; k < (g + 1) * G; k += 8)
+          for (int64_t j = 0; j < count; ++j) {
+            const int64_t t = first + j;
+            const __m512i raw = _mm512_loadu_si512(codes + t * K * 8 + k * 8);
+            const __m512i lo = _mm512_and_si512(raw, low4);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+            const __m512i pairs[4] = {_mm512_unpacklo_epi8(lo, c43), _mm512_unpackhi_epi8(lo, c43),
+                                      _mm512_unpacklo_epi8(hi, c43), _mm512_unpackhi_epi8(hi, c43)};
+            for (int i = 0; i < 4; ++i) {  // columns k + 2i, k + 2i + 1
+              const __m512i both = _mm512_permutexvar_epi16(split, pairs[i]);
+              const __m512 a = _mm512_fmadd_ps(widen(_mm512_castsi512_si256(both)), sc[j], c[j]);
+              const __m512 b = _mm512_fmadd_ps(widen(_mm512_extracti64x4_epi64(both, 1)), sc[j], c[j]);
+              const __m512i out = (__m512i)_mm512_cvtne2ps_pbh(b, a);  // [a | b]
+              _mm256_storeu_si256((__m256i*)(wt + (k + 2 * i) * N + 16 * t),
+                                  _mm512_castsi512_si256(out));
+              _mm256_storeu_si256((__m256i*)(wt + (k + 2 * i + 1) * N + 16 * t),
+                                  _mm512_extracti64x4_epi64(out, 1));
+            }
+          }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+bool int4_tiles_supported() { return true; }
+
+at::Tensor int4_tiled_linear(const at::Tensor& x_in, const at::Tensor& codes,
+                             const at::Tensor& scales, const at::Tensor& zeros, int64_t G,
+                             int64_t dense_min_rows) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "x: bfloat16 [M, K]");
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = codes.size(0) * 16;
+  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
+                  codes.size(1) * 8 == K && codes.size(2) == 64 && K % G == 0 && G % 8 == 0,
+              "codes: the GEMV's tiles [N / 16, K / 8, 64] of an [N, K] weight");
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && zeros.scalar_type() == at::kBFloat16 &&
+                  scales.is_contiguous() && zeros.is_contiguous() &&
+                  scales.numel() == N * (K / G) && zeros.numel() == N * (K / G),
+              "scales, zeros: contiguous bfloat16, [K / G, N] in row order");
   const at::Tensor x = x_in.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), groups = K / G;
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::BFloat16>());
+  const uint16_t* zp = reinterpret_cast<const uint16_t*>(zeros.data_ptr<c10::BFloat16>());
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  if (M >= dense_min_rows) {  // compute-bound: dequantize once, then a bf16 GEMM
+    auto wt = at::empty({K, N}, x.options());
+    int4_dequantize_tiles(cp, sp, zp, K, N, G,
+                          reinterpret_cast<uint16_t*>(wt.data_ptr<c10::BFloat16>()));
+    return at::mm(x, wt);
+  }
+  const int64_t groups = K / G;
   const c10::BFloat16* xb = x.data_ptr<c10::BFloat16>();
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb);
   std::vector<float> xsum(M * groups);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < groups; ++g) {
@@ -650,34 +721,41 @@ at::Tensor int4_gemv(const at::Tensor& x_in, const at::Tensor& packed, const at:
       xsum[m * groups + g] = sum;
     }
   auto y = at::empty({M, N}, x.options());
-  const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::BFloat16>());
-  const uint16_t* zp = reinterpret_cast<const uint16_t*>(zeros.data_ptr<c10::BFloat16>());
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb);
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>());
-  at::parallel_for(0, N / kInt4Block, 1, [&](int64_t b0, int64_t b1) {
-    switch (M) {
-      case 1: int4_gemv_blocks<1>(xp, K, pp, sp, zp, xsum.data(), N, G, b0, b1, yp); break;
-      case 2: int4_gemv_blocks<2>(xp, K, pp, sp, zp, xsum.data(), N, G, b0, b1, yp); break;
-      case 3: int4_gemv_blocks<3>(xp, K, pp, sp, zp, xsum.data(), N, G, b0, b1, yp); break;
-      default: int4_gemv_blocks<4>(xp, K, pp, sp, zp, xsum.data(), N, G, b0, b1, yp); break;
-    }
+  // Per tile, rows of x four at a time: the tile (16 rows of W) stays in L1 between them.
+  at::parallel_for(0, N / 16, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t m = 0; m < M; m += 4) {
+        const uint16_t* xm = xp + m * K;
+        const float* sm = xsum.data() + m * groups;
+        uint16_t* ym = yp + m * N;
+        switch (std::min<int64_t>(4, M - m)) {
+          case 1: int4_gemv_tiles<1>(xm, K, cp, sp, zp, sm, N, G, t, t + 1, ym); break;
+          case 2: int4_gemv_tiles<2>(xm, K, cp, sp, zp, sm, N, G, t, t + 1, ym); break;
+          case 3: int4_gemv_tiles<3>(xm, K, cp, sp, zp, sm, N, G, t, t + 1, ym); break;
+          default: int4_gemv_tiles<4>(xm, K, cp, sp, zp, sm, N, G, t, t + 1, ym); break;
+        }
+      }
   });
   return y;
 }
-#endif
-
+#else
 }  // namespace
+
+bool int4_tiles_supported() { return false; }
+
+at::Tensor int4_tiled_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, int64_t, int64_t) {
+  TORCH_CHECK(false, "int4_tiled_linear needs AVX512-BF16 (ember.kernels.int4_tiles)");
+}
+#endif
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& zeros, const at::Tensor& scales_and_zeros,
                        int64_t group_size, int64_t dense_min_rows) {
   TORCH_CHECK(x.dim() == 2, "x: [M, K]");
   const int64_t M = x.size(0), K = x.size(1), N = scales.numel() / (K / group_size);
-#ifdef EMBER_INT4_GEMV
-  if (M <= kGemvMaxRows && x.scalar_type() == at::kBFloat16 &&
-      scales.scalar_type() == at::kBFloat16 && N % kInt4Block == 0 && K % group_size == 0)
-    return int4_gemv(x, packed, scales, zeros, N, group_size);
-#endif
   if (M < dense_min_rows)
     return at::_weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros);
   TORCH_CHECK(K % group_size == 0 && N % kInt4Block == 0 && packed.numel() == N * K / 2 &&
@@ -710,6 +788,9 @@ TORCH_LIBRARY(ember_cpu, m) {
   m.def("q8_0_linear(Tensor x, Tensor q, Tensor scales) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor zeros, "
         "Tensor scales_and_zeros, int group_size, int dense_min_rows) -> Tensor");
+  m.def("int4_tiled_linear(Tensor x, Tensor codes, Tensor scales, Tensor zeros, int group_size, "
+        "int dense_min_rows) -> Tensor");
+  m.def("int4_tiles_supported() -> bool", &ember::int4_tiles_supported);
 }
 
 TORCH_LIBRARY_IMPL(ember_cpu, CPU, m) {
@@ -717,4 +798,5 @@ TORCH_LIBRARY_IMPL(ember_cpu, CPU, m) {
   m.impl("write_kv", ember::write_kv);
   m.impl("q8_0_linear", ember::q8_0_linear);
   m.impl("int4_linear", ember::int4_linear);
+  m.impl("int4_tiled_linear", ember::int4_tiled_linear);
 }

@@ -21,8 +21,9 @@ namespace ember {
 namespace {
 
 // Per layer: input norm weight, 4 tensors per projection (qkv, o), post-attention norm
-// weight, 4 per projection (gate_up, down). A projection's 4: int4 (uint8 codes in ATen's CPU
-// packing, its scales_and_zeros, and the dense path's scales and zeros: see int4_linear);
+// weight, 4 per projection (gate_up, down). A projection's 4: int4 in ember's layout (the
+// tiles [N / 16, K / 8, 64], scales, zeros, -: see int4_tiled_linear) or in ATen's CPU
+// packing (codes, its scales_and_zeros, the dense path's scales and zeros: see int4_linear);
 // int8 (int8 codes, per-row scales, -, -); dense ([N, K] weight, -, -, -).
 constexpr int64_t kProjection = 4;
 constexpr int64_t kPerLayer = 2 + 4 * kProjection;
@@ -30,7 +31,9 @@ constexpr int64_t kPerLayer = 2 + 4 * kProjection;
 at::Tensor project(const at::Tensor& x, const at::Tensor* p, int64_t group_size,
                    int64_t dense_min_rows) {
   switch (p[0].scalar_type()) {
-    case at::kByte: return int4_linear(x, p[0], p[2], p[3], p[1], group_size, dense_min_rows);
+    case at::kByte:
+      if (p[0].dim() == 3) return int4_tiled_linear(x, p[0], p[1], p[2], group_size, dense_min_rows);
+      return int4_linear(x, p[0], p[2], p[3], p[1], group_size, dense_min_rows);
     case at::kChar: return at::_weight_int8pack_mm(x, p[0], p[1]);
     default: return at::mm(x, p[0].t());
   }

@@ -7,7 +7,7 @@ instead (`ember.kernels`, decode.cpp): the same arithmetic as `LlamaDecoderLayer
 against it), with the projections' own matmul kernels and the paged decode attention. Steps
 with a prompt chunk keep the compiled layers (prefill is compute-bound: one graph, big GEMMs).
 
-It serves a model whose projections are int4 (ATen's CPU packing), int8 or dense, without
+It serves a model whose projections are int4 (ember's or ATen's CPU layout), int8 or dense, without
 biases or tensor parallelism's hooks, on CPU with the kernels built; `FusedDecode.build`
 returns None otherwise, and the layers run as before.
 """
@@ -30,6 +30,8 @@ def _projection(m: nn.Module, dtype: torch.dtype) -> list[torch.Tensor] | None:
     if m._forward_hooks or getattr(m, "bias", None) is not None:
         return None
     none = torch.empty(0, dtype=dtype)
+    if isinstance(m, Int4Linear) and m.tiled:
+        return [m.tiles, m.tile_scales, m.tile_zeros, none]
     if isinstance(m, Int4Linear) and m.dense_for_many_rows:
         return [m.weight, m.scales_and_zeros, m.dense_scales, m.dense_zeros]
     if isinstance(m, Int8Linear):

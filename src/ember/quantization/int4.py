@@ -9,11 +9,15 @@ Q4_1 (value = q * d + m) is scale = d, zero = m + 8 d; Q4_0 (value = (q - 8) * d
 The int4 kernel is made for few rows (decode): its cost grows with every row of the input.
 For a batch of `DENSE_MIN_TOKENS` rows or more (a prompt, many decodes), `Int4Linear` on CPU
 dequantizes the weight from the packed tensor itself (no second copy kept) and runs a dense
-GEMM: at 512 tokens, 30 layers of the default model take ~0.2 s instead of ~1.35 s. With
-ember's CPU kernels (`ember.kernels`) one op chooses by the row count, inside (so a compiled
-graph does not split on it): for 1-4 bfloat16 rows ember's GEMV (bf16 dot-product
-instructions over ATen's packing), then ATen's kernel, from 16 rows the dequantization in one
-vectorized C++ pass; without them, the dequantization is written in PyTorch (fused by
+GEMM: at 512 tokens, 30 layers of the default model take ~0.2 s instead of ~1.35 s.
+
+With ember's CPU kernels (`ember.kernels`) and bfloat16 activations on a CPU with
+AVX512-BF16, the codes are kept in ember's own layout instead (`tile_codes`), made for its
+GEMV (bf16 dot-product instructions, ~1.3x ATen's kernel, at the memory bound on one core),
+and one op (`int4_tiled_linear`) chooses by the row count inside, so a compiled graph does not
+split on it: the GEMV below `DENSE_MIN_TOKENS` rows, dequantize + GEMM from there. Elsewhere
+on CPU, ATen's packing: ember's op `int4_linear` (ATen's kernel, then a vectorized
+dequantization), or without the kernels the dequantization written in PyTorch (fused by
 torch.compile).
 """
 
@@ -64,6 +68,21 @@ def _dequantize_cpu_packed(packed: torch.Tensor, scales: torch.Tensor, zeros: to
     lo = ((p & 15).to(scales.dtype) - 8) * scales[:, :, :, 0] + zeros[:, :, :, 0]
     hi = ((p >> 4).to(scales.dtype) - 8) * scales[:, :, :, 1] + zeros[:, :, :, 1]
     return torch.stack([lo, hi], dim=3).view(k, n)
+
+
+def tile_codes(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes (0..15) -> ember's GEMV layout [N / 16, K / 8, 64] uint8: per tile of 16
+    rows and 8 columns k0.., in 128-bit lane i, byte 2d + e holds row 4i + d at k0 + e (low
+    nibble) and k0 + 4 + e (high), byte 8 + 2d + e the same row at k0 + 2 + e and k0 + 6 + e
+    (see `int4_gemv_tiles` in kernels/cpu.cpp)."""
+    n, k = q.shape
+    t = q.view(n // 16, 16, k // 8, 8)
+    b = torch.arange(64, device=q.device)
+    lane, within, half = b // 16, b % 8, (b % 16) // 8
+    row, e = 4 * lane + within // 2, within % 2
+    lo = t[:, row, :, 2 * half + e]  # [64, N / 16, K / 8]
+    hi = t[:, row, :, 4 + 2 * half + e]
+    return (lo | hi << 4).permute(1, 2, 0).contiguous()
 
 
 def _blocked(t: torch.Tensor) -> torch.Tensor:
@@ -124,6 +143,17 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features = w.in_features, w.out_features
         self.group_size = w.group_size
         q = w.q.to(device)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(device, dtype),
+                                                           requires_grad=False)
+        # ember's own layout and kernel (bf16 activations, AVX512-BF16), instead of ATen's.
+        self.tiled = dtype == torch.bfloat16 and kernels.int4_tiles(device)
+        self.dense_for_many_rows = False
+        if self.tiled:
+            self.register_buffer("tiles", tile_codes(q))
+            # [K // group, N]: per group, the rows' scales and zeros in row order.
+            self.register_buffer("tile_scales", w.scale.t().contiguous().to(device, dtype))
+            self.register_buffer("tile_zeros", w.zero.t().contiguous().to(device, dtype))
+            return
         if device.type == "cpu":
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         else:  # CUDA: two nibbles a byte, high nibble first, then the tiled layout
@@ -133,8 +163,6 @@ class Int4Linear(nn.Module):
         # [K // group, N, 2]: (scale, zero) per group and output row, in the activation dtype.
         sz = torch.stack([w.scale, w.zero], dim=-1).transpose(0, 1).contiguous()
         self.register_buffer("scales_and_zeros", sz.to(device=device, dtype=dtype))
-        self.bias = None if bias is None else nn.Parameter(bias.detach().to(device, dtype),
-                                                           requires_grad=False)
         self.dense_for_many_rows = (device.type == "cpu" and w.out_features % _CPU_BLOCK_N == 0
                                     and cpu_layout_known())
         if self.dense_for_many_rows:  # a second copy of the scales (1/8 byte per weight)
@@ -145,7 +173,11 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         many = DENSE_MIN_TOKENS if torch.compiler.is_compiling() else DENSE_MIN_TOKENS_EAGER
-        if self.dense_for_many_rows and kernels.available(x.device):
+        if self.tiled:  # ember's GEMV for few rows, dequantize + GEMM for many, in one op
+            y = torch.ops.ember_cpu.int4_tiled_linear(x, self.tiles, self.tile_scales,
+                                                      self.tile_zeros, self.group_size,
+                                                      DENSE_MIN_TOKENS)
+        elif self.dense_for_many_rows and kernels.available(x.device):
             # ember's op picks its path by the row count inside, so under torch.compile one
             # graph serves every batch of 2 or more tokens.
             y = torch.ops.ember_cpu.int4_linear(x, self.weight, self.dense_scales,
