@@ -19,7 +19,7 @@ from torch import nn
 
 from ember import kernels
 from ember.layers.attention import AttentionMetadata
-from ember.quantization.int4 import DENSE_MIN_TOKENS, Int4Linear
+from ember.quantization.int4 import DENSE_MIN_TOKENS, DENSE_MIN_TOKENS_TILED, Int4Linear
 from ember.quantization.int8 import Int8Linear
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -43,10 +43,11 @@ def _projection(m: nn.Module, dtype: torch.dtype) -> list[torch.Tensor] | None:
 
 class FusedDecode:
     def __init__(self, params: list[torch.Tensor], num_heads: int, num_kv_heads: int,
-                 group_size: int, eps: float, scale: float) -> None:
+                 group_size: int, dense_min_rows: int, eps: float, scale: float) -> None:
         self.params = params
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
-        self.group_size, self.eps, self.scale = group_size, eps, scale
+        self.group_size, self.dense_min_rows = group_size, dense_min_rows
+        self.eps, self.scale = eps, scale
 
     @classmethod
     def build(cls, model: nn.Module) -> "FusedDecode | None":
@@ -56,7 +57,7 @@ class FusedDecode:
                 torch.float32, torch.bfloat16):
             return None
         params: list[torch.Tensor] = []
-        group_sizes = set()
+        group_sizes, tiled = set(), set()
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             parts = [_projection(m, dtype) for m in
@@ -66,15 +67,17 @@ class FusedDecode:
                     layer._forward_hooks or attn._forward_hooks or mlp._forward_hooks):
                 return None
             params += [norms[0], *parts[0], *parts[1], norms[1], *parts[2], *parts[3]]
-            group_sizes |= {m.group_size for m in (attn.qkv_proj, attn.o_proj,
-                                                   mlp.gate_up_proj, mlp.down_proj)
-                            if isinstance(m, Int4Linear)}
-        if len(group_sizes) > 1:
+            int4 = [m for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+                    if isinstance(m, Int4Linear)]
+            group_sizes |= {m.group_size for m in int4}
+            tiled |= {m.tiled for m in int4}
+        if len(group_sizes) > 1 or len(tiled) > 1:
             return None
         first = model.layers[0]
         return cls(params, first.self_attn.num_heads, first.self_attn.num_kv_heads,
-                   group_sizes.pop() if group_sizes else 32, first.input_layernorm.eps,
-                   first.self_attn.attn.scale)
+                   group_sizes.pop() if group_sizes else 32,
+                   DENSE_MIN_TOKENS_TILED if tiled == {True} else DENSE_MIN_TOKENS,
+                   first.input_layernorm.eps, first.self_attn.attn.scale)
 
     def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                  kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
@@ -85,4 +88,4 @@ class FusedDecode:
         return torch.ops.ember_cpu.decode_layers(
             x, cos, sin, self.params, [k for k, _ in kv_caches], [v for _, v in kv_caches],
             meta.slot_mapping, d.block_tables, d.context_lens, d.block_size, self.num_heads,
-            self.num_kv_heads, self.group_size, DENSE_MIN_TOKENS, self.eps, self.scale)
+            self.num_kv_heads, self.group_size, self.dense_min_rows, self.eps, self.scale)

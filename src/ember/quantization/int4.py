@@ -15,7 +15,7 @@ With ember's CPU kernels (`ember.kernels`) and bfloat16 activations on a CPU wit
 AVX512-BF16, the codes are kept in ember's own layout instead (`tile_codes`), made for its
 GEMV (bf16 dot-product instructions, ~1.3x ATen's kernel, at the memory bound on one core),
 and one op (`int4_tiled_linear`) chooses by the row count inside, so a compiled graph does not
-split on it: the GEMV below `DENSE_MIN_TOKENS` rows, dequantize + GEMM from there. Elsewhere
+split on it: the GEMV below `DENSE_MIN_TOKENS_TILED` rows, dequantize + GEMM from there. Elsewhere
 on CPU, ATen's packing: ember's op `int4_linear` (ATen's kernel, then a vectorized
 dequantization), or without the kernels the dequantization written in PyTorch (fused by
 torch.compile).
@@ -39,6 +39,10 @@ _N_TILE = 16
 # near 16 rows); eager it takes several passes (~14 ms), worth it only for long prompts.
 DENSE_MIN_TOKENS = 16
 DENSE_MIN_TOKENS_EAGER = 192
+# ember's GEMV (`tiled` layers) costs less per row than ATen's kernel: it stays ahead of
+# dequantize + GEMM up to ~24 rows (the default model's shapes, 2 threads: at 16 rows 18-29%
+# faster, at 24 even, at 32 20-60% slower).
+DENSE_MIN_TOKENS_TILED = 24
 # ATen's CPU packing (AVX512 builds): per block of 64 output rows, K-major, one byte holding
 # rows j (low nibble) and j + 32 (high nibble) of the block at one input column.
 _CPU_BLOCK_N = 64
@@ -176,7 +180,7 @@ class Int4Linear(nn.Module):
         if self.tiled:  # ember's GEMV for few rows, dequantize + GEMM for many, in one op
             y = torch.ops.ember_cpu.int4_tiled_linear(x, self.tiles, self.tile_scales,
                                                       self.tile_zeros, self.group_size,
-                                                      DENSE_MIN_TOKENS)
+                                                      DENSE_MIN_TOKENS_TILED)
         elif self.dense_for_many_rows and kernels.available(x.device):
             # ember's op picks its path by the row count inside, so under torch.compile one
             # graph serves every batch of 2 or more tokens.
