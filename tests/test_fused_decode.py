@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import EXACT
 from ember import LLM, SamplingParams
 from ember.layers.attention import AttentionMetadata, DecodeBatch, PrefillChunk
 from ember.quantization.int4 import Int4Linear
@@ -94,11 +95,14 @@ def _teacher_forced_decode(llm, ids: list[int], fused: bool) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def exact(default_llm):
+def exact():
     """The exactness mode (float32): the step's logits fused and through the layers, and
-    the text's decode logits through the layers (the reference)."""
-    ids = default_llm.get_tokenizer().encode(TEXT)
-    return _check(default_llm, atol=2e-4), _teacher_forced_decode(default_llm, ids, False)
+    the text's decode logits through the layers (the reference). An engine of its own: these
+    tests write its KV blocks behind the block manager's back (the shared `default_llm`'s
+    prefix cache would then serve corrupted blocks)."""
+    llm = LLM(**EXACT, max_model_len=256, enforce_eager=True)
+    ids = llm.get_tokenizer().encode(TEXT)
+    return _check(llm, atol=2e-4), _teacher_forced_decode(llm, ids, False)
 
 
 def test_fused_decode_matches_the_layers_exactness_mode(exact):
