@@ -35,6 +35,12 @@ def test_compiled_layers_are_used_and_match_eager(tiny_llama_dir, monkeypatch, f
     # A prompt arriving while another sequence decodes: one step holds a prefill chunk and a
     # decode token, which the attention op serves from the step's metadata.
     assert staggered(compiled) == staggered(eager)
+    # Every graph was compiled at start: new token counts (prompts of 7, 70, 130 tokens)
+    # reuse the warm-up's dynamic graph, no recompilation at run time.
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    compiled.generate([{"prompt_token_ids": list(range(3, 3 + n))} for n in (7, 70, 130)],
+                      PARAMS, use_tqdm=False)
+    assert torch._dynamo.utils.counters["frames"]["ok"] == frames
 
 
 def staggered(llm: LLM) -> dict[str, list[int]]:

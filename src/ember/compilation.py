@@ -49,8 +49,17 @@ def compile_model(model: torch.nn.Module, kv_caches: list) -> bool:
     stays eager (with a warning). Returns whether the compiled layers are in use."""
     _cache_dir()
     compiled = torch.compile(type(model.layers[0]).forward, options=INDUCTOR_OPTIONS)
+
+    def forward(layer, x, rope, kv_cache):
+        # Batches of 2+ tokens share one graph, dynamic in T: said up front, or Dynamo would
+        # specialize the first graph on the warm-up's T and recompile (~1 s) on the next T.
+        if x.shape[0] >= 2:
+            for t in (x, *rope):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        return compiled(layer, x, rope, kv_cache)
+
     for layer in model.layers:
-        layer.forward = types.MethodType(compiled, layer)
+        layer.forward = types.MethodType(forward, layer)
     start = time.perf_counter()
     try:
         _warm_up(model, kv_caches)
@@ -93,9 +102,7 @@ def _warm_up(model: torch.nn.Module, kv_caches: list) -> None:
             slots = torch.arange(t, device=device)
             if t == 1:  # one decoding sequence
                 meta = AttentionMetadata(slots, DecodeBatch(slots, slots[None], 1, slots + 1, 1, None))
-            else:  # a prompt: T becomes a dynamic size
+            else:  # a prompt (T is a dynamic size: see `compile_model`)
                 meta = AttentionMetadata(slots, None, [PrefillChunk(0, t, None, None)])
-                for tensor in (ids, positions):
-                    torch._dynamo.mark_dynamic(tensor, 0)
             model(ids, positions, kv_caches, meta)
             bar.update(1)
