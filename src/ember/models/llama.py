@@ -128,7 +128,7 @@ class LlamaForCausalLM(nn.Module):
         # bf16 sums drift over 30 layers; only the matmuls' inputs are in the model dtype.
         x = self.embed_tokens(input_ids).float()
         rope = self.rotary(positions, self.embed_tokens.weight.dtype)
-        if self.fused_decode is not None and not meta.prefills:
+        if self.fused_decode is not None and meta.decode is not None and not meta.prefills:
             return self.norm(self.fused_decode(x, rope, kv_caches, meta))
         with attention_metadata(meta):
             for layer, kv_cache in zip(self.layers, kv_caches):
