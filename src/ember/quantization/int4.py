@@ -40,9 +40,9 @@ _N_TILE = 16
 DENSE_MIN_TOKENS = 16
 DENSE_MIN_TOKENS_EAGER = 192
 # ember's GEMV (`tiled` layers) costs less per row than ATen's kernel: it stays ahead of
-# dequantize + GEMM up to ~24 rows (the default model's shapes, 2 threads: at 16 rows 18-29%
-# faster, at 24 even, at 32 20-60% slower).
-DENSE_MIN_TOKENS_TILED = 24
+# dequantize + GEMM up to ~20 rows (the default model's shapes, 2 threads: at 16 rows 8-29%
+# faster, at 24 even to 40% slower, at 32 20-60% slower).
+DENSE_MIN_TOKENS_TILED = 20
 # ATen's CPU packing (AVX512 builds): per block of 64 output rows, K-major, one byte holding
 # rows j (low nibble) and j + 32 (high nibble) of the block at one input column.
 _CPU_BLOCK_N = 64
