@@ -286,3 +286,35 @@ def test_cpu_argmax_agrees_with_torch_on_ties_and_nan():
         big = torch.randn(3, 49152, generator=torch.Generator().manual_seed(0))
         assert torch.equal(_argmax(big), big.argmax(dim=-1))
         assert torch.equal(_argmax(big[:, ::2]), big[:, ::2].argmax(dim=-1))  # a strided view
+
+
+@pytest.mark.parametrize("vocab", [64, 1003, 49152])
+def test_plain_greedy_kernel_matches_the_general_path(monkeypatch, vocab):
+    """Plain greedy rows (no penalties, bans or logprobs) take ember's `greedy_sample` kernel:
+    the same ids as torch's argmax (first maximum; NaN wins) and log_softmax at them."""
+    from ember import kernels
+    from ember.layers import sampler
+
+    assert kernels.load()
+    logits = random_logits(6, vocab, seed=vocab) * 2
+    logits[1, 3] = logits[1, 5] = logits[1].max() + 1  # a tie: the first wins
+    logits[2, vocab - 1] = float("nan")
+    logits[3] = float("-inf")
+    logits[4, 0] = float("inf")
+    rows = [row(temperature=0) for _ in range(6)]
+    calls = []
+    real = torch.ops.ember_cpu.greedy_sample
+    monkeypatch.setattr(sampler.torch.ops.ember_cpu, "greedy_sample",
+                        lambda x: calls.append(1) or real(x), raising=False)
+    fast = sample(logits, rows)
+    assert calls == [1]
+    # Anything else (here: a logprobs request) takes the general path.
+    sample(logits, [row(temperature=0, logprobs=1)] + rows[1:])
+    assert calls == [1]
+    monkeypatch.setattr(sampler.kernels, "available", lambda device: False)
+    general = sample(logits, rows)
+    assert calls == [1]
+    assert torch.equal(fast.sampled_token_ids, logits.argmax(-1))
+    assert torch.equal(fast.sampled_token_ids, general.sampled_token_ids)
+    torch.testing.assert_close(fast.logprobs, general.logprobs, equal_nan=True)
+    assert fast.topk_token_ids is None and fast.topk_logprobs is None

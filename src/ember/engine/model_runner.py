@@ -154,21 +154,24 @@ class ModelRunner:
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def _prepare(self, sched: SchedulerOutput) -> StepInput:
+        bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
-        slot_mapping: list[torch.Tensor] = []
+        slot_mapping: list[int] = []
         sample_rows: list[int] = []
         decode_rows: list[int] = []
         decode_reqs: list[Request] = []
         prefills: list[PrefillChunk] = []
         for r, n in zip(sched.requests, sched.num_scheduled_tokens):
             start, row = r.num_computed_tokens, len(input_ids)
-            positions.extend(range(start, start + n))
-            if n == 1:
+            if n == 1:  # plain Python: a decode step of one sequence is ~20 µs of this
                 input_ids.append(r.token_id_at(start))
+                positions.append(start)
+                slot_mapping.append(r.block_table[start // bs] * bs + start % bs)
                 decode_rows.append(row)
                 decode_reqs.append(r)
             else:
+                positions.extend(range(start, start + n))
                 tokens = r.prompt_token_ids if start + n <= r.num_prompt_tokens else r.all_token_ids
                 input_ids.extend(tokens[start : start + n])
                 if start == 0:
@@ -178,23 +181,22 @@ class ModelRunner:
                     mask = k_pos[None, :] <= torch.arange(start, start + n)[:, None]
                     prefills.append(PrefillChunk(
                         row, row + n, self._slots(r.block_table, 0, start + n), mask[None, None]))
-            slot_mapping.append(self._slots(r.block_table, start, start + n))
+                slot_mapping.extend(self._slots(r.block_table, start, start + n).tolist())
             if start + n == r.num_tokens:
                 sample_rows.append(row + n - 1)
         decode = None
         if decode_reqs:
-            ctx = torch.tensor([r.num_computed_tokens + 1 for r in decode_reqs])
-            max_k = int(ctx.max())
-            width = -(-max_k // self.block_size)
-            tables = torch.zeros(len(decode_reqs), width, dtype=torch.long)
-            for i, r in enumerate(decode_reqs):
-                tables[i, : len(r.block_table[:width])] = torch.tensor(r.block_table[:width])
+            lens = [r.num_computed_tokens + 1 for r in decode_reqs]
+            max_k = max(lens)
+            width = -(-max_k // bs)
+            tables = torch.tensor([r.block_table[:width] + [0] * (width - len(r.block_table[:width]))
+                                   for r in decode_reqs], dtype=torch.long)
+            ctx = torch.tensor(lens)
             mask = None
-            if int(ctx.min()) != max_k:
+            if min(lens) != max_k:
                 mask = (torch.arange(max_k)[None, :] < ctx[:, None])[:, None, None, :]
-            decode = DecodeBatch(torch.tensor(decode_rows), tables, self.block_size, ctx, max_k,
-                                 mask)
-        meta = AttentionMetadata(torch.cat(slot_mapping), decode, prefills)
+            decode = DecodeBatch(torch.tensor(decode_rows), tables, bs, ctx, max_k, mask)
+        meta = AttentionMetadata(torch.tensor(slot_mapping), decode, prefills)
         return StepInput(torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions),
                          meta, sample_rows, self._num_zeroed_blocks)
 

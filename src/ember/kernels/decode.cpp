@@ -1,11 +1,13 @@
-// decode_layers: every decoder layer of a Llama-family model for a batch of decoding sequences
-// (one new token each), in one call from Python.
+// decode_layers: a Llama-family model's decode step for a batch of decoding sequences (one new
+// token each), from the token ids to the final norm, in one call from Python.
 //
 // A decode step of a small model is a few hundred small kernels; entered one at a time from
 // Python (or one compiled layer at a time), their launch and guard costs add up to a fifth of
 // the step. Here the layer loop runs in C++: RMSNorm, rotary embedding, the KV write and SiLU *
 // up are short loops over the batch's rows (a few hundred floats each), the projections go to
-// the matmul kernels (ember's int4, ATen's int8 or dense), the attention to `decode_attention`.
+// the matmul kernels (ember's int4, ATen's int8 or dense), the attention to `decode_attention`;
+// the embedding lookup, the rotary tables' rows and the final norm come along, so that
+// nothing but the head is left to Python.
 // The arithmetic is the model's (`models/llama.py`): the residual stream in float32, the norms'
 // outputs rounded to the activation dtype before and after the weight, rotary and SiLU * up
 // computed in float32 from activation-dtype inputs and rounded once, as the compiled graph
@@ -62,23 +64,40 @@ void rotate(const AT* x, const AT* cos, const AT* sin, int64_t dim, OT* out) {
 }
 
 template <typename AT>
-at::Tensor run_layers(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin,
-                      at::TensorList params, at::TensorList k_caches, at::TensorList v_caches,
-                      const at::Tensor& slots, const at::Tensor& block_tables,
-                      const at::Tensor& context_lens, int64_t block_size, int64_t heads,
-                      int64_t kv_heads, int64_t group_size, int64_t dense_min_rows, float eps,
-                      float scale) {
-  const int64_t T = x_in.size(0), D = x_in.size(1), dim = cos.size(1);
+at::Tensor run_layers(const at::Tensor& ids, const at::Tensor& positions,
+                      const at::Tensor& embedding, const at::Tensor& cos_table,
+                      const at::Tensor& sin_table, at::TensorList params,
+                      const at::Tensor& final_norm, at::TensorList k_caches,
+                      at::TensorList v_caches, const at::Tensor& slots,
+                      const at::Tensor& block_tables, const at::Tensor& context_lens,
+                      int64_t block_size, int64_t heads, int64_t kv_heads, int64_t group_size,
+                      int64_t dense_min_rows, float eps, float scale) {
+  const int64_t T = ids.size(0), D = embedding.size(1), dim = cos_table.size(1);
   const int64_t q_size = heads * dim, kv_size = kv_heads * dim;
-  const auto act = x_in.options().dtype(c10::CppTypeToScalarType<AT>::value);
-  at::Tensor x = x_in.clone();
+  const auto act = embedding.options();
+  // The residual stream (float32) from the embedding rows; each token's rotary cos and sin
+  // rounded to the activation dtype, as the layers get them.
+  at::Tensor x = at::empty({T, D}, act.dtype(at::kFloat));
   float* xp = x.data_ptr<float>();
+  at::Tensor rope = at::empty({2, T, dim}, act);
+  AT* cp = rope.data_ptr<AT>();
+  AT* sp = cp + T * dim;
+  const int64_t* idp = ids.data_ptr<int64_t>();
+  const int64_t* pp = positions.data_ptr<int64_t>();
+  const AT* ep = embedding.data_ptr<AT>();
+  const float* ctp = cos_table.data_ptr<float>();
+  const float* stp = sin_table.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t i = 0; i < D; ++i) xp[t * D + i] = to_float(ep[idp[t] * D + i]);
+    for (int64_t d = 0; d < dim; ++d) {
+      cp[t * dim + d] = from_float<AT>(ctp[pp[t] * dim + d]);
+      sp[t * dim + d] = from_float<AT>(stp[pp[t] * dim + d]);
+    }
+  }
   at::Tensor h = at::empty({T, D}, act);
   at::Tensor q = at::empty({T, heads, dim}, act);
   AT* hp = h.data_ptr<AT>();
   AT* qp = q.data_ptr<AT>();
-  const AT* cp = cos.data_ptr<AT>();
-  const AT* sp = sin.data_ptr<AT>();
   const int64_t* sl = slots.data_ptr<int64_t>();
   const int64_t layers = static_cast<int64_t>(k_caches.size());
   for (int64_t l = 0; l < layers; ++l) {
@@ -131,49 +150,69 @@ at::Tensor run_layers(const at::Tensor& x_in, const at::Tensor& cos, const at::T
 #pragma omp simd
     for (int64_t i = 0; i < T * D; ++i) xp[i] += to_float(dp[i]);
   }
-  return x;
+  at::Tensor out = at::empty({T, D}, act);
+  for (int64_t t = 0; t < T; ++t)
+    rms_norm(xp + t * D, final_norm.data_ptr<AT>(), D, eps, out.data_ptr<AT>() + t * D);
+  return out;
 }
 
-at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                         at::TensorList params, at::TensorList k_caches, at::TensorList v_caches,
-                         const at::Tensor& slots, const at::Tensor& block_tables,
-                         const at::Tensor& context_lens, int64_t block_size, int64_t heads,
-                         int64_t kv_heads, int64_t group_size, int64_t dense_min_rows,
-                         double eps, double scale) {
+at::Tensor decode_layers(const at::Tensor& ids, const at::Tensor& positions,
+                         const at::Tensor& embedding, const at::Tensor& cos_table,
+                         const at::Tensor& sin_table, at::TensorList params,
+                         const at::Tensor& final_norm, at::TensorList k_caches,
+                         at::TensorList v_caches, const at::Tensor& slots,
+                         const at::Tensor& block_tables, const at::Tensor& context_lens,
+                         int64_t block_size, int64_t heads, int64_t kv_heads, int64_t group_size,
+                         int64_t dense_min_rows, double eps, double scale) {
   const int64_t layers = static_cast<int64_t>(k_caches.size());
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "x: the float32 residual stream [T, hidden]");
+  const int64_t T = ids.numel();
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.is_contiguous() &&
+                  positions.sizes() == ids.sizes() && positions.scalar_type() == at::kLong &&
+                  positions.is_contiguous(),
+              "ids, positions: [T] int64");
   TORCH_CHECK(layers > 0 && v_caches.size() == k_caches.size() &&
                   static_cast<int64_t>(params.size()) == layers * kPerLayer,
               "params: ", kPerLayer, " tensors per layer; one K and one V cache per layer");
   const auto dtype = params[0].scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "activations: float32 or bfloat16");
-  TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == x.size(0) &&
-                  cos.scalar_type() == dtype && sin.scalar_type() == dtype &&
-                  cos.is_contiguous() && sin.is_contiguous() && cos.size(1) % 2 == 0,
-              "cos, sin: contiguous [T, head_dim] in the activation dtype");
+  TORCH_CHECK(embedding.dim() == 2 && embedding.scalar_type() == dtype &&
+                  embedding.is_contiguous() && final_norm.scalar_type() == dtype &&
+                  final_norm.numel() == embedding.size(1),
+              "embedding [vocab, hidden], final norm [hidden]: contiguous, activation dtype");
+  TORCH_CHECK(cos_table.dim() == 2 && cos_table.sizes() == sin_table.sizes() &&
+                  cos_table.scalar_type() == at::kFloat && sin_table.scalar_type() == at::kFloat &&
+                  cos_table.is_contiguous() && sin_table.is_contiguous() &&
+                  cos_table.size(1) % 2 == 0,
+              "cos, sin tables: contiguous float32 [max_position, head_dim]");
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t id = ids.data_ptr<int64_t>()[t], pos = positions.data_ptr<int64_t>()[t];
+    TORCH_CHECK(id >= 0 && id < embedding.size(0), "token id ", id, " out of range");
+    TORCH_CHECK(pos >= 0 && pos < cos_table.size(0), "position ", pos,
+                " beyond the rotary tables");
+  }
   for (int64_t l = 0; l < layers; ++l)
     TORCH_CHECK(k_caches[l].scalar_type() == dtype && v_caches[l].scalar_type() == dtype &&
                     k_caches[l].is_contiguous() && v_caches[l].is_contiguous() &&
-                    k_caches[l].size(1) == kv_heads && k_caches[l].size(2) == cos.size(1),
+                    k_caches[l].size(1) == kv_heads && k_caches[l].size(2) == cos_table.size(1),
                 "caches: contiguous [slots, kv_heads, head_dim] in the activation dtype");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() &&
-                  slots.numel() == x.size(0),
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == T,
               "slots: [T] int64");
   if (dtype == at::kBFloat16)
-    return run_layers<c10::BFloat16>(x, cos, sin, params, k_caches, v_caches, slots,
-                                     block_tables, context_lens, block_size, heads, kv_heads,
-                                     group_size, dense_min_rows, eps, scale);
-  return run_layers<float>(x, cos, sin, params, k_caches, v_caches, slots, block_tables,
-                           context_lens, block_size, heads, kv_heads, group_size,
-                           dense_min_rows, eps, scale);
+    return run_layers<c10::BFloat16>(ids, positions, embedding, cos_table, sin_table, params,
+                                     final_norm, k_caches, v_caches, slots, block_tables,
+                                     context_lens, block_size, heads, kv_heads, group_size,
+                                     dense_min_rows, eps, scale);
+  return run_layers<float>(ids, positions, embedding, cos_table, sin_table, params, final_norm,
+                           k_caches, v_caches, slots, block_tables, context_lens, block_size,
+                           heads, kv_heads, group_size, dense_min_rows, eps, scale);
 }
 
 }  // namespace
 }  // namespace ember
 
 TORCH_LIBRARY_FRAGMENT(ember_cpu, m) {
-  m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor[] params, Tensor(a!)[] k_caches, "
+  m.def("decode_layers(Tensor ids, Tensor positions, Tensor embedding, Tensor cos_table, "
+        "Tensor sin_table, Tensor[] params, Tensor final_norm, Tensor(a!)[] k_caches, "
         "Tensor(b!)[] v_caches, Tensor slots, Tensor block_tables, Tensor context_lens, "
         "int block_size, int heads, int kv_heads, int group_size, int dense_min_rows, "
         "float eps, float scale) -> Tensor");

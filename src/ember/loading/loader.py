@@ -243,6 +243,7 @@ def load_model(
     logger.info("weights: %.1f MB", weight_bytes(net) / 1e6)
     if net.fuse_decode():
         logger.info("decode steps: every layer in one call of the CPU kernels (decode_layers)")
+    net.pack_weights()
     return net.eval()
 
 

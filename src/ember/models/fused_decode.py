@@ -1,11 +1,12 @@
-"""Decode steps through one C++ call: `ember_cpu.decode_layers` runs every decoder layer.
+"""Decode steps through one C++ call: `ember_cpu.decode_layers`, from token ids to final norm.
 
 A step where every sequence decodes one token spends a fifth of its time entering ~200 small
 kernels from Python, layer after layer (Dynamo guards, wrappers, thread start-ups), at ~100 µs
-a layer for the default model. `FusedDecode` hands the whole layer loop to ember's CPU kernels
-instead (`ember.kernels`, decode.cpp): the same arithmetic as `LlamaDecoderLayer` (tested
-against it), with the projections' own matmul kernels and the paged decode attention. Steps
-with a prompt chunk keep the compiled layers (prefill is compute-bound: one graph, big GEMMs).
+a layer for the default model. `FusedDecode` hands the whole step but the head to ember's CPU
+kernels instead (`ember.kernels`, decode.cpp): the embedding lookup, the rotary tables' rows,
+the same arithmetic as `LlamaDecoderLayer` (tested against it) with the projections' own matmul
+kernels and the paged decode attention, and the final norm. Steps with a prompt chunk keep the
+compiled layers (prefill is compute-bound: one graph, big GEMMs).
 
 It serves a model whose projections are int4 (ember's or ATen's CPU layout), int8 or dense, without
 biases or tensor parallelism's hooks, on CPU with the kernels built; `FusedDecode.build`
@@ -42,8 +43,10 @@ def _projection(m: nn.Module, dtype: torch.dtype) -> list[torch.Tensor] | None:
 
 
 class FusedDecode:
-    def __init__(self, params: list[torch.Tensor], num_heads: int, num_kv_heads: int,
-                 group_size: int, dense_min_rows: int, eps: float, scale: float) -> None:
+    def __init__(self, model: nn.Module, params: list[torch.Tensor], num_heads: int,
+                 num_kv_heads: int, group_size: int, dense_min_rows: int, eps: float,
+                 scale: float) -> None:
+        self.model = model  # its embedding, rotary tables and final norm, read at each call
         self.params = params
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.group_size, self.dense_min_rows = group_size, dense_min_rows
@@ -73,19 +76,22 @@ class FusedDecode:
             tiled |= {m.tiled for m in int4}
         if len(group_sizes) > 1 or len(tiled) > 1:
             return None
+        norm = model.norm.weight
+        if norm.dtype != dtype or model.rotary.cos.dtype != torch.float32:
+            return None
         first = model.layers[0]
-        return cls(params, first.self_attn.num_heads, first.self_attn.num_kv_heads,
+        return cls(model, params, first.self_attn.num_heads, first.self_attn.num_kv_heads,
                    group_sizes.pop() if group_sizes else 32,
                    DENSE_MIN_TOKENS_TILED if tiled == {True} else DENSE_MIN_TOKENS,
                    first.input_layernorm.eps, first.self_attn.attn.scale)
 
-    def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
-        """The residual stream after every layer, for a step of decodes only (`meta.decode`
-        covers every row, in order)."""
-        d = meta.decode
-        cos, sin = (t.reshape(t.shape[0], -1) for t in rope)
+        """The final norm's output [T, hidden] (the head's input), for a step of decodes only
+        (`meta.decode` covers every row, in order)."""
+        d, m = meta.decode, self.model
         return torch.ops.ember_cpu.decode_layers(
-            x, cos, sin, self.params, [k for k, _ in kv_caches], [v for _, v in kv_caches],
+            input_ids, positions, m.embed_tokens.weight, m.rotary.cos, m.rotary.sin, self.params,
+            m.norm.weight, [k for k, _ in kv_caches], [v for _, v in kv_caches],
             meta.slot_mapping, d.block_tables, d.context_lens, d.block_size, self.num_heads,
             self.num_kv_heads, self.group_size, self.dense_min_rows, self.eps, self.scale)

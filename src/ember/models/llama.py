@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ember import kernels
+from ember import kernels, memory
 from ember.config import ModelConfig
 from ember.errors import ModelLoadError
 from ember.layers.attention import AttentionMetadata, PagedAttention, attention_metadata
@@ -126,10 +126,10 @@ class LlamaForCausalLM(nn.Module):
         """The final hidden states [T, hidden] of a flat batch described by `meta`."""
         # The residual stream stays float32 whatever the model dtype (as llama.cpp keeps it):
         # bf16 sums drift over 30 layers; only the matmuls' inputs are in the model dtype.
+        if self.fused_decode is not None and meta.decode is not None and not meta.prefills:
+            return self.fused_decode(input_ids, positions, kv_caches, meta)
         x = self.embed_tokens(input_ids).float()
         rope = self.rotary(positions, self.embed_tokens.weight.dtype)
-        if self.fused_decode is not None and meta.decode is not None and not meta.prefills:
-            return self.norm(self.fused_decode(x, rope, kv_caches, meta))
         with attention_metadata(meta):
             for layer, kv_cache in zip(self.layers, kv_caches):
                 x = layer(x, rope, kv_cache)
@@ -139,6 +139,13 @@ class LlamaForCausalLM(nn.Module):
         """Serve decode-only steps with `FusedDecode` if the loaded layers allow it."""
         self.fused_decode = FusedDecode.build(self)
         return self.fused_decode is not None
+
+    def pack_weights(self) -> None:
+        """Put what a decode step reads (the layers, the final norm, the head) in one
+        huge-page block, in the order it reads them (`ember.memory`; CPU only)."""
+        modules = [*self.layers.modules(), self.norm, self.lm_head]
+        memory.pack([t for m in modules
+                     for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # Logits in float32: sampling and logprobs need the precision.
