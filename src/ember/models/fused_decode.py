@@ -43,10 +43,12 @@ def _projection(m: nn.Module, dtype: torch.dtype) -> list[torch.Tensor] | None:
 
 
 class FusedDecode:
-    def __init__(self, model: nn.Module, params: list[torch.Tensor], num_heads: int,
+    def __init__(self, edges: list[torch.Tensor], params: list[torch.Tensor], num_heads: int,
                  num_kv_heads: int, group_size: int, dense_min_rows: int, eps: float,
                  scale: float) -> None:
-        self.model = model  # its embedding, rotary tables and final norm, read at each call
+        # The model's embedding, rotary cos and sin tables and final norm weight (the tensors
+        # themselves, not the model: no reference cycle keeps a dropped model alive).
+        self.edges = edges
         self.params = params
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.group_size, self.dense_min_rows = group_size, dense_min_rows
@@ -80,7 +82,8 @@ class FusedDecode:
         if norm.dtype != dtype or model.rotary.cos.dtype != torch.float32:
             return None
         first = model.layers[0]
-        return cls(model, params, first.self_attn.num_heads, first.self_attn.num_kv_heads,
+        edges = [model.embed_tokens.weight, model.rotary.cos, model.rotary.sin, norm]
+        return cls(edges, params, first.self_attn.num_heads, first.self_attn.num_kv_heads,
                    group_sizes.pop() if group_sizes else 32,
                    DENSE_MIN_TOKENS_TILED if tiled == {True} else DENSE_MIN_TOKENS,
                    first.input_layernorm.eps, first.self_attn.attn.scale)
@@ -89,9 +92,10 @@ class FusedDecode:
                  kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
         """The final norm's output [T, hidden] (the head's input), for a step of decodes only
         (`meta.decode` covers every row, in order)."""
-        d, m = meta.decode, self.model
+        d = meta.decode
+        embedding, cos, sin, norm = self.edges
         return torch.ops.ember_cpu.decode_layers(
-            input_ids, positions, m.embed_tokens.weight, m.rotary.cos, m.rotary.sin, self.params,
-            m.norm.weight, [k for k, _ in kv_caches], [v for _, v in kv_caches],
+            input_ids, positions, embedding, cos, sin, self.params, norm,
+            [k for k, _ in kv_caches], [v for _, v in kv_caches],
             meta.slot_mapping, d.block_tables, d.context_lens, d.block_size, self.num_heads,
             self.num_kv_heads, self.group_size, self.dense_min_rows, self.eps, self.scale)

@@ -60,7 +60,7 @@ def served_name(config: EngineConfig) -> str:
 
 
 def serve(args: argparse.Namespace, config: EngineConfig) -> int:
-    engine = AsyncLLMEngine.from_config(config)
+    engine = AsyncLLMEngine.from_config(config, freeze_gc=True)  # this process serves it alone
     name = args.served_model_name or served_name(config)
     keys = list(args.api_key or [])
     if not keys and os.environ.get(API_KEY_ENV):
