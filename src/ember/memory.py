@@ -29,6 +29,15 @@ ALIGN = 64  # each packed tensor starts on a cache line
 _MADV_HUGEPAGE = 14
 
 
+def transparent_huge_pages() -> str:
+    """The system's THP mode (always / madvise / never), "unavailable" where there is none."""
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+        return text[text.index("[") + 1 : text.index("]")]
+    except (OSError, ValueError):
+        return "unavailable"
+
+
 def _madvise_huge(t: torch.Tensor) -> bool:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -64,8 +73,27 @@ def pack(tensors: list[torch.Tensor]) -> torch.Tensor | None:
         offsets.append(end)
         end += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
     block = empty(end, tensors[0].device)
+    since_trim = 0
     for t, offset in zip(tensors, offsets):
         view = block[offset : offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
         view.copy_(t)
-        t.data = view
+        t.data = view  # the old storage goes (when nothing else holds it)
+        since_trim += view.numel() * view.element_size()
+        if since_trim >= _TRIM_EVERY:
+            _trim()
+            since_trim = 0
+    _trim()
     return block
+
+
+# The tensors moved out of malloc's heap leave free memory there that the allocator keeps
+# resident; handed back to the system as the block fills (glibc's malloc_trim), so the
+# process's peak memory does not count the weights twice.
+_TRIM_EVERY = 8 << 20
+
+
+def _trim() -> None:
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

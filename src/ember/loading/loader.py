@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ember import kernels
+from ember import memory
 from ember.config import EngineConfig, ModelConfig
 from ember.errors import ConfigError, ModelLoadError
 from ember.loading.tokenizer import Tokenizer
@@ -242,8 +243,13 @@ def load_model(
         logger.info("quantized %d linear layers to %s", n, quantization)
     logger.info("weights: %.1f MB", weight_bytes(net) / 1e6)
     if net.fuse_decode():
-        logger.info("decode steps: every layer in one call of the CPU kernels (decode_layers)")
-    net.pack_weights()
+        logger.info("decode steps: token ids to final norm in one call of the CPU kernels "
+                    "(decode_layers)")
+    block = net.pack_weights()
+    if block is not None:
+        logger.info("weights: %.1f MB in one block, in the order a decode step reads them "
+                    "(transparent huge pages: %s)", block.numel() / 1e6,
+                    memory.transparent_huge_pages())
     return net.eval()
 
 

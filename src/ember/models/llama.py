@@ -140,12 +140,12 @@ class LlamaForCausalLM(nn.Module):
         self.fused_decode = FusedDecode.build(self)
         return self.fused_decode is not None
 
-    def pack_weights(self) -> None:
+    def pack_weights(self) -> torch.Tensor | None:
         """Put what a decode step reads (the layers, the final norm, the head) in one
-        huge-page block, in the order it reads them (`ember.memory`; CPU only)."""
+        huge-page block, in the order it reads them (`ember.memory`; CPU only): the block."""
         modules = [*self.layers.modules(), self.norm, self.lm_head]
-        memory.pack([t for m in modules
-                     for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))])
+        return memory.pack([t for m in modules
+                            for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # Logits in float32: sampling and logprobs need the precision.
