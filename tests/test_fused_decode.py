@@ -153,6 +153,18 @@ def test_fused_decode_steps_aside_where_it_cannot_serve(tiny_llama_dir):
     llm = LLM(model=str(tiny_llama_dir), max_model_len=128, enforce_eager=True)
     model = llm.llm_engine.model
     assert model.fuse_decode()  # dense float32 layers: served
+    # Its C++ call checks what it indexes with: a bad id or position is an error, not a read
+    # out of bounds.
+    caches = llm.llm_engine.runner.kv_caches
+    meta = AttentionMetadata(torch.tensor([16]), DecodeBatch(
+        torch.arange(1), torch.tensor([[1]]), BLOCK, torch.tensor([1]), 1, None))
+    vocab = model.embed_tokens.weight.shape[0]
+    with torch.inference_mode():
+        model(torch.tensor([3]), torch.tensor([0]), caches, meta)  # in range: fine
+        with pytest.raises(RuntimeError, match="out of range"):
+            model(torch.tensor([vocab]), torch.tensor([0]), caches, meta)
+        with pytest.raises(RuntimeError, match="beyond the rotary tables"):
+            model(torch.tensor([3]), torch.tensor([10**6]), caches, meta)
     handle = model.layers[1].mlp.down_proj.register_forward_hook(lambda *a: None)
     assert not model.fuse_decode()  # a hook (tensor parallelism's all-reduce) must run
     handle.remove()
