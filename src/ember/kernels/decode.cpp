@@ -63,15 +63,22 @@ void rotate(const AT* x, const AT* cos, const AT* sin, int64_t dim, OT* out) {
   }
 }
 
+// The op's arguments, once checked (see decode_layers).
+struct StepArgs {
+  const at::Tensor &ids, &positions, &embedding, &cos_table, &sin_table;
+  at::TensorList params;
+  const at::Tensor& final_norm;
+  at::TensorList k_caches, v_caches;
+  const at::Tensor &slots, &block_tables, &context_lens;
+  int64_t block_size, heads, kv_heads, group_size, dense_min_rows;
+  float eps, scale;
+};
+
 template <typename AT>
-at::Tensor run_layers(const at::Tensor& ids, const at::Tensor& positions,
-                      const at::Tensor& embedding, const at::Tensor& cos_table,
-                      const at::Tensor& sin_table, at::TensorList params,
-                      const at::Tensor& final_norm, at::TensorList k_caches,
-                      at::TensorList v_caches, const at::Tensor& slots,
-                      const at::Tensor& block_tables, const at::Tensor& context_lens,
-                      int64_t block_size, int64_t heads, int64_t kv_heads, int64_t group_size,
-                      int64_t dense_min_rows, float eps, float scale) {
+at::Tensor run_layers(const StepArgs& args) {
+  const auto& [ids, positions, embedding, cos_table, sin_table, params, final_norm, k_caches,
+               v_caches, slots, block_tables, context_lens, block_size, heads, kv_heads,
+               group_size, dense_min_rows, eps, scale] = args;
   const int64_t T = ids.size(0), D = embedding.size(1), dim = cos_table.size(1);
   const int64_t q_size = heads * dim, kv_size = kv_heads * dim;
   const auto act = embedding.options();
@@ -197,14 +204,11 @@ at::Tensor decode_layers(const at::Tensor& ids, const at::Tensor& positions,
                 "caches: contiguous [slots, kv_heads, head_dim] in the activation dtype");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == T,
               "slots: [T] int64");
-  if (dtype == at::kBFloat16)
-    return run_layers<c10::BFloat16>(ids, positions, embedding, cos_table, sin_table, params,
-                                     final_norm, k_caches, v_caches, slots, block_tables,
-                                     context_lens, block_size, heads, kv_heads, group_size,
-                                     dense_min_rows, eps, scale);
-  return run_layers<float>(ids, positions, embedding, cos_table, sin_table, params, final_norm,
-                           k_caches, v_caches, slots, block_tables, context_lens, block_size,
-                           heads, kv_heads, group_size, dense_min_rows, eps, scale);
+  const StepArgs args{ids, positions, embedding, cos_table, sin_table, params, final_norm,
+                      k_caches, v_caches, slots, block_tables, context_lens, block_size, heads,
+                      kv_heads, group_size, dense_min_rows, static_cast<float>(eps),
+                      static_cast<float>(scale)};
+  return dtype == at::kBFloat16 ? run_layers<c10::BFloat16>(args) : run_layers<float>(args);
 }
 
 }  // namespace
