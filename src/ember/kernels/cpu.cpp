@@ -374,6 +374,15 @@ void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
 
 namespace {
 
+// Software prefetch in the GEMVs that stream weights (the int4 tiles, the Q8_0 head): the
+// hardware prefetchers stop at every 4 KiB page and ramp up again, which costs little while
+// the weights sit in the (shared) L3 but much when the VM's neighbours have evicted them and
+// every step streams from DRAM. Reading ~2 KiB ahead: in microbenchmarks over 400-500 MB of
+// weights (DRAM) the int4 GEMV went 8.5 -> 12.4 GB/s and the Q8_0 head 16.2 -> 26.3 GB/s;
+// L3-resident, +5-15% and no change.
+constexpr int64_t kPrefetchBytes = 2048;  // int4 tiles: this far ahead in the codes
+constexpr int64_t kPrefetchRows = 16;     // Q8_0: this many weight rows ahead (~9 KiB)
+
 // ---- Q8_0 linear ---------------------------------------------------------------------------
 constexpr int64_t kQ8Group = 32;
 
@@ -386,11 +395,14 @@ void q8_0_rows(const float* x, int64_t K, const int8_t* q, const float* scales, 
     const int8_t* qr = q + n * K;
     const float* sr = scales + n * groups;
 #if defined(__AVX512F__)
+    _mm_prefetch((const char*)(sr + kPrefetchRows * groups), _MM_HINT_T0);
+    _mm_prefetch((const char*)(sr + kPrefetchRows * groups) + 64, _MM_HINT_T0);
     __m512 acc[MC];
     for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       const __m512 s = _mm512_set1_ps(sr[g]);
       const int8_t* qg = qr + g * kQ8Group;
+      if (g % 2 == 0) _mm_prefetch((const char*)(qg + kPrefetchRows * K), _MM_HINT_T0);
       const __m512 w0 = _mm512_mul_ps(
           _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)qg))), s);
       const __m512 w1 = _mm512_mul_ps(
@@ -606,6 +618,7 @@ void int4_gemv_tiles(const uint16_t* x, int64_t K, const uint8_t* codes, const u
       for (int m = 0; m < MC; ++m)
         for (int i = 0; i < 4; ++i) part[m][i] = _mm512_setzero_ps();
       for (int64_t k = g * G; k < (g + 1) * G; k += 8) {
+        _mm_prefetch((const char*)(pt + k * 8 + kPrefetchBytes), _MM_HINT_T0);
         const __m512i raw = _mm512_loadu_si512(pt + k * 8);
         const __m512i lo = _mm512_and_si512(raw, low4);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
@@ -620,6 +633,10 @@ void int4_gemv_tiles(const uint16_t* x, int64_t K, const uint8_t* codes, const u
           part[m][2] = _mm512_dpbf16_ps(part[m][2], w2, pair(xm + 4));
           part[m][3] = _mm512_dpbf16_ps(part[m][3], w3, pair(xm + 6));
         }
+      }
+      if (t + 1 < N / 16) {  // the next tile's scales and zeros (a stream of their own)
+        _mm_prefetch((const char*)(scales + g * N + 16 * (t + 1)), _MM_HINT_T0);
+        _mm_prefetch((const char*)(zeros + g * N + 16 * (t + 1)), _MM_HINT_T0);
       }
       const __m512 sc = widen(scales + g * N + 16 * t);
       const __m512 c = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), sc, widen(zeros + g * N + 16 * t));
