@@ -235,7 +235,9 @@ class ModelRunner:
                             step.attn.to(dev))
         if not step.sample_rows:
             return None
-        logits = self.model.compute_logits(hidden[torch.tensor(step.sample_rows, device=dev)])
+        if len(step.sample_rows) < hidden.shape[0]:  # a decode step samples every row
+            hidden = hidden[torch.tensor(step.sample_rows, device=dev)]
+        logits = self.model.compute_logits(hidden)
         if self.tp is not None:
             logits = gather_logits(logits, self.model_config.vocab_size, self.tp.rank,
                                    self.tp.world_size)

@@ -46,7 +46,8 @@ inline void for_each_slot(const int64_t* table, int64_t j0, int64_t j1, int64_t 
 // Asks for the `bytes` (a multiple of 64) at `row + kAhead` rows on: a decode step reads
 // the cache from memory (the weights streamed since evicted it), a key's rows one at a time,
 // a head's rows apart: too sparse for the hardware prefetchers to run far enough ahead.
-constexpr int64_t kAhead = 8;
+// 16 keys (A/B at 1500 tokens of context, ms/token: 8 keys 6.81, 16 6.64, 32 6.58).
+constexpr int64_t kAhead = 16;
 template <typename T>
 inline void prefetch_ahead(const T* base, const int64_t* table, int64_t j, int64_t j1,
                            int64_t block_size, int64_t slot_stride, int64_t bytes) {
