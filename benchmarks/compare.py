@@ -27,7 +27,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -40,6 +39,8 @@ from pathlib import Path
 import httpx
 import torch
 from tqdm.auto import tqdm
+
+from ember.cpuinfo import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / ".peers"
@@ -352,7 +353,7 @@ def main() -> int:
     vocab = 49152 - 1  # SmolLM2's vocabulary; ids from 100 up skip the special tokens
     result: dict = {"command": " ".join(["benchmarks/compare.py", *sys.argv[1:]]),
                     "date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads,
-                    "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+                    "cpu": cpu_model(), "torch": torch.__version__,
                     "prompt_len": args.prompt_len, "decode_len": args.decode_len,
                     "sweep_input_len": args.sweep_input_len,
                     "sweep_output_len": args.sweep_output_len, "repeats": args.repeats}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import platform
 import random
 import statistics
 import time
@@ -26,6 +25,7 @@ import torch
 
 from ember.bench.latency import run_prompt
 from ember.config import EngineConfig
+from ember.cpuinfo import cpu_model
 from ember.engine.llm_engine import LLMEngine
 from ember.models.fused_decode import FusedDecode
 
@@ -103,7 +103,7 @@ def main() -> None:
                    f"--repeats {args.repeats}",
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "mode": f"{engine.quantization}, {str(engine.dtype).removeprefix('torch.')}",
         "median_ms": median, "repetitions_ms": reps,
     }

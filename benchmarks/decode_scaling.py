@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ember.config import EngineConfig
+from ember.cpuinfo import cpu_model
 from ember.engine.llm_engine import LLMEngine
 from ember.sampling_params import SamplingParams
 
@@ -70,7 +70,7 @@ def main() -> None:
             for k, v in vars(args).items() if v is not None),
         "model": args.model or "default (SmolLM2-135M-Instruct Q4_1 GGUF)",
         "dtype": str(engine.dtype), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "prompt_len": args.prompt_len, "decode_steps": args.decode_steps,
         "results": results,
         "ratio_16_vs_1": (results[16]["tokens_per_s_median"] / results[1]["tokens_per_s_median"]

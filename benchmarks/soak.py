@@ -43,6 +43,8 @@ from pathlib import Path
 import httpx
 import psutil
 
+from ember.cpuinfo import cpu_model
+
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge "
          "every box of mixed pancakes near the old river bank at dawn").split()
 OK, ABORTED, REFUSED = "ok", "aborted by client", "refused (4xx, as expected)"
@@ -364,7 +366,7 @@ def main() -> int:
                    "requests": args.requests, "duration": args.duration,
                    "model": card["id"], "max_model_len": card["max_model_len"],
                    "server_args": args.server_args, "own_server": proc is not None},
-        "host": {"machine": platform.machine(), "cpus": os.cpu_count(),
+        "host": {"machine": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(),
                  "python": platform.python_version()},
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from ember.config import EngineConfig
+from ember.cpuinfo import cpu_model
 from ember.distributed.parallel_state import TensorParallelGroup
 from ember.engine.llm_engine import LLMEngine
 from ember.sampling_params import SamplingParams
@@ -249,7 +249,7 @@ def main() -> None:
         "command": "python benchmarks/tp_decode.py " + " ".join(sys.argv[1:]),
         "model": f"random Llama, {params / 1e9:.2f}B parameters, {SHAPE}",
         "dtype": "float32", "torch": torch.__version__, "cores": cores,
-        "cpu": platform.processor() or platform.machine(), "backend": "gloo",
+        "cpu": cpu_model(), "backend": "gloo",
         "batch": args.batch, "prompt_len": args.prompt_len, "decode_steps": args.decode_steps,
         "repeats": args.repeats, "results": results, "bare_collectives_tp2": bare,
         # Other work on the host competes for the same cores: 1-minute load averages.

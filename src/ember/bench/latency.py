@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import resource
 import statistics
@@ -21,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ember.config import EngineConfig
+from ember.cpuinfo import cpu_model
 from ember.sampling_params import SamplingParams
 
 
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace, config: EngineConfig) -> dict[str, Any]:
         "decode_tokens_per_s": 1e3 / ms_per_token,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
     }
     return result
 

@@ -2,7 +2,7 @@
 
 They are compiled once per machine, for its own instruction set (like llama.cpp's native
 build), by the system C++ compiler against the installed torch, and cached under
-~/.cache/ember/kernels/<hash of source, torch, compiler flags> (`make install` builds them
+~/.cache/ember/kernels/<hash of source, torch, compiler flags, CPU> (`make install` builds them
 ahead: `python -m ember.kernels`). They register as `torch.ops.ember_cpu.*`. Without a
 compiler, or if the build fails, ember runs PyTorch's ops instead, with a warning: the kernels
 make it faster, never able to run.
@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from ember.cpuinfo import cpu_flags, cpu_model
 
 logger = logging.getLogger("ember")
 
@@ -44,9 +46,11 @@ def _compiler() -> str | None:
 
 
 def _cache_path(cxx: str) -> Path:
+    # The CPU too: -march=native code built on one CPU can crash on another sharing the folder.
     key = hashlib.sha256()
     for part in (*(p.read_bytes() for p in SOURCES + HEADERS), torch.__version__.encode(),
-                 " ".join(FLAGS).encode(), cxx.encode()):
+                 " ".join(FLAGS).encode(), cxx.encode(), cpu_model().encode(),
+                 cpu_flags().encode()):
         key.update(part)
     root = Path(os.environ.get("EMBER_KERNELS_CACHE", Path.home() / ".cache" / "ember" / "kernels"))
     return root / key.hexdigest()[:16] / "ember_cpu.so"
