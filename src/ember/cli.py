@@ -12,27 +12,40 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from ember.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_SEND_TIMEOUT, EngineConfig
+from ember.config import (
+    DEFAULT_MAX_BODY_BYTES, DEFAULT_SEND_TIMEOUT, DataParallelConfig, EngineConfig,
+)
 from ember.errors import EmberError
 
 _TYPES = {"str": str, "int": int, "float": float}
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("engine")
-    for f in dataclasses.fields(EngineConfig):
+    _add_config_args(parser, EngineConfig, "engine")
+
+
+def _add_config_args(parser: argparse.ArgumentParser, config: type, title: str) -> None:
+    """One flag per field of the `config` dataclass, with its help text."""
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(config):
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type).split(" | ")[0]
         if kind == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
                                help=f.metadata["help"])
         else:
-            group.add_argument(flag, type=_TYPES[kind], default=f.default,
-                               help=f.metadata["help"] + " (default: %(default)s)")
+            text = f.metadata["help"]  # a help that explains its default keeps its words
+            group.add_argument(flag, type=_TYPES[kind], default=f.default, help=text if
+                               "(default:" in text else text + " (default: %(default)s)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+
+
+def data_parallel_config(args: argparse.Namespace) -> DataParallelConfig:
+    return DataParallelConfig(**{f.name: getattr(args, f.name)
+                                 for f in dataclasses.fields(DataParallelConfig)})
 
 
 def _launched_worker(config: EngineConfig) -> int | None:
@@ -79,9 +92,14 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    config = engine_config(args)
+    replicas = data_parallel_config(args)
+    if replicas.enabled:
+        from ember.serving.ray import serve_replicas
+
+        return serve_replicas(args, config, replicas)
     from ember.server.launch import serve
 
-    config = engine_config(args)
     code = _launched_worker(config)
     return serve(args, config) if code is None else code
 
@@ -140,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="on SIGTERM/SIGINT, how long in-flight requests may run before they "
                      "are aborted (default: %(default)s)")
     add_engine_args(srv)
+    _add_config_args(srv, DataParallelConfig, "replicas (data parallelism)")
     srv.set_defaults(func=_serve)
 
     bench = sub.add_parser("bench", help="measure latency, serving load or accuracy",

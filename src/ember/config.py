@@ -143,3 +143,64 @@ class EngineConfig:
                 f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ConfigError(f"kv_cache_memory must be > 0, got {self.kv_cache_memory}")
+
+
+@dataclass
+class DataParallelConfig:
+    """`ember serve`'s engine replicas behind one endpoint (`--data-parallel-size N`): each
+    replica a whole engine on its share of the cores, requests routed by prefix-cache affinity
+    then load. Field names are the CLI flags (with dashes); the help text is `--help`'s."""
+
+    data_parallel_size: int = _opt(
+        1, "engine replicas behind one endpoint (more than 1 needs --data-parallel-backend ray)")
+    data_parallel_backend: str = _opt(
+        "ray", "how replicas run: ray (Ray Serve deployments on the cluster at RAY_ADDRESS, or "
+        "on a local one started for them)")
+    min_replicas: int | None = _opt(
+        None, "autoscaling: fewest replicas (default: no autoscaling, --data-parallel-size "
+        "replicas)")
+    max_replicas: int | None = _opt(
+        None, "autoscaling: most replicas (default: --data-parallel-size)")
+    target_ongoing_requests: float = _opt(
+        16.0, "autoscaling: requests in flight per replica it aims at")
+    replica_threads: int | None = _opt(
+        None, "CPU threads of each replica, reserved as Ray CPUs so that replicas sharing a "
+        "host do not oversubscribe it (default: the host's cores / replicas)")
+    router: str = _opt(
+        "prefix", "how requests pick a replica: prefix (prefix-cache affinity while the load "
+        "is balanced, then power of two choices) or pow2 (power of two choices only)")
+    router_imbalanced_threshold: float = _opt(
+        8.0, "with --router prefix: when replicas' requests in flight differ by more than "
+        "this, route by load instead of by prefix")
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def __post_init__(self) -> None:
+        if self.data_parallel_size < 1:
+            raise ConfigError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        if self.data_parallel_backend != "ray":
+            raise ConfigError(f"data_parallel_backend must be 'ray', got "
+                              f"{self.data_parallel_backend!r}")
+        if self.router not in ("prefix", "pow2"):
+            raise ConfigError(f"router must be 'prefix' or 'pow2', got {self.router!r}")
+        low = self.min_replicas if self.min_replicas is not None else 1
+        high = self.max_replicas if self.max_replicas is not None else self.data_parallel_size
+        if not 1 <= low <= high:
+            raise ConfigError(f"need 1 <= min_replicas <= max_replicas, got {low} and {high}")
+        if self.replica_threads is not None and self.replica_threads < 1:
+            raise ConfigError(f"replica_threads must be >= 1, got {self.replica_threads}")
+        if self.target_ongoing_requests <= 0 or self.router_imbalanced_threshold < 0:
+            raise ConfigError("target_ongoing_requests must be > 0 and "
+                              "router_imbalanced_threshold >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether `ember serve` runs replicas (rather than one engine in its own process)."""
+        return (self.data_parallel_size > 1 or self.min_replicas is not None
+                or self.max_replicas is not None)
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.min_replicas is not None or self.max_replicas is not None

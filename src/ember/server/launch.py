@@ -70,6 +70,9 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
     server = _Server(
         uvicorn.Config(
             app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+            # The same event loop and HTTP parser whatever else is installed (uvicorn's "auto"
+            # takes uvloop and httptools where present, as Ray Serve's dependencies bring).
+            loop="asyncio", http="h11",
             # A backstop: the engine aborts what is left at the grace period's end.
             timeout_graceful_shutdown=args.shutdown_grace + 5,
         ),

@@ -1,0 +1,217 @@
+"""Engine replicas on Ray Serve: a real local Ray cluster (started and stopped here), two
+replicas of the default model behind `ember serve --data-parallel-size 2`, real clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from openai import OpenAI
+
+from conftest import ONE_THREAD
+from server_utils import ServerProcess, free_port
+
+RAY = str(Path(sys.executable).with_name("ray"))
+# Ray on loopback alone (a single-node cluster), its token authentication on, no usage reports.
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token"}
+WORDS = ("river stone lantern meadow copper whistle orchard harbor velvet thunder maple "
+         "garden silver candle forest bridge ember falcon winter quartz").split()
+
+
+def _text(n_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A one-node Ray cluster on loopback, stopped (with all it started) at the end."""
+    port = free_port()
+    env = {**os.environ, **RAY_ENV}
+    subprocess.run([RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                    "--num-cpus=4", "--include-dashboard=false", "--disable-usage-stats"],
+                   check=True, timeout=180, env=env, capture_output=True)
+    yield f"127.0.0.1:{port}"
+    subprocess.run([RAY, "stop", "--force"], timeout=120, env=env, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def replicas(ray_cluster):
+    server = ServerProcess(
+        "--data-parallel-size", "2", "--replica-threads", "1", "--enforce-eager",
+        "--max-model-len", "2048",
+        env={**ONE_THREAD, **RAY_ENV, "RAY_ADDRESS": ray_cluster})
+    try:
+        yield server.wait_ready(timeout=900)
+    finally:
+        server.stop(timeout=120)
+
+
+def _chat(server: ServerProcess, content: str, system: str | None = None, **extra) -> httpx.Response:
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": content}]
+    r = httpx.post(f"{server.url}/v1/chat/completions", timeout=300,
+                   json={"messages": messages, "max_tokens": 8, "temperature": 0, **extra})
+    assert r.status_code == 200, r.text
+    return r
+
+
+def _replica_metrics(server: ServerProcess) -> dict[str, dict[str, float]]:
+    """replica -> {sample name with labels (less replica): value}"""
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    out: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or 'replica="' not in line:
+            continue
+        name, value = line.rsplit(" ", 1)
+        replica = name.split('replica="', 1)[1].split('"', 1)[0]
+        out.setdefault(replica, {})[name.replace(f'replica="{replica}"', "")] = float(value)
+    return out
+
+
+def test_openai_client_chats_and_streams(replicas):
+    client = OpenAI(base_url=f"{replicas.url}/v1", api_key="unused")
+    model = client.models.list().data[0].id
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Name three colours."}],
+        max_tokens=16, temperature=0)
+    assert reply.choices[0].message.content
+    streamed = "".join(
+        chunk.choices[0].delta.content or ""
+        for chunk in client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Name three colours."}],
+            max_tokens=16, temperature=0, stream=True)
+        if chunk.choices)
+    assert streamed == reply.choices[0].message.content  # greedy: the same on either replica
+    # errors are ember's own, in OpenAI's shape
+    bad = httpx.post(f"{replicas.url}/v1/chat/completions", json={"messages": []}, timeout=60)
+    assert bad.status_code == 400 and "error" in bad.json()
+
+
+def test_shared_prefix_stays_on_one_replica(replicas):
+    system = _text(330, seed=1)  # a ~400-token system prompt shared by a conversation's turns
+    served, usage = [], []
+    for i in range(5):
+        r = _chat(replicas, f"Question {i}: {_text(6, seed=100 + i)}?", system=system)
+        served.append(r.headers["x-ember-replica"])
+        usage.append(r.json()["usage"])
+    assert len(set(served)) == 1, served
+    assert usage[0]["prompt_tokens"] >= 400
+
+
+def test_distinct_prompts_use_both_replicas(replicas):
+    served = {_chat(replicas, f"{WORDS[i]} {_text(40, seed=200 + i)}").headers["x-ember-replica"]
+              for i in range(8)}
+    assert len(served) == 2, served
+
+
+def test_metrics_carry_each_replica_and_the_router(replicas):
+    deadline = time.monotonic() + 60
+    while len(by_replica := _replica_metrics(replicas)) < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert len(by_replica) == 2
+    for samples in by_replica.values():
+        assert any(name.startswith("ember:num_requests_running") for name in samples)
+    text = httpx.get(f"{replicas.url}/metrics", timeout=30).text
+    decisions = {line.split('decision="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                 for line in text.splitlines()
+                 if line.startswith("ember:router_decisions_total{")}
+    assert decisions.get("cache_affine", 0) >= 1  # the shared-prefix conversation
+
+
+def test_disconnect_aborts_the_request_on_its_replica(replicas):
+    with httpx.Client(timeout=120) as client:
+        with client.stream("POST", f"{replicas.url}/v1/completions", json={
+                "prompt": _text(20, seed=7), "max_tokens": 1500, "ignore_eos": True,
+                "stream": True}) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # it runs on its replica: then the client leaves
+    deadline = time.monotonic() + 60
+    running = None
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        running = sum(v for samples in _replica_metrics(replicas).values()
+                      for k, v in samples.items() if k.startswith("ember:num_requests_running"))
+        if running == 0:
+            break
+    assert running == 0  # 1500 tokens take far longer: the request was aborted
+
+
+def _stream(url: str, seed: int, results: dict, started: threading.Event) -> None:
+    outcome = {"replica": None, "done": False, "error": None}
+    results[seed] = outcome
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=600, json={
+                "prompt": f"{WORDS[seed % len(WORDS)]} {_text(30, seed=300 + seed)}",
+                "max_tokens": 600, "ignore_eos": True, "stream": True}) as r:
+            outcome["replica"] = r.headers.get("x-ember-replica")
+            outcome["status"] = r.status_code
+            for line in r.iter_lines():
+                started.set()
+                if line.startswith("data: {") and '"error"' in line:
+                    outcome["error"] = json.loads(line[6:])["error"]
+                elif line == "data: [DONE]":
+                    outcome["done"] = outcome["error"] is None
+    except httpx.HTTPError as e:
+        outcome["error"] = repr(e)
+
+
+def test_killed_replica_fails_its_streams_and_is_restored(replicas):
+    """Kill one replica's process under load: its streams end with a 503 error, the others
+    complete, the endpoint keeps answering and Ray brings the replica back."""
+    before = set(_replica_metrics(replicas))
+    results: dict[int, dict] = {}
+    started = threading.Event()
+    threads = [threading.Thread(target=_stream, args=(replicas.url, i, results, started))
+               for i in range(6)]
+    for t in threads:
+        t.start()
+    assert started.wait(300)
+    time.sleep(2)
+    engines = [p for p in psutil.process_iter(["cmdline"])
+               if "EngineReplica" in " ".join(p.info["cmdline"] or [])]
+    assert len(engines) == 2, [p.info["cmdline"] for p in engines]
+    victim = engines[0]
+    victim.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    for t in threads:
+        t.join(600)
+    served = {r["replica"] for r in results.values()}
+    failed = [r for r in results.values() if not r["done"]]
+    completed = [r for r in results.values() if r["done"]]
+    assert len(served) == 2, results  # both replicas had streams
+    assert failed, results  # the victim's streams failed, and said so
+    (dead,) = {r["replica"] for r in failed}
+    assert all(r["replica"] != dead for r in completed)
+    for r in failed:
+        assert r["error"]["code"] == 503, r
+    # the endpoint answers again within 60 s, on the replica left
+    while True:
+        try:
+            r = httpx.post(f"{replicas.url}/v1/completions", timeout=60,
+                           json={"prompt": "Hello", "max_tokens": 4})
+            if r.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() - killed_at < 60
+        time.sleep(1)
+    # Ray replaces the replica: two replicas report again, one of them new
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        now = set(_replica_metrics(replicas))
+        if len(now) == 2 and now - before:
+            break
+        time.sleep(2)
+    assert len(now) == 2 and dead not in now and now - before, (before, now)
