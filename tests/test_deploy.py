@@ -32,11 +32,29 @@ def _by_kind(docs: list[dict]) -> dict[str, dict]:
 MANIFESTS = sorted(p.name for p in (DEPLOY / "kubernetes").glob("*.yaml"))
 
 
+def _pod_templates(ray_service: dict) -> list[dict]:
+    cluster = ray_service["spec"]["rayClusterConfig"]
+    return [cluster["headGroupSpec"]["template"],
+            *(group["template"] for group in cluster["workerGroupSpecs"])]
+
+
+def _validate(doc: dict) -> None:
+    # strict: a misspelt or misplaced field is an error, not ignored
+    if doc["kind"] == "RayService":
+        # KubeRay's resource: its pods against Kubernetes' schemas (as PodTemplates)
+        for template in _pod_templates(doc):
+            kubernetes_validate.validate(
+                {"apiVersion": "v1", "kind": "PodTemplate",
+                 "metadata": {"name": doc["metadata"]["name"]}, "template": template},
+                KUBERNETES_VERSION, strict=True)
+    else:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
 @pytest.mark.parametrize("name", MANIFESTS)
 def test_manifests_validate_against_the_kubernetes_schemas(name):
     for doc in _docs(name):
-        # strict: a misspelt or misplaced field is an error, not ignored
-        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        _validate(doc)
 
 
 def test_schema_validation_catches_a_bad_field():
@@ -44,7 +62,11 @@ def test_schema_validation_catches_a_bad_field():
     deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"][
         "paht"] = "/health"
     with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+        _validate(deployment)
+    ray_service = _by_kind(_docs("rayservice.yaml"))["RayService"]
+    _pod_templates(ray_service)[1]["spec"]["containers"][0]["resources"]["limit"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        _validate(ray_service)
 
 
 def _serve_args(argv: list[str]):
@@ -121,3 +143,28 @@ def test_dockerfile_installs_with_the_makefile_and_serves():
                     if word == "ARG"}
     assert {"BASE", "TORCH_SPEC"} <= set(args_by_name)
     assert "/cpu" in args_by_name["TORCH_SPEC"]
+
+
+def test_ray_service_runs_the_replicas_application():
+    from ember.serving.ray import parse_settings
+
+    ray_service = _by_kind(_docs("rayservice.yaml"))["RayService"]
+    assert ray_service["apiVersion"] == "ray.io/v1"
+    spec = ray_service["spec"]
+    (app,) = yaml.safe_load(spec["serveConfigV2"])["applications"]
+    module, _, attr = app["import_path"].partition(":")
+    assert (module, attr) == ("ember.serving.ray", "build_app")
+    args = parse_settings(app["args"])  # the settings are ember serve's own
+    assert args.data_parallel_size >= 1 and args.min_replicas <= args.max_replicas
+    import ray
+
+    assert spec["rayClusterConfig"]["rayVersion"] == ray.__version__
+    head, *workers = _pod_templates(ray_service)
+    env = {e["name"]: e for e in head["spec"]["containers"][0]["env"]}
+    assert env[API_KEY_ENV]["valueFrom"]["secretKeyRef"]["key"]
+    for template, group in zip(workers, spec["rayClusterConfig"]["workerGroupSpecs"]):
+        (container,) = template["spec"]["containers"]
+        # a worker pod's Ray CPUs are its cores, and a replica's threads fit in them
+        cores = int(container["resources"]["limits"]["cpu"])
+        assert int(group["rayStartParams"]["num-cpus"]) == cores
+        assert args.replica_threads <= cores

@@ -378,10 +378,15 @@ def application(config: EngineConfig, replicas: DataParallelConfig, served_model
     return ingress
 
 
-def build_app(args: dict[str, str]) -> serve.Application:
+def build_app(args: dict[str, Any]) -> serve.Application:
     """`serve run ember.serving.ray:build_app key=value ...` and KubeRay's RayService: the keys
     are `ember serve`'s flags with underscores (engine and replica settings, served_model_name,
     api_key — or EMBER_API_KEY in the environment —, ...); true/false for switches."""
+    return _from_args(parse_settings(args))
+
+
+def parse_settings(args: dict[str, Any]) -> argparse.Namespace:
+    """`ember serve`'s arguments from build_app's settings."""
     from ember.cli import build_parser
 
     argv = ["serve"]
@@ -395,11 +400,10 @@ def build_app(args: dict[str, str]) -> serve.Application:
         else:
             argv += [flag, str(value)]
     try:
-        parsed = build_parser().parse_args(argv)
+        return build_parser().parse_args(argv)
     except SystemExit:  # argparse has printed why
         raise ConfigError(f"invalid ember settings for build_app: {args}; the keys are "
                           f"`ember serve --help`'s flags with underscores") from None
-    return _from_args(parsed)
 
 
 # Settings that are on/off switches (`--flag` / `--no-flag`), and flags that only turn on.
