@@ -22,20 +22,22 @@ def _marked(req, marker: list[int]) -> bool:
 
 
 def _plant() -> None:
-    check_stop = LLMEngine._check_stop
+    completion_delta = LLMEngine._completion_delta
     execute = ModelRunner.execute
 
-    def faulty_check_stop(self, req, detok):
-        if _marked(req, REQUEST_FAULT):
+    def faulty_completion_delta(self, parent, index, core_output):
+        if _marked(parent, REQUEST_FAULT):
             raise RuntimeError("injected fault in one request")
-        return check_stop(self, req, detok)
+        return completion_delta(self, parent, index, core_output)
 
     def faulty_execute(self, sched):
-        if any(_marked(r, STEP_FAULT) for r in sched.requests):
+        reqs = [*sched.scheduled_new_reqs,
+                *(self.requests[c.req_id] for c in sched.scheduled_cached_reqs)]
+        if any(_marked(r, STEP_FAULT) for r in reqs):
             raise RuntimeError("injected fault: device lost")
         return execute(self, sched)
 
-    LLMEngine._check_stop = faulty_check_stop
+    LLMEngine._completion_delta = faulty_completion_delta
     ModelRunner.execute = faulty_execute
 
 

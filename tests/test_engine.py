@@ -32,6 +32,7 @@ def assert_idle(engine) -> None:
     assert all(b.ref_count == 0 for b in bm.blocks)
     assert not engine.scheduler.running and not engine.scheduler.waiting
     assert not engine.has_unfinished_requests() and not engine._children
+    assert not engine.scheduler.requests and engine.get_stats().num_queued_requests == 0
 
 
 def token_ids(outs):
@@ -165,7 +166,19 @@ def test_stats_and_metrics(llm):
                        use_tqdm=False)[0]
     m = out.metrics
     assert m.time_to_first_token is not None and m.time_to_first_token > 0
-    assert m.queue_time is not None and m.queue_time >= 0
+    assert m.queue_time is not None and 0 <= m.queue_time <= m.time_to_first_token
+    assert m.finished_time is not None and m.finished_time >= m.last_token_time
     assert m.last_token_time >= m.first_token_time
     stats = llm.llm_engine.get_stats()
     assert stats.kv_blocks_free == stats.kv_blocks_total and stats.num_running == 0
+
+
+def test_unseeded_engines_draw_fresh_seeds():
+    from ember.engine.llm_engine import engine_rng
+
+    # No configured seed: fresh entropy at every start, so sampling never repeats across
+    # restarts; a configured one reproduces.
+    assert engine_rng(None).getrandbits(63) != engine_rng(None).getrandbits(63)
+    assert engine_rng(5).getrandbits(63) == engine_rng(5).getrandbits(63)
+    from ember.config import EngineConfig
+    assert EngineConfig().seed is None

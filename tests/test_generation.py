@@ -80,6 +80,14 @@ def test_stop_token_ids_min_tokens_and_ignore_eos(default_llm):
                                use_tqdm=False)[0].outputs[0]
     assert out.token_ids == ids[: first + 1]
     assert out.finish_reason == "stop" and out.stop_reason == stop_id
+    # As vLLM: the stop token's text is not in the output, unless asked for.
+    tok = default_llm.get_tokenizer()
+    assert tok.decode(ids[first:first + 1]).strip()  # the test needs a visible stop token
+    assert out.text == tok.decode(ids[:first])
+    kept = default_llm.generate(PROMPT, SamplingParams(
+        temperature=0, max_tokens=12, stop_token_ids=[stop_id], include_stop_str_in_output=True),
+        use_tqdm=False)[0].outputs[0]
+    assert kept.text == tok.decode(ids[:first + 1])
 
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     eos = default_llm.get_tokenizer().eos_token_ids
@@ -101,8 +109,8 @@ def test_stop_token_ids_min_tokens_and_ignore_eos(default_llm):
 def test_prompt_too_long_and_bad_values(default_llm):
     engine = default_llm.llm_engine
     limit = engine.max_model_len
-    with pytest.raises(InvalidRequestError, match=f"the prompt has {limit} tokens, but "
-                                                  f"max_model_len is {limit}"):
+    with pytest.raises(InvalidRequestError, match=f"maximum context length is {limit} tokens. "
+                                                  f"However, you requested {limit + 16} tokens"):
         default_llm.generate([[100] * limit], use_tqdm=False)
     with pytest.raises(InvalidRequestError, match="the prompt is empty"):
         default_llm.generate([[]], use_tqdm=False)

@@ -192,6 +192,7 @@ def write_gguf(
     n_head: int = 4,
     n_head_kv: int = 2,
     tokenizer: str = "gpt2",
+    eos_token_id: int | None = None,
 ) -> Path:
     """A GGUF with Llama hyper-parameters, a tiny byte-level vocabulary and `tensors`
     (name -> (array, raw type of an already-quantized array, or None to store as is))."""
@@ -219,7 +220,7 @@ def write_gguf(
         w.add_token_types([1] * (len(tokens) - 1) + [3])
         w.add_token_merges(["h e", "l l"])
         w.add_bos_token_id(len(tokens) - 1)
-        w.add_eos_token_id(len(tokens) - 1)
+        w.add_eos_token_id(len(tokens) - 1 if eos_token_id is None else eos_token_id)
     for name, (array, raw_dtype) in tensors.items():
         w.add_tensor(name, array, raw_dtype=raw_dtype)
     w.write_header_to_file()
@@ -358,6 +359,12 @@ def test_unsupported_architecture(tmp_path):
 def test_unsupported_tokenizer_model(tmp_path):
     path = write_gguf(tmp_path / "bert.gguf", {}, tokenizer="bert")
     with pytest.raises(ModelLoadError, match="unsupported GGUF tokenizer model 'bert'"):
+        load_gguf(path, torch.float32)
+
+
+def test_special_token_id_outside_the_vocabulary(tmp_path):
+    path = write_gguf(tmp_path / "bad_eos.gguf", {}, eos_token_id=10**6)
+    with pytest.raises(ModelLoadError, match=r"eos_token_id = 1000000 is outside the vocabulary"):
         load_gguf(path, torch.float32)
 
 

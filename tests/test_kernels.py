@@ -86,6 +86,25 @@ def test_write_kv_fills_the_slots(src, cache):
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
 
 
+def test_kernels_refuse_slots_and_block_tables_outside_the_cache():
+    k_cache = torch.zeros(32, 2, 16)  # 2 blocks of 16
+    q = torch.randn(1, 2, 16)
+    lens = torch.tensor([20])
+    with pytest.raises(RuntimeError, match="block id 2 of sequence 0 is outside the cache"):
+        torch.ops.ember_cpu.decode_attention(q, k_cache, k_cache, torch.tensor([[0, 2]]), lens,
+                                             16, 0.25)
+    with pytest.raises(RuntimeError, match="block id -1"):
+        torch.ops.ember_cpu.decode_attention(q, k_cache, k_cache, torch.tensor([[-1, 0]]), lens,
+                                             16, 0.25)
+    with pytest.raises(RuntimeError, match="context length 40 of sequence 0 is beyond"):
+        torch.ops.ember_cpu.decode_attention(q, k_cache, k_cache, torch.tensor([[0, 1]]),
+                                             torch.tensor([40]), 16, 0.25)
+    k = torch.randn(2, 2, 16)
+    for bad in (32, -1):
+        with pytest.raises(RuntimeError, match=f"slot {bad} is outside the cache"):
+            torch.ops.ember_cpu.write_kv(k, k, k_cache, k_cache.clone(), torch.tensor([0, bad]))
+
+
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 17])
 def test_q8_0_linear_computes_with_the_files_values(rows):
     """Exactly the Q8_0 values (codes x scales), float32 accumulation; every path (1-4 rows

@@ -31,6 +31,7 @@ V = 64
         ({"temperature": -1.0}, "temperature"),
         ({"temperature": "hot"}, "temperature"),
         ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": 1e39}, "temperature"),
         ({"top_p": 0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_k": -2}, "top_k"),
@@ -40,6 +41,7 @@ V = 64
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"frequency_penalty": -3}, "frequency_penalty"),
         ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"repetition_penalty": 1e39}, "repetition_penalty"),
         ({"seed": "x"}, "seed"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"min_tokens": -1}, "min_tokens"),
@@ -50,6 +52,7 @@ V = 64
         ({"stop": ""}, "stop"),
         ({"stop": ["ok", ""]}, "stop"),
         ({"stop": 3}, "stop"),
+        ({"stop": ["x" * 1025]}, "stop"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
         ({"stop_token_ids": ["a"]}, "stop_token_ids"),
         ({"ignore_eos": "yes"}, "ignore_eos"),
@@ -62,7 +65,7 @@ def test_sampling_params_rejects(kwargs, field):
 
 
 def test_sampling_params_messages_and_normalisation():
-    with pytest.raises(InvalidRequestError, match=r"temperature must be >= 0, got -1.0"):
+    with pytest.raises(InvalidRequestError, match=r"temperature must be in \[0, 100\], got -1.0"):
         SamplingParams(temperature=-1)
     with pytest.raises(InvalidRequestError, match=r"top_p must be in \(0, 1\], got 0"):
         SamplingParams(top_p=0)

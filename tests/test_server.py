@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from ember import SamplingParams
 from ember.config import EngineConfig
 from ember.engine.async_engine import AsyncLLMEngine
+from ember.engine.input_processor import ProcessedRequest
 from ember.engine.llm_engine import EngineStats
 from ember.server import build_app
 from server_utils import ServerProcess
@@ -118,6 +119,13 @@ def test_chat_and_completion_non_streaming(server, client, model):
         again = client.completions.create(model=model, prompt=prompt, max_tokens=6,
                                           temperature=0, extra_body={"ignore_eos": True})
         assert again.choices[0].text == comp.choices[0].text
+
+
+def test_usage_counts_cached_prompt_tokens(server):
+    prompt = list(range(1000, 1040))  # 40 tokens: 2 full blocks of 16 can be cached
+    bodies = [post(server, COMP, {"prompt": prompt, "max_tokens": 1}).json() for _ in range(2)]
+    cached = [b["usage"]["prompt_tokens_details"]["cached_tokens"] for b in bodies]
+    assert cached[1] == 32 and cached[0] in (0, 32)
 
 
 def test_streaming_equals_non_streaming_greedy(client, model):
@@ -296,7 +304,7 @@ def test_api_key(server, model):
 
 # ---- (4) client disconnects -----------------------------------------------------------------
 def test_disconnects_free_the_engine(server, client, model):
-    aborted_before = server.metric("ember:request_success_total", finished_reason="abort")
+    aborted_before = server.metric("ember:request_aborted_total")
     body = {"model": model, "prompt": PROMPT, "max_tokens": 500, "ignore_eos": True,
             "stream": True}
 
@@ -323,8 +331,10 @@ def test_disconnects_free_the_engine(server, client, model):
             break
         time.sleep(0.05)
     assert idle, "the engine still holds the dropped requests 2 s after the disconnects"
-    aborted = server.metric("ember:request_success_total", finished_reason="abort")
+    aborted = server.metric("ember:request_aborted_total")
     assert aborted - aborted_before == 8
+    # A client that leaves is no success.
+    assert server.metric("ember:request_success_total", finished_reason="abort") == 0
     out = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0,
                                     extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 4
@@ -338,7 +348,7 @@ def test_metrics_exposed(server):
                  "ember:kv_cache_usage_perc", "ember:prompt_tokens_total",
                  "ember:generation_tokens_total", "ember:prefix_cache_queries_total",
                  "ember:prefix_cache_hits_total", "ember:request_success_total",
-                 "ember:request_errors_total"):
+                 "ember:request_aborted_total", "ember:request_errors_total"):
         assert name in names, name
     assert server.metric("ember:request_errors_total", status_code="401") >= 1
     assert server.metric("ember:time_to_first_token_seconds_count") > 0
@@ -384,22 +394,27 @@ def test_overload_answers_429_promptly(servers):
     body = {"prompt": PROMPT, "max_tokens": 4, "ignore_eos": True}
     start = threading.Barrier(40, timeout=60)
 
-    def one(_: int) -> tuple[int, float, dict]:
+    def one(_: int) -> tuple[int, float, dict, str | None]:
         with httpx.Client(timeout=120) as http:
             start.wait()
             t0 = time.monotonic()
             r = http.post(f"{srv.url}{COMP}", json=body)
-            return r.status_code, time.monotonic() - t0, r.json()
+            return r.status_code, time.monotonic() - t0, r.json(), r.headers.get("retry-after")
 
     with ThreadPoolExecutor(40) as pool:
         results = list(pool.map(one, range(40), timeout=180))
-    ok = [b for s, _, b in results if s == 200]
-    refused = [(t, b) for s, t, b in results if s == 429]
-    assert len(ok) + len(refused) == 40, [s for s, _, _ in results]
+    ok = [b for s, _, b, _ in results if s == 200]
+    refused = [(t, b, retry) for s, t, b, retry in results if s == 429]
+    assert len(ok) + len(refused) == 40, [s for s, _, _, _ in results]
     assert len(ok) >= 4 and len(refused) >= 20
     assert all(b["usage"]["completion_tokens"] == 4 for b in ok)
-    assert all(b["error"]["type"] == "rate_limit_error" for _, b in refused)
-    assert max(t for t, _ in refused) < 2.0  # refused at once, not after queueing
+    assert all(b["error"]["type"] == "rate_limit_error" for _, b, _ in refused)
+    assert all(retry == "1" for _, _, retry in refused)  # when to come back
+    assert max(t for t, _, _ in refused) < 2.0  # refused at once, not after queueing
+    # The queue counts requests: n over --max-queued-requests (4) is still one request.
+    r = httpx.post(f"{srv.url}{COMP}", json={**body, "n": 5}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 5
     assert httpx.get(f"{srv.url}/health").status_code == 200
 
 
@@ -463,15 +478,18 @@ class _FailingEngine:
 
     config = EngineConfig()
     max_model_len = 64
-    tokenizer = None
+    tokenizer = token_bytes = None
+
+    class input_processor:  # noqa: N801 (stands for an instance)
+        @staticmethod
+        def process(prompt: list[int], params: SamplingParams,
+                    where: str = "prompt") -> ProcessedRequest:
+            return ProcessedRequest(None, prompt, params, params.max_tokens or 1)
 
     def __init__(self) -> None:
         self.busy = False
 
-    def validate_prompt(self, ids: list[int], params: SamplingParams) -> int:
-        return 1
-
-    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, request: ProcessedRequest) -> None:
         self.busy = True
 
     def has_unfinished_requests(self) -> bool:
@@ -503,7 +521,12 @@ def test_engine_failure_fails_requests_and_health():
             assert r.status_code == 503
             assert r.json()["error"]["type"] == "service_unavailable_error"
         assert not engine.is_healthy
-        assert http.get("/health").status_code == 503
+        health = http.get("/health")
+        assert health.status_code == 503
+        # What failed stays in the server's log: /health shows no exception to anyone.
+        message = health.json()["error"]["message"]
+        assert "RuntimeError" not in message and "device lost" not in message
+        assert "see the server log" in message
 
 
 def test_a_serving_engine_freezes_what_start_up_made():
@@ -521,3 +544,14 @@ def test_a_serving_engine_freezes_what_start_up_made():
         finally:
             gc.unfreeze()
             engine.shutdown(0)
+
+
+def test_a_public_address_without_an_api_key_is_warned_about(caplog):
+    from ember.server.launch import warn_if_open
+
+    with caplog.at_level("WARNING", logger="ember.server"):
+        assert warn_if_open("0.0.0.0", [])
+        assert warn_if_open("example.org", [])
+    assert "without an API key" in caplog.text
+    assert not warn_if_open("127.0.0.1", []) and not warn_if_open("::1", [])
+    assert not warn_if_open("localhost", []) and not warn_if_open("0.0.0.0", ["key"])

@@ -48,7 +48,7 @@ def idle(server, timeout: float = 5.0) -> bool:
 
 
 def aborted(server) -> float:
-    return server.metric("ember:request_success_total", finished_reason="abort")
+    return server.metric("ember:request_aborted_total")
 
 
 def raw_request(server, body: dict, path: str = COMP, small_buffers: bool = False

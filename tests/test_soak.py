@@ -27,4 +27,8 @@ def test_short_soak(rel_server, tmp_path):
     assert result["lost"] == result["server_errors_5xx"] == result["unexpected_status"] == 0
     assert result["idle_after"] and result["healthy_after"]
     assert result["outcomes"]["ok"] >= result["requests"] // 2
-    assert result["rss_mib"]["end"] > 0
+    rss = result["rss_mib"]
+    # The reading is the server's (torch and the model are resident: hundreds of MiB), and
+    # 100 requests leave it without a leak's growth.
+    assert rss["after_warmup"] > 200
+    assert rss["growth_percent"] < 25, rss

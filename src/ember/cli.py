@@ -79,13 +79,10 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         prompt = args.prompt
     engine.add_request("cli", prompt, params)
-    printed = 0
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            text = out.outputs[0].text
-            sys.stdout.write(text[printed:])
+        for out in engine.step():  # deltas: each step's new text
+            sys.stdout.write(out.outputs[0].text)
             sys.stdout.flush()
-            printed = len(text)
     sys.stdout.write("\n")
     engine.shutdown()
     return 0

@@ -9,15 +9,28 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ember.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 # The server's defaults for `ember serve` and `build_app` (here, so the CLI needs no FastAPI).
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # larger request bodies get HTTP 413
 DEFAULT_SEND_TIMEOUT = 60.0  # seconds a streaming client may accept nothing
+DEFAULT_MAX_QUEUED_REQUESTS = 256  # requests waiting to start; more get HTTP 429
+
+
+def resolve_device(device: str) -> "torch.device":
+    """`auto` -> cuda when available, else cpu; anything else as torch spells it."""
+    import torch  # here, so that the CLI's help and config checks need no torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 @dataclass(frozen=True)
@@ -100,7 +113,9 @@ class EngineConfig:
     enforce_eager: bool = _opt(False, "run the model eagerly: no torch.compile of the decoder "
                                "layer (compiling takes seconds at start, cached on disk)")
     max_model_len: int | None = _opt(None, "context length (default: the model's)")
-    seed: int = _opt(0, "seed for requests that set none")
+    seed: int | None = _opt(
+        None, "seed of the noise of requests that set none (default: a fresh random seed at "
+        "every start, so unseeded sampling never repeats across restarts)")
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
     block_size: int = _opt(16, "tokens per KV-cache block")
     kv_cache_memory: float | None = _opt(
@@ -111,7 +126,9 @@ class EngineConfig:
     max_num_seqs: int = _opt(64, "most sequences in one step")
     max_num_batched_tokens: int = _opt(512, "token budget of one step (prompt chunks + decodes)")
     max_queued_requests: int | None = _opt(
-        None, "most requests waiting to start; more are refused (HTTP 429)")
+        DEFAULT_MAX_QUEUED_REQUESTS, "the server's limit on requests waiting to start (each "
+        "counts once, whatever its n); more are refused with HTTP 429 and Retry-After. The "
+        "offline LLM API queues without limit")
     tensor_parallel_size: int = _opt(
         1, "split every layer across N ranks, one process per device (on CPU they share the "
         "host); under torchrun it must equal WORLD_SIZE")

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ember.config import EngineConfig
 from ember.engine.llm_engine import LLMEngine
 from ember.errors import InvalidRequestError
-from ember.outputs import RequestOutput
+from ember.outputs import RequestOutput, merge_outputs
 from ember.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict[str, Any]
@@ -28,7 +28,7 @@ class LLM:
         model: str | None = None,
         dtype: str = "auto",
         max_model_len: int | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         **kwargs: Any,
     ) -> None:
         config = EngineConfig.from_kwargs(
@@ -91,15 +91,18 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        """Step until every request is done; each request's deltas are merged once, at its end."""
         engine = self.llm_engine
+        deltas: dict[str, list[RequestOutput]] = {rid: [] for rid in request_ids}
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm,
                    dynamic_ncols=True)
         try:
             while engine.has_unfinished_requests():
                 for out in engine.step():
+                    deltas[out.request_id].append(out)
                     if out.finished:
-                        finished[out.request_id] = out
+                        finished[out.request_id] = merge_outputs(deltas.pop(out.request_id))
                         bar.update(1)
         except BaseException:
             for rid in request_ids:  # leave no half-done request behind (KeyboardInterrupt)

@@ -1,4 +1,10 @@
-"""What generation returns, in vLLM's shape: RequestOutput -> CompletionOutput(s)."""
+"""What generation returns, in vLLM's shape: RequestOutput -> CompletionOutput(s).
+
+The engine emits deltas (vLLM's `RequestOutputKind.DELTA`): each step's `RequestOutput` holds,
+for every sequence that advanced, only what that step added (new token ids, new text, new
+logprobs), so a step costs the same whatever a request's length, n or logprobs.
+`merge_outputs` assembles a request's deltas into the whole output, once, at the end.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +21,8 @@ class Logprob:
 @dataclass
 class CompletionOutput:
     index: int
-    text: str
-    token_ids: list[int]
+    text: str  # a delta: the text this step added
+    token_ids: list[int]  # a delta: the tokens this step added
     cumulative_logprob: float | None = None
     logprobs: list[dict[int, Logprob]] | None = None  # per generated token, when requested
     finish_reason: str | None = None  # "stop" | "length" | "abort"
@@ -58,3 +64,29 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     metrics: RequestMetrics | None = None
     error: str | None = field(default=None)  # set when the engine failed this request
+
+
+def merge_outputs(deltas: list[RequestOutput]) -> RequestOutput:
+    """One request's deltas, in order, as one cumulative RequestOutput (linear time)."""
+    last = deltas[-1]
+    texts: dict[int, list[str]] = {}
+    merged: dict[int, CompletionOutput] = {}
+    for delta in deltas:
+        for c in delta.outputs:
+            m = merged.get(c.index)
+            if m is None:
+                m = merged[c.index] = CompletionOutput(
+                    c.index, "", [], logprobs=[] if c.logprobs is not None else None)
+                texts[c.index] = []
+            texts[c.index].append(c.text)
+            m.token_ids.extend(c.token_ids)
+            if c.logprobs is not None and m.logprobs is not None:
+                m.logprobs.extend(c.logprobs)
+            m.cumulative_logprob = c.cumulative_logprob
+            m.finish_reason, m.stop_reason = c.finish_reason, c.stop_reason
+    for index, m in merged.items():
+        m.text = "".join(texts[index])
+    return RequestOutput(
+        request_id=last.request_id, prompt=last.prompt, prompt_token_ids=last.prompt_token_ids,
+        outputs=[merged[i] for i in sorted(merged)], finished=last.finished,
+        num_cached_tokens=last.num_cached_tokens, metrics=last.metrics, error=last.error)

@@ -35,6 +35,11 @@ def _is_real(value: Any) -> bool:
 class SamplingParams:
     MAX_LOGPROBS: ClassVar[int] = 20
     MAX_STOP: ClassVar[int] = 64  # stop strings, and stop token ids: each is checked per token
+    # Upper bounds: beyond them float32 logits overflow to inf and sampling degenerates
+    # (1e39 is inf), and a long stop string holds back that much streamed text.
+    MAX_TEMPERATURE: ClassVar[float] = 100.0
+    MAX_REPETITION_PENALTY: ClassVar[float] = 100.0
+    MAX_STOP_CHARS: ClassVar[int] = 1024
 
     n: int = 1
     presence_penalty: float = 0.0
@@ -59,8 +64,8 @@ class SamplingParams:
         self._check_int("n", lo=1)
         self._check_float("presence_penalty", -2.0, 2.0)
         self._check_float("frequency_penalty", -2.0, 2.0)
-        self._check_float("repetition_penalty", 0.0, None, lo_open=True)
-        self._check_float("temperature", 0.0, None)
+        self._check_float("repetition_penalty", 0.0, self.MAX_REPETITION_PENALTY, lo_open=True)
+        self._check_float("temperature", 0.0, self.MAX_TEMPERATURE)
         self._check_float("top_p", 0.0, 1.0, lo_open=True)
         self._check_int("top_k", lo=-1)
         self.top_k = max(self.top_k, 0)
@@ -128,6 +133,10 @@ class SamplingParams:
         for s in items:
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError(f"stop strings must be non-empty strings, got {s!r}")
+            if len(s) > SamplingParams.MAX_STOP_CHARS:
+                raise InvalidRequestError(
+                    f"stop strings must be at most {SamplingParams.MAX_STOP_CHARS} characters, "
+                    f"got one of {len(s)}")
         return list(items)
 
     @staticmethod

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ember.config import EngineConfig
+from ember.config import EngineConfig, resolve_device
 from ember.errors import ConfigError
 
 logger = logging.getLogger("ember")
@@ -99,7 +99,6 @@ def parallel_plan(config: EngineConfig, spawned_rank: int | None = None) -> Para
     else:
         rank = local_rank = spawned_rank or 0
         local_world = world
-    from ember.engine.llm_engine import resolve_device
 
     device = resolve_device(config.device)
     if device.type == "cuda":

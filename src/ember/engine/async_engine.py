@@ -3,11 +3,13 @@
 The engine is not thread-safe, so one thread owns it: it loads the model, then loops
 `drain commands -> step -> deliver outputs`. Callers never touch it directly; they enqueue
 add/abort commands on a thread-safe queue, which the loop drains before every step (and
-blocks on when there is nothing to do). Outputs go back to each request's asyncio.Queue
+blocks on when there is nothing to do). Delta outputs go back to each request's `_Stream`
 through `loop.call_soon_threadsafe`.
 
-Validation (tokenization, context length, queue limit) runs on the caller's side, so a bad
-or refused request fails at once instead of after the current step.
+Validation (tokenization, context length, output bound; `InputProcessor`) runs on the
+caller's side in a worker thread, off the event loop, so a bad request fails at once instead of
+after the current step and a large prompt stalls no other stream. The queue limit counts
+requests (a request counts once, whatever its n).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from ember.config import EngineConfig
+from ember.engine.detokenizer import TokenBytes
+from ember.engine.input_processor import InputProcessor, ProcessedRequest
 from ember.engine.llm_engine import EngineStats, LLMEngine
 from ember.errors import EmberError, InvalidRequestError, QueueFullError
 from ember.loading.tokenizer import Tokenizer
@@ -41,16 +45,17 @@ class RequestFailedError(RuntimeError):
 
 @dataclass
 class _Stream:
-    """Where one request's outputs go, and what the engine thread knows of its progress.
+    """Where one request's delta outputs go.
 
-    Outputs are cumulative, so the stream keeps only the latest: a consumer that falls behind
-    (a client that stops reading) holds one output, never a growing queue, and never slows
-    the engine thread. An exception is final: nothing replaces it.
+    Deltas wait here until the consumer takes them, all at once: a consumer that falls behind
+    (a client that stops reading) never slows the engine thread, and catching up costs it
+    one wake-up. An exception is final: nothing follows it.
     """
 
     loop: asyncio.AbstractEventLoop
-    num_tokens: int = 0  # generated so far, over all n sequences
-    _latest: RequestOutput | BaseException | None = None
+    started: bool = False  # a delta has been delivered (engine thread)
+    _pending: list[RequestOutput] = field(default_factory=list)
+    _error: BaseException | None = None
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     def put(self, item: RequestOutput | BaseException) -> None:
@@ -61,23 +66,28 @@ class _Stream:
             pass
 
     def _set(self, item: RequestOutput | BaseException) -> None:
-        if not isinstance(self._latest, BaseException):
-            self._latest = item
-            self._ready.set()
+        if self._error is not None:
+            return
+        if isinstance(item, BaseException):
+            self._error = item
+        else:
+            self._pending.append(item)
+        self._ready.set()
 
-    async def get(self) -> RequestOutput | BaseException:
+    async def get(self) -> list[RequestOutput]:
+        """The deltas that arrived since the last call (at least one), or raise the error."""
         await self._ready.wait()
         self._ready.clear()
-        item, self._latest = self._latest, None
-        assert item is not None
-        return item
+        if self._error is not None:
+            raise self._error
+        items, self._pending = self._pending, []
+        return items
 
 
 @dataclass
 class _Add:
     request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
+    request: ProcessedRequest
 
 
 @dataclass
@@ -108,7 +118,7 @@ class AsyncLLMEngine:
         self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards the fields below
         self._streams: dict[str, _Stream] = {}
-        self._pending_seqs = 0  # sequences of adds not yet drained by the engine thread
+        self._pending_requests = 0  # adds not yet drained by the engine thread
         self._stats: EngineStats | None = None  # refreshed by the engine thread
         self._error: str | None = None  # why the engine is dead
         self._closing = False
@@ -142,10 +152,6 @@ class AsyncLLMEngine:
     def error(self) -> str | None:
         return self._error
 
-    @property
-    def load_failed(self) -> bool:
-        return self._error is not None and self.engine is None
-
     def stats(self) -> EngineStats | None:
         return self._stats
 
@@ -175,50 +181,60 @@ class AsyncLLMEngine:
     @property
     def vocab_size(self) -> int:
         """Token ids below this are valid for both the model and its tokenizer."""
-        engine = self._check_available()
-        return min(engine.model_config.vocab_size, engine.tokenizer.vocab_size)
+        return self.input_processor.vocab_size
+
+    @property
+    def input_processor(self) -> InputProcessor:
+        return self._check_available().input_processor
+
+    @property
+    def token_bytes(self) -> TokenBytes:
+        return self._check_available().token_bytes
 
     # ---- requests ------------------------------------------------------------------------
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
-        engine = self._check_available()
-        return engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-
     async def generate(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
+        self, request_id: str, prompt: str | list[int] | ProcessedRequest,
+        params: SamplingParams | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's cumulative output after every step that advanced it.
+        """Yield the request's delta outputs as steps advance it (see ember.outputs).
 
-        Bad input and a full queue raise before the first yield; a consumer that stops
-        iterating (or is cancelled) aborts the request.
+        A prompt that is not a `ProcessedRequest` yet is processed in a worker thread. Bad
+        input and a full queue raise before the first yield; a consumer that stops iterating
+        (or is cancelled) aborts the request.
         """
+        if isinstance(prompt, ProcessedRequest):
+            request = prompt
+        else:
+            request = await asyncio.to_thread(
+                self.input_processor.process, prompt, params or SamplingParams())
         engine = self._check_available()
-        ids = self.tokenize(prompt)
-        engine.validate_prompt(ids, params)
         stream = _Stream(asyncio.get_running_loop())
         limit = engine.config.max_queued_requests
         with self._lock:
             self._check_available()  # it may have died or closed meanwhile
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")
-            waiting = (self._stats.num_waiting if self._stats else 0) + self._pending_seqs
-            if limit is not None and waiting + params.n > limit:
+            queued = (self._stats.num_queued_requests if self._stats else 0)
+            queued += self._pending_requests
+            if limit is not None and queued >= limit:
                 raise QueueFullError(
-                    f"the server is busy: {waiting} sequences are waiting to start "
-                    f"(max_queued_requests={limit}); retry later"
-                )
+                    f"the server is busy: {queued} requests are waiting to start "
+                    f"(max_queued_requests={limit}); retry later")
             self._streams[request_id] = stream
-            self._pending_seqs += params.n
+            self._pending_requests += 1
             self._idle.clear()
-        self._commands.put(_Add(request_id, ids, params))
+        self._commands.put(_Add(request_id, request))
         finished = False
         try:
             while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
+                try:
+                    items = await stream.get()
+                except BaseException:
                     finished = True  # the engine has already dropped it
-                    raise item
-                finished = item.finished
-                yield item
+                    raise
+                for item in items:
+                    finished = item.finished
+                    yield item
                 if finished:
                     return
         finally:
@@ -259,7 +275,10 @@ class AsyncLLMEngine:
                 logger.error("model load failed: %s", e)
             else:
                 logger.exception("the engine failed to load")
-            self._error = f"model load failed: {e}"
+            # A user error's message says what to fix; a crash's stays in the log (it may
+            # hold paths or internals: /health shows this text to anyone).
+            self._error = ("model load failed: " + str(e) if isinstance(e, EmberError)
+                           else "model load failed; see the server log")
             self._ready.set()
             return
         self._stats = self.engine.get_stats()
@@ -272,9 +291,10 @@ class AsyncLLMEngine:
             if self._closing:  # shut down while loading
                 return
             self._loop(self.engine)
-        except Exception as e:
+        except Exception:
             logger.exception("engine step failed; the engine is dead")
-            self._fail_all(EngineUnavailableError(f"engine failure: {e!r}"), error=repr(e))
+            reason = "engine failure; see the server log"
+            self._fail_all(EngineUnavailableError(reason), error=reason)
         else:
             self._fail_all(EngineUnavailableError("the server is shutting down"))
         finally:
@@ -319,13 +339,13 @@ class AsyncLLMEngine:
             engine.abort_request(cmd.request_id)
             return
         with self._lock:
-            self._pending_seqs -= cmd.params.n
+            self._pending_requests -= 1
             stream = self._streams.get(cmd.request_id)
         if stream is None:
             return  # aborted before it reached the engine
         try:
-            engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params)
-        except Exception as e:  # EmberError (e.g. a queue-full race) or a bug: this request only
+            engine.add_request(cmd.request_id, cmd.request)
+        except Exception as e:  # EmberError (a reused id) or a bug: this request only
             if not isinstance(e, EmberError):
                 logger.exception("add_request failed for %s", cmd.request_id)
             self._pop_stream(cmd.request_id)
@@ -343,11 +363,10 @@ class AsyncLLMEngine:
             if out.error is not None:  # the engine failed this request alone (and logged it)
                 stream.put(RequestFailedError(f"request {out.request_id} failed: {out.error}"))
                 continue
-            num_tokens = sum(len(c.token_ids) for c in out.outputs)
-            if stream.num_tokens == 0:
+            if not stream.started:
+                stream.started = True
                 window.prompt_tokens += len(out.prompt_token_ids) - out.num_cached_tokens
-            window.generation_tokens += num_tokens - stream.num_tokens
-            stream.num_tokens = num_tokens
+            window.generation_tokens += sum(len(c.token_ids) for c in out.outputs)
             stream.put(out)
 
     def _fail_all(self, exc: EngineUnavailableError, error: str | None = None) -> None:

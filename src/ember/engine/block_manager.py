@@ -1,13 +1,16 @@
 """The KV-cache block pool: allocation, reference counts and automatic prefix caching.
 
-A full block is identified by a hash chained over its token ids and its predecessor's hash,
-so equal hashes mean equal prefixes. Cached blocks are shared by reference count; when their
+A full block is identified by a SHA-256 digest chained over its predecessor's digest and its
+own token ids, so equal digests mean equal prefixes. (Python's `hash()` would let a client who
+sends token ids craft a collision with another tenant's cached prefix and read its K/V.) Cached blocks are shared by reference count; when their
 count drops to zero they stay in the free pool with their contents, in least-recently-freed
 order, and are evicted only when a fresh block is needed.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -18,11 +21,14 @@ from ember.engine.request import Request
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None
+    hash: bytes | None = None
 
 
-def chain_hash(prev: int | None, token_ids: list[int] | tuple[int, ...]) -> int:
-    return hash((prev, tuple(token_ids)))
+def chain_hash(prev: bytes | None, token_ids: list[int] | tuple[int, ...]) -> bytes:
+    """The digest of a block: SHA-256 over the parent's digest and the block's token ids."""
+    h = hashlib.sha256(prev or b"")
+    h.update(array("q", token_ids).tobytes())
+    return h.digest()
 
 
 class BlockManager:
@@ -33,7 +39,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Free blocks, oldest-freed first; popping from the front evicts the LRU cached block.
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.cached: dict[int, int] = {}  # hash -> block id
+        self.cached: dict[bytes, int] = {}  # digest -> block id
         # Blocks are first handed out in id order (freed ones queue behind the never-used), so
         # the blocks ever used are exactly [0, num_touched_blocks).
         self.num_touched_blocks = 0
@@ -52,15 +58,22 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _hashes(self, req: Request, num_full_blocks: int) -> list[int]:
+    def _hashes(self, req: Request, num_full_blocks: int) -> list[bytes]:
         """Extend req.block_hashes to cover `num_full_blocks` full blocks of its tokens."""
         bs = self.block_size
-        tokens = None
+        prompt, output = req.prompt_token_ids, req.output_token_ids
+        n = len(prompt)
         while len(req.block_hashes) < num_full_blocks:
-            tokens = tokens or req.all_token_ids
             i = len(req.block_hashes)
-            prev = req.block_hashes[-1] if i else None
-            req.block_hashes.append(chain_hash(prev, tokens[i * bs : (i + 1) * bs]))
+            start, end = i * bs, (i + 1) * bs
+            # Slice prompt and output apart: concatenating them would cost O(length) per block.
+            if end <= n:
+                tokens = prompt[start:end]
+            elif start >= n:
+                tokens = output[start - n : end - n]
+            else:
+                tokens = prompt[start:] + output[: end - n]
+            req.block_hashes.append(chain_hash(req.block_hashes[-1] if i else None, tokens))
         return req.block_hashes
 
     def find_cached_prefix(self, req: Request) -> list[int]:
@@ -135,8 +148,3 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free[b] = None
         req.block_table = []
-
-    def reset_prefix_cache(self) -> None:
-        for block in self.blocks:
-            block.hash = None
-        self.cached.clear()

@@ -8,6 +8,8 @@ same plus the new tokens, and emits the difference, once it does not end in a pa
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Sequence
 
 from ember.loading.tokenizer import Tokenizer
@@ -119,3 +121,64 @@ class IncrementalDetokenizer:
         self._text = self._text[: i + len(s) if self.include_stop_str_in_output else i]
         self.stop_reason = s
         return s
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character that stands for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class TokenBytes:
+    """The exact bytes each token adds to the text after other tokens (logprob `token`/`bytes`).
+
+    Decoding a token alone is wrong twice over: a decoder drops a sequence's leading space
+    (SentencePiece's "▁Paris" decodes to "Paris" alone, " Paris" in context), and a token that
+    holds part of a UTF-8 character decodes to U+FFFD. A token's own piece gives its bytes:
+    byte-level BPE spells bytes in GPT-2's alphabet, SentencePiece writes "▁" for a space and
+    "<0xNN>" for a byte fallback, added tokens are their content. Looked up once per id.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        backend = tokenizer.backend
+        self._backend = backend
+        decoder = json.loads(backend.to_str()).get("decoder") or {}
+        kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders") or ()}
+        self._byte_level = _byte_level_alphabet() if "ByteLevel" in kinds else None
+        self._added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
+        self._cache: dict[int, bytes] = {}
+
+    def __call__(self, token_id: int) -> bytes:
+        b = self._cache.get(token_id)
+        if b is None:
+            b = self._cache[token_id] = self._bytes(token_id)
+        return b
+
+    def text(self, token_id: int) -> str:
+        """The token's bytes as text; a partial UTF-8 character shows as U+FFFD."""
+        return self(token_id).decode("utf-8", "replace")
+
+    def _bytes(self, token_id: int) -> bytes:
+        if token_id in self._added:
+            return self._added[token_id].encode()
+        piece = self._backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if self._byte_level is not None:
+            alphabet = self._byte_level
+            return bytes(alphabet[c] for c in piece if c in alphabet)
+        m = _BYTE_TOKEN.fullmatch(piece)
+        if m:
+            return bytes([int(m.group(1), 16)])
+        return piece.replace("\u2581", " ").encode()

@@ -1,29 +1,30 @@
 """The engine loop: add_request / abort_request / step.
 
-One `step()` = schedule -> one forward + sample -> append tokens, detokenize, check stops,
-free finished requests -> RequestOutputs for every request that advanced.
-A request with n > 1 is fanned out into n child sequences that share the prompt's KV blocks
-through the prefix cache; its RequestOutput gathers the children.
+One `step()` = schedule (a `SchedulerOutput`) -> one forward + sample (a `ModelRunnerOutput`)
+-> the scheduler appends the tokens, applies the token-level stop rules and frees what
+finished -> the engine detokenizes, checks stop strings and emits one delta `RequestOutput` per
+request that advanced. A request with n > 1 is fanned out into n child sequences that share
+the prompt's KV blocks through the prefix cache; its deltas gather the children that advanced.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import secrets
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
-from ember.config import EngineConfig
+from ember.config import EngineConfig, resolve_device
 from ember.engine.block_manager import BlockManager
-from ember.engine.detokenizer import IncrementalDetokenizer
+from ember.engine.detokenizer import IncrementalDetokenizer, TokenBytes
+from ember.engine.input_processor import InputProcessor, ProcessedRequest
 from ember.engine.model_runner import load_runner
-from ember.engine.request import Request, RequestStatus
-from ember.engine.scheduler import Scheduler
-from ember.errors import InvalidRequestError, QueueFullError
+from ember.engine.request import Request
+from ember.engine.scheduler import EngineCoreOutput, Scheduler
+from ember.errors import InvalidRequestError
 from ember.loading.loader import open_model, resolve_precision
 from ember.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ember.sampling_params import SamplingParams
@@ -31,10 +32,9 @@ from ember.sampling_params import SamplingParams
 logger = logging.getLogger("ember")
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def engine_rng(seed: int | None) -> random.Random:
+    """Where unseeded requests get their seeds: `seed`, or fresh OS entropy at every start."""
+    return random.Random(secrets.randbits(64) if seed is None else seed)
 
 
 @dataclass
@@ -47,6 +47,7 @@ class _Parent:
     children: list[Request]
     detokenizers: list[IncrementalDetokenizer]
     arrival_time: float = field(default_factory=time.monotonic)
+    started: bool = False  # a child has been scheduled
 
     @property
     def finished(self) -> bool:
@@ -55,14 +56,15 @@ class _Parent:
 
 @dataclass
 class EngineStats:
-    num_running: int
-    num_waiting: int
+    num_running: int  # sequences
+    num_waiting: int  # sequences
     kv_blocks_total: int
     kv_blocks_free: int
     kv_cache_usage: float
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    num_queued_requests: int = 0  # requests none of whose sequences has started
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -114,9 +116,14 @@ class LLMEngine:
             str(self.dtype).removeprefix("torch."), self.max_model_len, config.max_num_seqs,
             config.max_num_batched_tokens, "on" if config.enable_prefix_caching else "off",
         )
-        self._rng = random.Random(config.seed)
+        self.input_processor = InputProcessor(
+            self.tokenizer, self.model_config.vocab_size, self.max_model_len, num_blocks,
+            config.block_size)
+        self.token_bytes = TokenBytes(self.tokenizer)
+        self._rng = engine_rng(config.seed)
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, tuple[_Parent, int]] = {}
+        self._num_queued = 0  # parents none of whose children has been scheduled
 
     @classmethod
     def from_engine_args(cls, **kwargs) -> "LLMEngine":
@@ -141,54 +148,21 @@ class LLMEngine:
             self.parallel.on_failure(callback)
 
     # ---- requests ------------------------------------------------------------------------
-    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
-        """Raise InvalidRequestError if the request cannot be served; return its max_tokens."""
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise InvalidRequestError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        for what, ids in (("prompt", prompt_token_ids), ("stop_token_ids", params.stop_token_ids)):
-            bad = [t for t in ids or () if not 0 <= t < vocab]
-            if bad:
-                raise InvalidRequestError(
-                    f"{what} token id {bad[0]} is outside the vocabulary [0, {vocab})"
-                )
-        if n >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {n} tokens, but max_model_len is {self.max_model_len} "
-                f"(the prompt plus at least one generated token must fit)"
-            )
-        room = self.max_model_len - n
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        if params.prompt_logprobs is not None:
-            raise InvalidRequestError("prompt_logprobs is not supported")
-        need = self.block_manager.blocks_needed(n + max_tokens)
-        if need > self.block_manager.num_blocks:
-            raise InvalidRequestError(
-                f"the request needs {need} KV blocks ({n} prompt + {max_tokens} new tokens) "
-                f"but the cache has only {self.block_manager.num_blocks}"
-            )
-        return max_tokens
-
     def add_request(
         self,
         request_id: str,
-        prompt: str | list[int],
+        prompt: str | list[int] | ProcessedRequest,
         params: SamplingParams | None = None,
     ) -> None:
-        params = params or SamplingParams()
+        """Queue a request. A `ProcessedRequest` (from `input_processor.process`, which the
+        server runs off the engine thread) is taken as it is; anything else is processed here."""
         if request_id in self._parents:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        limit = self.config.max_queued_requests
-        if limit is not None and len(self.scheduler.waiting) >= limit:
-            raise QueueFullError(
-                f"the waiting queue is full ({limit} requests, max_queued_requests)"
-            )
-        if isinstance(prompt, str):
-            text, ids = prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, ProcessedRequest):
+            processed = prompt
         else:
-            text, ids = None, list(prompt)
-        max_tokens = self.validate_prompt(ids, params)
+            processed = self.input_processor.process(prompt, params or SamplingParams())
+        params, ids = processed.params, processed.prompt_token_ids
         eos = () if params.ignore_eos else self.tokenizer.eos_token_ids
         children, detoks = [], []
         for i in range(params.n):
@@ -199,7 +173,7 @@ class LLMEngine:
             )
             child = Request(
                 request_id=request_id if params.n == 1 else f"{request_id}#{i}",
-                prompt_token_ids=ids, params=params, seed=seed, max_tokens=max_tokens,
+                prompt_token_ids=ids, params=params, seed=seed, max_tokens=processed.max_tokens,
                 eos_token_ids=eos,
             )
             children.append(child)
@@ -208,8 +182,9 @@ class LLMEngine:
                 stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
                 min_tokens=params.min_tokens,
             ))
-        parent = _Parent(request_id, text, ids, children, detoks)
+        parent = _Parent(request_id, processed.prompt, ids, children, detoks)
         self._parents[request_id] = parent
+        self._num_queued += 1
         for i, child in enumerate(children):
             child.arrival_time = parent.arrival_time
             self._children[child.request_id] = (parent, i)
@@ -219,8 +194,7 @@ class LLMEngine:
         parent = self._parents.get(request_id)
         if parent is None:
             return
-        for child in parent.children:
-            self.scheduler.finish(child, "abort")
+        self.scheduler.finish_requests([c.request_id for c in parent.children], "abort")
         self._forget(parent)
 
     def has_unfinished_requests(self) -> bool:
@@ -232,10 +206,10 @@ class LLMEngine:
 
     # ---- the loop --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One step; a delta RequestOutput for every request that advanced or finished."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        self.runner.prepare_blocks(self.block_manager.num_touched_blocks)
         try:
             result = self.runner.execute(sched)
         except BaseException as e:
@@ -243,61 +217,80 @@ class LLMEngine:
             if reason is not None:
                 raise RuntimeError(f"tensor parallelism failed: {reason}") from e
             raise
-        now = time.monotonic()
-        for req, n in zip(sched.requests, sched.num_scheduled_tokens):
-            req.num_computed_tokens += n
-        touched: dict[str, _Parent] = {}
-        failed: dict[str, Exception] = {}
-        out = result.output
-        if out is not None:
-            ids = out.sampled_token_ids.tolist()
-            lps = out.logprobs.tolist()
-            top_ids = out.topk_token_ids.tolist() if out.topk_token_ids is not None else None
-            top_lps = out.topk_logprobs.tolist() if out.topk_logprobs is not None else None
-            for row, req in enumerate(result.sampled):
-                parent, index = self._children[req.request_id]
-                touched[parent.request_id] = parent
-                if parent.request_id in failed:
-                    continue
-                # A failure here concerns this request alone (its tokens, its detokenizer):
-                # it fails, the batch goes on.
-                try:
-                    req.output_token_ids.append(ids[row])
-                    req.output_logprobs.append(lps[row])
-                    if req.params.logprobs is not None:
-                        k = req.params.logprobs  # 0: only the chosen token's logprob
-                        req.output_top_logprobs.append(
-                            (top_ids[row][:k], top_lps[row][:k]) if k else ([], []))
-                    if req.first_token_time is None:
-                        req.first_token_time = now
-                    req.last_token_time = now
-                    self._check_stop(req, parent.detokenizers[index])
-                except Exception as e:
-                    failed[parent.request_id] = e
+        for new in sched.scheduled_new_reqs:
+            parent = self._children[new.req_id][0]
+            if not parent.started:
+                parent.started = True
+                self._num_queued -= 1
+        core_outputs = self.scheduler.update_from_output(sched, result)
+        return self._process_outputs(core_outputs)
+
+    def _process_outputs(self, core_outputs: list[EngineCoreOutput]) -> list[RequestOutput]:
+        advanced: dict[str, tuple[_Parent, list[CompletionOutput]]] = {}
+        failed: dict[str, tuple[_Parent, Exception]] = {}
+        for co in core_outputs:
+            parent, index = self._children[co.req_id]
+            if parent.request_id in failed:
+                continue
+            # A failure here concerns this request alone (its tokens, its detokenizer):
+            # it fails, the batch goes on.
+            try:
+                delta = self._completion_delta(parent, index, co)
+            except Exception as e:
+                failed[parent.request_id] = (parent, e)
+                advanced.pop(parent.request_id, None)
+                continue
+            advanced.setdefault(parent.request_id, (parent, []))[1].append(delta)
         outputs = []
-        for p in touched.values():
-            error = failed.get(p.request_id)
-            if error is None:
-                try:
-                    outputs.append(self._make_output(p))
-                except Exception as e:
-                    error = e
-            if error is not None:
-                outputs.append(self._fail_request(p, error))
-            elif p.finished:
-                self._forget(p)
+        for parent, completions in advanced.values():
+            outputs.append(self._make_output(parent, completions))
+            if parent.finished:
+                self._forget(parent)
+        for parent, error in failed.values():
+            outputs.append(self._fail_request(parent, error))
         return outputs
 
+    def _completion_delta(self, parent: _Parent, index: int,
+                          co: EngineCoreOutput) -> CompletionOutput:
+        """What this step added to one sequence: tokens, text (stop strings checked) and
+        logprobs."""
+        req, detok = parent.children[index], parent.detokenizers[index]
+        text_ids = co.new_token_ids
+        if (co.finish_reason == "stop" and not isinstance(co.stop_reason, str)
+                and not req.params.include_stop_str_in_output):
+            text_ids = text_ids[:-1]  # as vLLM: an EOS or stop token's text is not output
+        text, stop_str = detok.add_tokens(text_ids) if text_ids else ("", None)
+        finish, stop = co.finish_reason, co.stop_reason
+        if stop_str is not None:
+            self.scheduler.finish_requests(co.req_id, "stop", stop_str)
+            # Also when max_tokens ended it at the same token: the stop string wins.
+            finish, stop = req.finish_reason, req.stop_reason = "stop", stop_str
+        if finish is not None:
+            text += detok.finish()
+        logprobs = None
+        if co.new_top_logprobs is not None:
+            logprobs = []
+            for tok, lp, (tids, tlps) in zip(co.new_token_ids, co.new_logprobs,
+                                             co.new_top_logprobs):
+                entry = {t: Logprob(l, r + 1, self.token_bytes.text(t))
+                         for r, (t, l) in enumerate(zip(tids, tlps))}
+                if tok not in entry:
+                    entry[tok] = Logprob(lp, None, self.token_bytes.text(tok))
+                logprobs.append(entry)
+        return CompletionOutput(index=index, text=text, token_ids=co.new_token_ids,
+                                cumulative_logprob=req.cumulative_logprob, logprobs=logprobs,
+                                finish_reason=finish, stop_reason=stop)
+
     def _forget(self, parent: _Parent) -> None:
-        self._parents.pop(parent.request_id, None)
+        if self._parents.pop(parent.request_id, None) is not None and not parent.started:
+            self._num_queued -= 1
         for c in parent.children:
             self._children.pop(c.request_id, None)
 
     def _fail_request(self, parent: _Parent, error: Exception) -> RequestOutput:
         """Abort one request after an error of its own; its output carries the error."""
         logger.error("request %s failed", parent.request_id, exc_info=error)
-        for child in parent.children:
-            self.scheduler.finish(child, "abort")
+        self.scheduler.finish_requests([c.request_id for c in parent.children], "abort")
         self._forget(parent)
         return RequestOutput(
             request_id=parent.request_id, prompt=parent.prompt,
@@ -307,58 +300,24 @@ class LLMEngine:
             finished=True, error=f"{type(error).__name__}: {error}",
         )
 
-    def _check_stop(self, req: Request, detok: IncrementalDetokenizer) -> None:
-        token = req.output_token_ids[-1]
-        _, stop_str = detok.add_tokens([token])
-        num_out = len(req.output_token_ids)
-        if num_out >= req.params.min_tokens:
-            if token in req.eos_token_ids:
-                return self._finish(req, detok, "stop", None)
-            if token in req.params.stop_token_ids:
-                return self._finish(req, detok, "stop", token)
-            if stop_str is not None:
-                return self._finish(req, detok, "stop", stop_str)
-        if num_out >= req.max_tokens:
-            self._finish(req, detok, "length", None)
-
-    def _finish(self, req: Request, detok: IncrementalDetokenizer, reason: str, stop) -> None:
-        detok.finish()
-        self.scheduler.finish(req, reason, stop)
-
-    def _make_output(self, parent: _Parent) -> RequestOutput:
-        completions = []
-        for i, (req, detok) in enumerate(zip(parent.children, parent.detokenizers)):
-            logprobs = None
-            if req.params.logprobs is not None:
-                logprobs = []
-                for tok, lp, (tids, tlps) in zip(
-                    req.output_token_ids, req.output_logprobs, req.output_top_logprobs
-                ):
-                    entry = {t: Logprob(l, rank=r + 1) for r, (t, l) in enumerate(zip(tids, tlps))}
-                    if tok not in entry:
-                        entry[tok] = Logprob(lp)
-                    logprobs.append(entry)
-            completions.append(CompletionOutput(
-                index=i, text=detok.output_text, token_ids=list(req.output_token_ids),
-                cumulative_logprob=sum(req.output_logprobs), logprobs=logprobs,
-                finish_reason=req.finish_reason, stop_reason=req.stop_reason,
-            ))
-        first = parent.children[0]
+    def _make_output(self, parent: _Parent, completions: list[CompletionOutput]) -> RequestOutput:
+        children = parent.children
+        finished = parent.finished
         metrics = RequestMetrics(
             arrival_time=parent.arrival_time,
-            first_scheduled_time=min((c.scheduled_time for c in parent.children
+            first_scheduled_time=min((c.scheduled_time for c in children
                                       if c.scheduled_time is not None), default=None),
-            first_token_time=min((c.first_token_time for c in parent.children
+            first_token_time=min((c.first_token_time for c in children
                                   if c.first_token_time is not None), default=None),
-            last_token_time=max((c.last_token_time for c in parent.children
+            last_token_time=max((c.last_token_time for c in children
                                  if c.last_token_time is not None), default=None),
-            finished_time=first.finished_time if parent.finished else None,
-            num_preemptions=sum(c.num_preemptions for c in parent.children),
+            finished_time=max(c.finished_time or 0.0 for c in children) if finished else None,
+            num_preemptions=sum(c.num_preemptions for c in children),
         )
         return RequestOutput(
             request_id=parent.request_id, prompt=parent.prompt,
             prompt_token_ids=parent.prompt_token_ids, outputs=completions,
-            finished=parent.finished, num_cached_tokens=max(first.num_cached_tokens, 0),
+            finished=finished, num_cached_tokens=max(children[0].num_cached_tokens, 0),
             metrics=metrics,
         )
 
@@ -370,4 +329,5 @@ class LLMEngine:
             kv_blocks_total=bm.num_blocks, kv_blocks_free=bm.num_free_blocks,
             kv_cache_usage=bm.usage, prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits, num_preemptions=self.scheduler.num_preemptions,
+            num_queued_requests=self._num_queued,
         )

@@ -1,8 +1,12 @@
 """Turns a `SchedulerOutput` into one forward pass and one sampling call.
 
+The runner keeps its own state of every request it runs (`CachedRequestState`: tokens, block
+table, sampling parameters), created from the scheduler's `NewRequestData`, updated from its
+`CachedRequestData` and dropped for its `finished_req_ids`; it appends the tokens it samples.
 Host-side work per step: flatten the scheduled tokens of every request, map each token to its
 KV slot through its block table, describe the attention pattern (a `StepInput`), run the model,
-sample for the requests that reached the end of their known tokens.
+sample for the requests that reached the end of their known tokens, and answer with a
+`ModelRunnerOutput` of request ids and sampled tokens.
 
 Under tensor parallelism rank 0 broadcasts each `StepInput` to the other ranks, every rank runs
 `forward` on its shard, and the logits are gathered on rank 0, which alone samples.
@@ -11,19 +15,19 @@ Under tensor parallelism rank 0 broadcasts each `StepInput` to the other ranks, 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from ember.config import EngineConfig, ModelConfig
 from ember.distributed.tensor_parallel import gather_logits, shard_config
-from ember.engine.request import Request
-from ember.engine.scheduler import SchedulerOutput
+from ember.engine.scheduler import LogprobsLists, ModelRunnerOutput, SchedulerOutput
 from ember.layers.attention import AttentionMetadata, DecodeBatch, PrefillChunk
-from ember.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, SamplingRow
+from ember.layers.sampler import Sampler, SamplingMetadata, SamplingRow
 from ember.compilation import compile_model
 from ember.loading.loader import Checkpoint, load_model
+from ember.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from ember.distributed.parallel_state import TensorParallelGroup
@@ -34,9 +38,37 @@ DEFAULT_CPU_KV_BYTES = 2 << 30  # like vLLM's CPU default (VLLM_CPU_KVCACHE_SPAC
 
 
 @dataclass
-class ModelRunnerOutput:
-    sampled: list[Request]  # requests that got a new token this step, in row order
-    output: SamplerOutput | None
+class CachedRequestState:
+    """The runner's copy of one running request."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    params: SamplingParams
+    seed: int
+    eos_token_ids: tuple[int, ...]
+    block_table: list[int]
+    num_computed_tokens: int
+    num_prompt_tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + len(self.output_token_ids)
+
+    def token_id_at(self, i: int) -> int:
+        n = self.num_prompt_tokens
+        return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        n = self.num_prompt_tokens
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n : end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
 
 
 @dataclass
@@ -135,6 +167,7 @@ class ModelRunner:
             for _ in range(model_config.num_hidden_layers)
         ]
         self._num_zeroed_blocks = 0
+        self.requests: dict[str, CachedRequestState] = {}
 
     def prepare_blocks(self, num_touched_blocks: int) -> None:
         """Zero the blocks the pool has handed out for the first time since the last step."""
@@ -153,16 +186,31 @@ class ModelRunner:
         table = torch.tensor(block_table, dtype=torch.long)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def _prepare(self, sched: SchedulerOutput) -> StepInput:
+    def _update_states(self, sched: SchedulerOutput) -> None:
+        for req_id in sched.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for new in sched.scheduled_new_reqs:
+            self.requests[new.req_id] = CachedRequestState(
+                new.req_id, new.prompt_token_ids, new.output_token_ids, new.params, new.seed,
+                new.eos_token_ids, new.block_ids, new.num_computed_tokens)
+        for cached in sched.scheduled_cached_reqs:
+            state = self.requests[cached.req_id]
+            state.block_table.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    def _prepare(self, sched: SchedulerOutput) -> tuple[StepInput, list[CachedRequestState]]:
+        """The step's batch, and the requests that sample in it (in row order)."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
         sample_rows: list[int] = []
+        sampled: list[CachedRequestState] = []
         decode_rows: list[int] = []
-        decode_reqs: list[Request] = []
+        decode_reqs: list[CachedRequestState] = []
         prefills: list[PrefillChunk] = []
-        for r, n in zip(sched.requests, sched.num_scheduled_tokens):
+        for req_id, n in sched.num_scheduled_tokens.items():
+            r = self.requests[req_id]
             start, row = r.num_computed_tokens, len(input_ids)
             if n == 1:  # plain Python: a decode step of one sequence is ~20 µs of this
                 input_ids.append(r.token_id_at(start))
@@ -172,8 +220,7 @@ class ModelRunner:
                 decode_reqs.append(r)
             else:
                 positions.extend(range(start, start + n))
-                tokens = r.prompt_token_ids if start + n <= r.num_prompt_tokens else r.all_token_ids
-                input_ids.extend(tokens[start : start + n])
+                input_ids.extend(r.token_ids(start, start + n))
                 if start == 0:
                     prefills.append(PrefillChunk(row, row + n, None, None))
                 else:  # a later chunk: its context is in the cache
@@ -184,6 +231,7 @@ class ModelRunner:
                 slot_mapping.extend(self._slots(r.block_table, start, start + n).tolist())
             if start + n == r.num_tokens:
                 sample_rows.append(row + n - 1)
+                sampled.append(r)
         decode = None
         if decode_reqs:
             lens = [r.num_computed_tokens + 1 for r in decode_reqs]
@@ -197,10 +245,11 @@ class ModelRunner:
                 mask = (torch.arange(max_k)[None, :] < ctx[:, None])[:, None, None, :]
             decode = DecodeBatch(torch.tensor(decode_rows), tables, bs, ctx, max_k, mask)
         meta = AttentionMetadata(torch.tensor(slot_mapping), decode, prefills)
-        return StepInput(torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions),
-                         meta, sample_rows, self._num_zeroed_blocks)
+        step = StepInput(torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions),
+                         meta, sample_rows, sched.num_touched_blocks)
+        return step, sampled
 
-    def _sampling_metadata(self, reqs: list[Request]) -> SamplingMetadata:
+    def _sampling_metadata(self, reqs: list[CachedRequestState]) -> SamplingMetadata:
         rows = []
         for r in reqs:
             p = r.params
@@ -213,17 +262,23 @@ class ModelRunner:
     # ---- one step -----------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        step = self._prepare(sched)
+        self._update_states(sched)
+        step, sampled = self._prepare(sched)
         if self.tp is not None:
             self.tp.broadcast_step(step)
         logits = self.forward(step)
-        sampled = [
-            r for r, n in zip(sched.requests, sched.num_scheduled_tokens)
-            if r.num_computed_tokens + n == r.num_tokens
-        ]
         if logits is None:
-            return ModelRunnerOutput([], None)
-        return ModelRunnerOutput(sampled, self.sampler(logits, self._sampling_metadata(sampled)))
+            return ModelRunnerOutput([], [])
+        out = self.sampler(logits, self._sampling_metadata(sampled))
+        token_ids = out.sampled_token_ids.tolist()
+        for r, token in zip(sampled, token_ids):
+            r.output_token_ids.append(token)
+        logprobs = LogprobsLists(
+            out.logprobs.tolist(),
+            out.topk_token_ids.tolist() if out.topk_token_ids is not None else None,
+            out.topk_logprobs.tolist() if out.topk_logprobs is not None else None)
+        return ModelRunnerOutput([r.req_id for r in sampled], [[t] for t in token_ids],
+                                 logprobs)
 
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor | None:

@@ -1,4 +1,4 @@
-"""One sequence being generated, as the scheduler and the engine see it."""
+"""One sequence being generated, as the scheduler sees it."""
 
 from __future__ import annotations
 
@@ -26,13 +26,12 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
 
     output_token_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[float] = field(default_factory=list)
-    output_top_logprobs: list[tuple[list[int], list[float]]] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = -1  # prompt tokens served by the prefix cache (-1: not yet scheduled)
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)  # chained hashes of full blocks
+    block_hashes: list[bytes] = field(default_factory=list)  # chained digests of full blocks
     num_preemptions: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
@@ -53,10 +52,6 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
-
-    def token_id_at(self, i: int) -> int:
-        n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
 
     @property
     def is_finished(self) -> bool:

@@ -6,6 +6,14 @@ budget allows, running requests first in arrival order, then waiting ones. A lon
 thus split across steps (chunked prefill) and never stalls the decodes of others. When the
 block pool runs dry the newest running request is preempted: its blocks are freed and it is
 recomputed later.
+
+The scheduler talks to the model runner in typed messages, never live `Request` objects:
+`schedule()` returns a `SchedulerOutput` (request ids, token counts, block ids; the full
+request only the first time the runner sees it), the runner answers with a
+`ModelRunnerOutput` (request ids, sampled tokens, logprobs), and `update_from_output` appends
+the tokens, applies the stop rules that need no text (EOS, stop token ids, min_tokens,
+max_tokens) and frees finished requests. Stop strings need text: the engine checks them and
+calls `finish_requests`.
 """
 
 from __future__ import annotations
@@ -18,39 +26,97 @@ from dataclasses import dataclass, field
 from ember.config import EngineConfig
 from ember.engine.block_manager import BlockManager
 from ember.engine.request import Request, RequestStatus
+from ember.sampling_params import SamplingParams
 
 logger = logging.getLogger("ember")
 
 
 @dataclass
-class SchedulerOutput:
-    requests: list[Request] = field(default_factory=list)
-    num_scheduled_tokens: list[int] = field(default_factory=list)  # per request, same order
-    preempted: list[Request] = field(default_factory=list)
+class NewRequestData:
+    """A request the runner has no state for: first scheduled, or resumed after preemption."""
 
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_scheduled_tokens)
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # generated before a preemption (a copy)
+    params: SamplingParams
+    seed: int
+    eos_token_ids: tuple[int, ...]
+    block_ids: list[int]
+    num_computed_tokens: int  # prefix-cache hits
+
+    @classmethod
+    def from_request(cls, req: Request) -> "NewRequestData":
+        return cls(req.request_id, req.prompt_token_ids, list(req.output_token_ids),
+                   req.params, req.seed, req.eos_token_ids, list(req.block_table),
+                   req.num_computed_tokens)
+
+
+@dataclass
+class CachedRequestData:
+    """A request the runner already holds: the blocks it gained and where it stands."""
+
+    req_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled_new_reqs: list[NewRequestData] = field(default_factory=list)
+    scheduled_cached_reqs: list[CachedRequestData] = field(default_factory=list)
+    # Tokens to compute per request, in batch order (running requests first).
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    # Requests finished, aborted or preempted since the last step: the runner drops them.
+    finished_req_ids: set[str] = field(default_factory=set)
+    preempted_req_ids: list[str] = field(default_factory=list)
+    num_touched_blocks: int = 0  # the pool's blocks [0, this) have been handed out: zero new ones
 
     @property
     def is_empty(self) -> bool:
-        return not self.requests
+        return not self.num_scheduled_tokens
+
+
+@dataclass
+class LogprobsLists:
+    """Per sampled row: the sampled token's logprob, and the top-k ids and logprobs."""
+
+    logprobs: list[float]
+    topk_token_ids: list[list[int]] | None = None
+    topk_logprobs: list[list[float]] | None = None
+
+
+@dataclass
+class ModelRunnerOutput:
+    req_ids: list[str]  # the requests that sampled this step, in row order
+    sampled_token_ids: list[list[int]]  # per request: the tokens it sampled
+    logprobs: LogprobsLists | None = None
+
+
+@dataclass
+class EngineCoreOutput:
+    """What one step did to one request: its new tokens, and whether that finished it."""
+
+    req_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[float]  # the sampled tokens' logprobs
+    new_top_logprobs: list[tuple[list[int], list[float]]] | None  # when params.logprobs is set
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self._finished_req_ids: set[str] = set()  # since the last SchedulerOutput
 
     def add_request(self, req: Request) -> None:
+        self.requests[req.request_id] = req
         self.waiting.append(req)
-
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -62,15 +128,17 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            had_blocks = len(req.block_table)
             while not bm.allocate(req, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
-                out.preempted.append(victim)
+                out.preempted_req_ids.append(victim.request_id)
                 if victim is req:
                     break
             else:
-                out.requests.append(req)
-                out.num_scheduled_tokens.append(num_new)
+                out.scheduled_cached_reqs.append(CachedRequestData(
+                    req.request_id, req.block_table[had_blocks:], req.num_computed_tokens))
+                out.num_scheduled_tokens[req.request_id] = num_new
                 budget -= num_new
                 i += 1
 
@@ -78,7 +146,7 @@ class Scheduler:
         while (
             self.waiting
             and budget > 0
-            and not out.preempted
+            and not out.preempted_req_ids
             and len(self.running) < self.config.max_num_seqs
         ):
             req = self.waiting[0]
@@ -94,10 +162,87 @@ class Scheduler:
             req.num_computed_tokens = num_cached
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.requests.append(req)
-            out.num_scheduled_tokens.append(num_new)
+            out.scheduled_new_reqs.append(NewRequestData.from_request(req))
+            out.num_scheduled_tokens[req.request_id] = num_new
             budget -= num_new
+
+        out.finished_req_ids, self._finished_req_ids = self._finished_req_ids, set()
+        out.finished_req_ids.update(out.preempted_req_ids)
+        out.num_touched_blocks = bm.num_touched_blocks
         return out
+
+    def update_from_output(
+        self, sched: SchedulerOutput, result: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        """Account the computed tokens, append the sampled ones, apply the token-level stop
+        rules and free what finished. One entry per request that sampled."""
+        for req_id, n in sched.num_scheduled_tokens.items():
+            self.requests[req_id].num_computed_tokens += n
+        now = time.monotonic()
+        lp = result.logprobs
+        outputs = []
+        for row, (req_id, new_ids) in enumerate(zip(result.req_ids, result.sampled_token_ids)):
+            req = self.requests[req_id]
+            new_lps = [lp.logprobs[row]] if lp is not None else []
+            top = None
+            k = req.params.logprobs
+            if k is not None:  # k == 0: only the sampled token's logprob
+                top = [([], [])]
+                if k and lp is not None and lp.topk_token_ids is not None:
+                    assert lp.topk_logprobs is not None
+                    top = [(lp.topk_token_ids[row][:k], lp.topk_logprobs[row][:k])]
+            if req.first_token_time is None:
+                req.first_token_time = now
+            req.last_token_time = now
+            accepted: list[int] = []
+            for token in new_ids:
+                req.output_token_ids.append(token)
+                accepted.append(token)
+                if self._check_stop(req, token):
+                    break
+            req.cumulative_logprob += sum(new_lps[: len(accepted)])
+            outputs.append(EngineCoreOutput(
+                req_id, accepted, new_lps[: len(accepted)],
+                top[: len(accepted)] if top is not None else None,
+                req.finish_reason, req.stop_reason))
+        return outputs
+
+    def _check_stop(self, req: Request, token: int) -> bool:
+        num_out = len(req.output_token_ids)
+        if num_out >= req.params.min_tokens:
+            if token in req.eos_token_ids:
+                self._finish(req, "stop", None)
+                return True
+            if token in req.params.stop_token_ids:
+                self._finish(req, "stop", token)
+                return True
+        if num_out >= req.max_tokens:
+            self._finish(req, "length", None)
+            return True
+        return False
+
+    def finish_requests(self, req_ids: str | list[str], reason: str,
+                        stop_reason: int | str | None = None) -> None:
+        """End requests from outside (an abort, a stop string), wherever they are, freeing
+        their blocks. Requests already finished are left as they are."""
+        for req_id in [req_ids] if isinstance(req_ids, str) else req_ids:
+            req = self.requests.get(req_id)
+            if req is None:
+                continue
+            if req.status is RequestStatus.WAITING:
+                self.waiting.remove(req)
+            self._finish(req, reason, stop_reason)
+
+    def _finish(self, req: Request, reason: str, stop_reason: int | str | None) -> None:
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        self.block_manager.free_request(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.stop_reason = stop_reason
+        req.finished_time = time.monotonic()
+        del self.requests[req.request_id]
+        self._finished_req_ids.add(req.request_id)
 
     def _preempt(self, req: Request) -> None:
         self.block_manager.free_request(req)
@@ -107,20 +252,3 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
         logger.info("preempted request %s (KV cache full); it will be recomputed", req.request_id)
-
-    def finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
-        """Remove a request wherever it is and free its blocks."""
-        if req.status is RequestStatus.RUNNING:
-            self.running.remove(req)
-        elif req.status is RequestStatus.WAITING:
-            try:
-                self.waiting.remove(req)
-            except ValueError:
-                pass
-        else:
-            return
-        self.block_manager.free_request(req)
-        req.status = RequestStatus.FINISHED
-        req.finish_reason = reason
-        req.stop_reason = stop_reason
-        req.finished_time = time.monotonic()

@@ -315,6 +315,20 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                   block_tables.is_contiguous() && context_lens.is_contiguous() &&
                   block_tables.size(0) == q.size(0) && context_lens.numel() == q.size(0),
               "block_tables [B, W] and context_lens [B]: contiguous int64");
+  // The table walk trusts every entry it reads: refuse a table that points outside the cache.
+  TORCH_CHECK(block_size > 0, "block_size must be > 0");
+  {
+    const int64_t width = block_tables.size(1), num_blocks = k_cache.size(0) / block_size;
+    const int64_t* tables = block_tables.data_ptr<int64_t>();
+    const int64_t* lens = context_lens.data_ptr<int64_t>();
+    for (int64_t b = 0; b < q.size(0); ++b) {
+      TORCH_CHECK(lens[b] >= 0 && lens[b] <= width * block_size, "context length ", lens[b],
+                  " of sequence ", b, " is beyond its block table");
+      for (int64_t i = 0; i < (lens[b] + block_size - 1) / block_size; ++i)
+        TORCH_CHECK(tables[b * width + i] >= 0 && tables[b * width + i] < num_blocks, "block id ",
+                    tables[b * width + i], " of sequence ", b, " is outside the cache");
+    }
+  }
   const auto qt = q.scalar_type(), ct = k_cache.scalar_type();
   TORCH_CHECK((qt == at::kFloat || qt == at::kBFloat16) && (ct == at::kFloat || ct == at::kBFloat16),
               "float32 or bfloat16 only");
@@ -364,6 +378,8 @@ void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
   TORCH_CHECK((st == at::kFloat || st == at::kBFloat16) && (ct == at::kFloat || ct == at::kBFloat16),
               "float32 or bfloat16 only");
   const int64_t* sl = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < slots.numel(); ++i)
+    TORCH_CHECK(sl[i] >= 0 && sl[i] < k_cache.size(0), "slot ", sl[i], " is outside the cache");
   if (ct == at::kBFloat16) {
     write_one<c10::BFloat16>(k, k_cache, sl);
     write_one<c10::BFloat16>(v, v_cache, sl);

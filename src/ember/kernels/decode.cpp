@@ -204,6 +204,9 @@ at::Tensor decode_layers(const at::Tensor& ids, const at::Tensor& positions,
                 "caches: contiguous [slots, kv_heads, head_dim] in the activation dtype");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == T,
               "slots: [T] int64");
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(slots.data_ptr<int64_t>()[t] >= 0 && slots.data_ptr<int64_t>()[t] < k_caches[0].size(0),
+                "slot ", slots.data_ptr<int64_t>()[t], " is outside the cache");
   const StepArgs args{ids, positions, embedding, cos_table, sin_table, params, final_norm,
                       k_caches, v_caches, slots, block_tables, context_lens, block_size, heads,
                       kv_heads, group_size, dense_min_rows, static_cast<float>(eps),

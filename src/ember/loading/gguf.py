@@ -459,12 +459,17 @@ def _build_tokenizer(meta: _Metadata) -> Tokenizer:
         for tok, kind in zip(tokens, token_types) if kind == _USER_DEFINED
     ])
 
-    eos = meta.get("tokenizer.ggml.eos_token_id", None)
-    eot = meta.get("tokenizer.ggml.eot_token_id", None)
-    eos_ids = tuple(i for i in (eos, eot) if i is not None)
+    special = {name: meta.get(f"tokenizer.ggml.{name}_token_id", None)
+               for name in ("bos", "eos", "eot")}
+    for name, token_id in special.items():  # an id outside the vocabulary fails at run time
+        if token_id is not None and not 0 <= token_id < len(tokens):
+            raise ModelLoadError(
+                f"{meta.path}: tokenizer.ggml.{name}_token_id = {token_id} is outside the "
+                f"vocabulary [0, {len(tokens)})")
+    eos_ids = tuple(i for i in (special["eos"], special["eot"]) if i is not None)
     return Tokenizer(
         backend=backend,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id", None),
+        bos_token_id=special["bos"],
         eos_token_ids=tuple(dict.fromkeys(eos_ids)),  # dedupe, keep order
         add_bos_token=meta.get("tokenizer.ggml.add_bos_token", add_bos_default),
         chat_template=meta.get("tokenizer.chat_template", None),

@@ -90,9 +90,6 @@ class Tokenizer:
             self._max_token_chars = max(map(len, texts), default=0) + 1
         return self._max_token_chars
 
-    def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]:
-        return [self.backend.id_to_token(i) for i in ids]
-
     def token_text(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
 

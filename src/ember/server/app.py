@@ -36,9 +36,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ember import __version__
 from ember.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_SEND_TIMEOUT
 from ember.engine.async_engine import AsyncLLMEngine, EngineUnavailableError, RequestFailedError
+from ember.engine.input_processor import ProcessedRequest
 from ember.errors import EmberError, InvalidRequestError, QueueFullError
-from ember.outputs import RequestOutput
-from ember.sampling_params import SamplingParams
+from ember.outputs import RequestOutput, merge_outputs
 from ember.server.metrics import RequestProgress, ServerMetrics
 from ember.server.protocol import (
     TOKEN_ID_MARK, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
@@ -228,12 +228,11 @@ async def _until_disconnect(raw: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-async def _last(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
-    final = None
-    async for final in outputs:
-        pass
-    assert final is not None and final.finished
-    return final
+async def _whole(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    """A request's deltas, merged once it has finished."""
+    deltas = [out async for out in outputs]
+    assert deltas and deltas[-1].finished
+    return merge_outputs(deltas)
 
 
 # ---- the schema's responses --------------------------------------------------------------
@@ -293,7 +292,8 @@ def build_app(
     async def _on_known_error(_: Request, e: Exception) -> JSONResponse:
         err = _as_api_error(e)
         assert err is not None
-        return error_response(err)
+        # A full queue drains as requests finish: tell clients when to come back.
+        return error_response(err, {"Retry-After": "1"} if err.status == 429 else None)
 
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -343,28 +343,11 @@ def build_app(
         if name is not None and name != served_model_name:
             raise APIError(404, f"The model `{name}` does not exist.", "model_not_found", "model")
 
-    def check_text(text: str, where: str) -> None:
-        """Refuse, without tokenizing it, a text that cannot fit in the context."""
-        max_len = engine.max_model_len
-        if len(text) > max_len * engine.tokenizer.max_token_chars:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {max_len} tokens. However, the "
-                f"{where} has {len(text)} characters, more than {max_len} tokens can hold. "
-                f"Please reduce the length of the {where}.")
-
-    def check_context(prompt_len: int, max_tokens: int | None, where: str) -> None:
-        max_len = engine.max_model_len
-        if prompt_len >= max_len or (max_tokens is not None and prompt_len + max_tokens > max_len):
-            asked = prompt_len + (max_tokens or 0)
-            raise InvalidRequestError(
-                f"This model's maximum context length is {max_len} tokens. However, you "
-                f"requested {asked} tokens ({prompt_len} in the {where}, {max_tokens or 0} in "
-                f"the completion). Please reduce the length of the {where} or completion.")
-
     def render_chat(req: ChatCompletionRequest | TokenizeChatRequest) -> str:
+        """The conversation as the prompt text (call it off the event loop)."""
         messages = [m.to_template_dict() for m in req.messages]
         text = engine.tokenizer.apply_chat_template(messages, req.add_generation_prompt)
-        check_text(text, "messages")
+        engine.input_processor.check_text(text, "messages")
         return text
 
     # ---- generation ----------------------------------------------------------------------
@@ -391,18 +374,18 @@ def build_app(
 
     async def generate(
         raw: Request, kind: Literal["chat", "completion"],
-        req: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int],
-        params: SamplingParams,
+        req: ChatCompletionRequest | CompletionRequest, request: ProcessedRequest,
     ) -> Response:
         request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        params = request.params
         builder = ResponseBuilder(
-            kind, request_id, served_model_name, engine.tokenizer, params.logprobs,
+            kind, request_id, served_model_name, engine.token_bytes, params.logprobs,
             bool(req.stream_options and req.stream_options.include_usage))
-        outputs = tracked(RequestProgress(request_id, len(prompt_ids)),
-                          engine.generate(request_id, prompt_ids, params))
+        outputs = tracked(RequestProgress(request_id, len(request.prompt_token_ids)),
+                          engine.generate(request_id, request))
         try:
             if not req.stream:
-                final = await _until_disconnect(raw, _last(outputs))
+                final = await _until_disconnect(raw, _whole(outputs))
                 return JSONResponse(builder.response(final).model_dump(mode="json"))
             # Wait for the first output before answering 200, so that refusals keep their code.
             first = await _until_disconnect(raw, anext(outputs))
@@ -440,20 +423,21 @@ def build_app(
               responses=_generation_responses(ChatCompletionResponse, ChatCompletionChunk))
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
         check_model(req.model)
-        ids = engine.tokenizer.encode(render_chat(req), add_special_tokens=False)
-        check_context(len(ids), req.requested_max_tokens(), "messages")
-        return await generate(raw, "chat", req, ids, req.to_sampling_params(None))
+        params = req.to_sampling_params(None)
+
+        def process() -> ProcessedRequest:
+            ids = engine.tokenizer.encode(render_chat(req), add_special_tokens=False)
+            return engine.input_processor.process(ids, params, "messages")
+
+        return await generate(raw, "chat", req, await asyncio.to_thread(process))
 
     @api.post("/v1/completions", response_model=None,
               responses=_generation_responses(CompletionResponse, CompletionStreamResponse))
     async def completions(req: CompletionRequest, raw: Request) -> Response:
         check_model(req.model)
-        prompt = req.prompt_input()
-        if isinstance(prompt, str):
-            check_text(prompt, "prompt")
-        ids = engine.tokenize(prompt)
-        check_context(len(ids), req.max_tokens, "prompt")
-        return await generate(raw, "completion", req, ids, req.to_sampling_params(None))
+        request = await asyncio.to_thread(engine.input_processor.process, req.prompt_input(),
+                                          req.to_sampling_params(None))
+        return await generate(raw, "completion", req, request)
 
     # ---- models, tokenizer ---------------------------------------------------------------
     def model_card() -> ModelCard:
@@ -472,22 +456,24 @@ def build_app(
     @api.post("/tokenize", responses=_ERROR_RESPONSES)
     async def tokenize(req: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
         check_model(req.model)
-        if isinstance(req, TokenizeChatRequest):
-            text = render_chat(req)
-        else:
-            text = req.prompt
-            check_text(text, "prompt")
-        ids = engine.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+
+        def encode() -> list[int]:
+            if isinstance(req, TokenizeChatRequest):
+                text = render_chat(req)
+            else:
+                text = req.prompt
+                engine.input_processor.check_text(text, "prompt")
+            return engine.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+
+        ids = await asyncio.to_thread(encode)
         return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids)
 
     @api.post("/detokenize", responses=_ERROR_RESPONSES)
     async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
         check_model(req.model)
-        vocab = engine.vocab_size
-        bad = [t for t in req.tokens if t >= vocab]
-        if bad:
-            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        return DetokenizeResponse(prompt=engine.tokenizer.decode(req.tokens))
+        engine.input_processor.check_token_ids(req.tokens, "tokens:")
+        text = await asyncio.to_thread(engine.tokenizer.decode, req.tokens)
+        return DetokenizeResponse(prompt=text)
 
     app.include_router(api)
 

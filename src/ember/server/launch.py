@@ -14,6 +14,7 @@ its supervisor to restart it, never hangs.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
@@ -51,6 +52,20 @@ class _Server(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def warn_if_open(host: str, keys: list[str]) -> bool:
+    """Warn (and return True) when a host other than loopback is served without an API key:
+    anyone who can reach the port can then use the model."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        loopback = False
+    if keys or loopback:
+        return False
+    logger.warning("serving on %s without an API key: anyone who can reach this port can use "
+                   "the model; set --api-key or %s", host, API_KEY_ENV)
+    return True
+
+
 def served_name(config: EngineConfig) -> str:
     if config.model is None:
         from ember.loading.gguf import default_gguf_path
@@ -65,6 +80,7 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
     keys = list(args.api_key or [])
     if not keys and os.environ.get(API_KEY_ENV):
         keys = [os.environ[API_KEY_ENV]]
+    warn_if_open(args.host, keys)
     app = build_app(engine, name, keys, metrics_require_key=args.metrics_require_key,
                     max_body_bytes=args.max_request_body_bytes, send_timeout=args.send_timeout)
     server = _Server(

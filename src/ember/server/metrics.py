@@ -52,6 +52,8 @@ class ServerMetrics:
 
         self._success = counter("request_success", "Finished requests by finish reason.",
                                 ("model_name", "finished_reason"))
+        self._aborted = counter("request_aborted", "Requests that ran but did not finish: "
+                                "their client left, they failed, or the server stopped them.")
         self._errors = counter("request_errors", "Requests refused or failed, by HTTP status.",
                                ("model_name", "status_code"))
         self._prompt_tokens = counter("prompt_tokens", "Prefill tokens processed.")
@@ -78,8 +80,8 @@ class ServerMetrics:
 
     # ---- per request ---------------------------------------------------------------------
     def record_output(self, progress: RequestProgress, out: RequestOutput) -> None:
-        num_tokens = sum(len(c.token_ids) for c in out.outputs)
-        new = num_tokens - progress.num_tokens
+        """Account one delta output."""
+        new = sum(len(c.token_ids) for c in out.outputs)
         if new <= 0:
             return
         self._generation_tokens.labels(self.model_name).inc(new)
@@ -93,13 +95,18 @@ class ServerMetrics:
                 self._queue.observe(out.metrics.queue_time)
         elif progress.last_token_time is not None:
             self._itl.observe(now - progress.last_token_time)
-        progress.num_tokens = num_tokens
+        progress.num_tokens += new
         progress.last_token_time = now
 
     def record_finished(self, progress: RequestProgress, finish_reason: str) -> None:
+        """A request that ran has ended; "abort" (its client left, it failed, or the server
+        stopped it) is not a success: it has its own counter."""
         total = time.monotonic() - progress.arrival
-        self._success.labels(self.model_name, finish_reason).inc()
-        self._e2e.observe(total)
+        if finish_reason == "abort":
+            self._aborted.labels(self.model_name).inc()
+        else:
+            self._success.labels(self.model_name, finish_reason).inc()
+            self._e2e.observe(total)
         ttft = (f"{progress.first_token_time - progress.arrival:.3f}s"
                 if progress.first_token_time is not None else "-")
         logger.info(

@@ -1,7 +1,9 @@
 """RequestOutputs -> OpenAI response bodies and server-sent-event chunks.
 
-Engine outputs are cumulative; a stream remembers, per choice, how much text and how many
-tokens it has sent, and emits only what is new.
+Engine outputs are deltas (ember.outputs): a stream turns each into chunks as it is, keeping
+per choice only counters (tokens sent, the next text offset); a whole response is built from
+the request's merged output. Logprob token strings and bytes come from each token's own
+bytes (`TokenBytes`), as the token reads in the text.
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from ember.loading.tokenizer import Tokenizer
+from ember.engine.detokenizer import TokenBytes
 from ember.outputs import CompletionOutput, Logprob, RequestOutput
 from ember.server.protocol import (
     ChatChoiceLogprobs, ChatCompletionChoice, ChatCompletionChunk, ChatCompletionResponse,
     ChatCompletionStreamChoice, ChatLogprob, ChatResponseMessage, CompletionChoice,
-    CompletionLogprobs, CompletionResponse, CompletionStreamResponse, DeltaMessage, TopLogprob,
-    UsageInfo,
+    CompletionLogprobs, CompletionResponse, CompletionStreamResponse, DeltaMessage,
+    PromptTokensDetails, TopLogprob, UsageInfo,
 )
 
 LOGPROB_FLOOR = -9999.0  # OpenAI's stand-in for -inf, which JSON cannot carry
@@ -28,11 +30,15 @@ def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def usage(out: RequestOutput) -> UsageInfo:
+def usage(out: RequestOutput, completion_tokens: int | None = None) -> UsageInfo:
+    """`out`'s usage; `completion_tokens` when `out` is a stream's last delta."""
     prompt = len(out.prompt_token_ids)
-    completion = sum(len(c.token_ids) for c in out.outputs)
+    completion = (sum(len(c.token_ids) for c in out.outputs) if completion_tokens is None
+                  else completion_tokens)
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
-                     total_tokens=prompt + completion)
+                     total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(
+                         cached_tokens=out.num_cached_tokens))
 
 
 def _finite(logprob: float) -> float:
@@ -49,8 +55,6 @@ def _ranked(entry: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
 class _Sent:
     """What a stream has sent of one choice."""
 
-    text: int = 0  # characters
-    tokens: int = 0
     offset: int = 0  # text_offset of the next token (completion logprobs)
     finished: bool = False
 
@@ -58,43 +62,42 @@ class _Sent:
 class ResponseBuilder:
     def __init__(
         self, kind: Literal["chat", "completion"], request_id: str, model: str,
-        tokenizer: Tokenizer, logprobs: int | None, include_usage: bool = False,
+        token_bytes: TokenBytes, logprobs: int | None, include_usage: bool = False,
     ) -> None:
         self.kind = kind
         self.id = request_id
         self.model = model
-        self.tok = tokenizer
+        self.token_bytes = token_bytes
         self.logprobs = logprobs  # top-k per token, or None: no logprobs
         self.include_usage = include_usage
         self.created = int(time.time())
         self._sent: dict[int, _Sent] = {}
+        self._completion_tokens = 0
 
     def _text(self, token_id: int) -> str:
-        return self.tok.decode([token_id], skip_special_tokens=False)
+        return self.token_bytes.text(token_id)
+
+    def _top(self, token_id: int, logprob: float) -> TopLogprob:
+        return TopLogprob(token=self._text(token_id), logprob=_finite(logprob),
+                          bytes=list(self.token_bytes(token_id)))
 
     # ---- logprobs ------------------------------------------------------------------------
-    def _chat_logprobs(self, c: CompletionOutput, start: int) -> ChatChoiceLogprobs | None:
+    def _chat_logprobs(self, c: CompletionOutput) -> ChatChoiceLogprobs | None:
         if self.logprobs is None or c.logprobs is None:
             return None
         content = []
-        for tid, entry in zip(c.token_ids[start:], c.logprobs[start:]):
-            text = self._text(tid)
-            tops = []
-            for t, lp in _ranked(entry, self.logprobs):
-                s = self._text(t)
-                tops.append(TopLogprob(token=s, logprob=_finite(lp.logprob),
-                                       bytes=list(s.encode())))
-            content.append(ChatLogprob(token=text, logprob=_finite(entry[tid].logprob),
-                                       bytes=list(text.encode()), top_logprobs=tops))
+        for tid, entry in zip(c.token_ids, c.logprobs):
+            tops = [self._top(t, lp.logprob) for t, lp in _ranked(entry, self.logprobs)]
+            content.append(ChatLogprob(
+                token=self._text(tid), logprob=_finite(entry[tid].logprob),
+                bytes=list(self.token_bytes(tid)), top_logprobs=tops))
         return ChatChoiceLogprobs(content=content)
 
-    def _completion_logprobs(
-        self, c: CompletionOutput, start: int, sent: _Sent
-    ) -> CompletionLogprobs | None:
+    def _completion_logprobs(self, c: CompletionOutput, sent: _Sent) -> CompletionLogprobs | None:
         if self.logprobs is None or c.logprobs is None:
             return None
         lp = CompletionLogprobs(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
-        for tid, entry in zip(c.token_ids[start:], c.logprobs[start:]):
+        for tid, entry in zip(c.token_ids, c.logprobs):
             text = self._text(tid)
             value = _finite(entry[tid].logprob)
             top = {self._text(t): _finite(x.logprob) for t, x in _ranked(entry, self.logprobs)}
@@ -113,7 +116,7 @@ class ResponseBuilder:
                 id=self.id, created=self.created, model=self.model, usage=usage(out),
                 choices=[ChatCompletionChoice(
                     index=c.index, message=ChatResponseMessage(content=c.text),
-                    logprobs=self._chat_logprobs(c, 0), finish_reason=c.finish_reason,
+                    logprobs=self._chat_logprobs(c), finish_reason=c.finish_reason,
                     stop_reason=c.stop_reason,
                 ) for c in out.outputs],
             )
@@ -121,7 +124,7 @@ class ResponseBuilder:
             id=self.id, created=self.created, model=self.model, usage=usage(out),
             choices=[CompletionChoice(
                 index=c.index, text=c.text, finish_reason=c.finish_reason,
-                logprobs=self._completion_logprobs(c, 0, _Sent()), stop_reason=c.stop_reason,
+                logprobs=self._completion_logprobs(c, _Sent()), stop_reason=c.stop_reason,
             ) for c in out.outputs],
         )
 
@@ -146,33 +149,31 @@ class ResponseBuilder:
             index=i, delta=DeltaMessage(role="assistant", content=""))]) for i in range(n)]
 
     def delta(self, out: RequestOutput) -> list[str]:
-        """Chunks for what `out` adds to what this stream has sent."""
+        """Chunks for one delta output: O(what it adds)."""
         events = []
         for c in out.outputs:
             sent = self._sent.setdefault(c.index, _Sent())
             if sent.finished:
                 continue
-            text = c.text[sent.text:]
-            start = sent.tokens
-            if not text and len(c.token_ids) == start and c.finish_reason is None:
+            self._completion_tokens += len(c.token_ids)
+            if not c.text and not c.token_ids and c.finish_reason is None:
                 continue
             if self.kind == "chat":
                 choice = ChatCompletionStreamChoice(
-                    index=c.index, delta=DeltaMessage(content=text),
-                    logprobs=self._chat_logprobs(c, start), finish_reason=c.finish_reason,
+                    index=c.index, delta=DeltaMessage(content=c.text),
+                    logprobs=self._chat_logprobs(c), finish_reason=c.finish_reason,
                     stop_reason=c.stop_reason,
                 )
             else:
                 choice = CompletionChoice(
-                    index=c.index, text=text, finish_reason=c.finish_reason,
-                    logprobs=self._completion_logprobs(c, start, sent),
-                    stop_reason=c.stop_reason,
+                    index=c.index, text=c.text, finish_reason=c.finish_reason,
+                    logprobs=self._completion_logprobs(c, sent), stop_reason=c.stop_reason,
                 )
-            sent.text, sent.tokens = len(c.text), len(c.token_ids)
             sent.finished = c.finish_reason is not None
             events.append(self._chunk([choice]))
         return events
 
     def end(self, out: RequestOutput) -> list[str]:
-        tail = [self._chunk([], usage(out))] if self.include_usage else []
+        """The chunks that close a stream whose last delta was `out`."""
+        tail = [self._chunk([], usage(out, self._completion_tokens))] if self.include_usage else []
         return tail + [DONE]
