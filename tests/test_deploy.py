@@ -154,8 +154,8 @@ def test_ray_service_runs_the_replicas_application():
     (app,) = yaml.safe_load(spec["serveConfigV2"])["applications"]
     module, _, attr = app["import_path"].partition(":")
     assert (module, attr) == ("ember.serving.ray", "build_app")
-    args = parse_settings(app["args"])  # the settings are ember serve's own
-    assert args.data_parallel_size >= 1 and args.min_replicas <= args.max_replicas
+    _, replicas, _ = parse_settings(app["args"])  # the settings are ember serve's own
+    assert replicas.autoscaling and replicas.min_replicas <= replicas.max_replicas
     import ray
 
     assert spec["rayClusterConfig"]["rayVersion"] == ray.__version__
@@ -167,4 +167,19 @@ def test_ray_service_runs_the_replicas_application():
         # a worker pod's Ray CPUs are its cores, and a replica's threads fit in them
         cores = int(container["resources"]["limits"]["cpu"])
         assert int(group["rayStartParams"]["num-cpus"]) == cores
-        assert args.replica_threads <= cores
+        assert replicas.replica_threads <= cores
+
+
+def test_build_app_settings_are_checked():
+    from ember.errors import ConfigError
+    from ember.serving.ray import parse_settings
+
+    config, replicas, server = parse_settings(
+        {"data_parallel_size": "2", "enforce_eager": "true", "api_key": "k", "router": "pow2"})
+    assert (replicas.data_parallel_size, config.enforce_eager, server.api_key) == (2, True, "k")
+    with pytest.raises(ConfigError, match="unknown setting.*data_paralel_size"):
+        parse_settings({"data_paralel_size": 2})
+    with pytest.raises(ConfigError, match="enforce_eager must be true or false"):
+        parse_settings({"enforce_eager": "yes"})
+    with pytest.raises(ConfigError, match="router must be"):
+        parse_settings({"router": "random"})

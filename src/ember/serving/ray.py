@@ -27,7 +27,7 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import ray
@@ -378,57 +378,76 @@ def application(config: EngineConfig, replicas: DataParallelConfig, served_model
     return ingress
 
 
+@dataclass
+class ServerOptions:
+    """The HTTP server's settings of `ember serve` that the replicas' apps take."""
+
+    served_model_name: str | None = None
+    api_key: str | None = None  # default: the EMBER_API_KEY environment variable
+    max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    send_timeout: float = DEFAULT_SEND_TIMEOUT
+    metrics_require_key: bool = False
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
     """`serve run ember.serving.ray:build_app key=value ...` and KubeRay's RayService: the keys
-    are `ember serve`'s flags with underscores (engine and replica settings, served_model_name,
-    api_key — or EMBER_API_KEY in the environment —, ...); true/false for switches."""
-    return _from_args(parse_settings(args))
+    are `ember serve`'s flags with underscores: engine settings, replica settings and the
+    server's (served_model_name, api_key, max_request_body_bytes, send_timeout,
+    metrics_require_key)."""
+    return _application(*parse_settings(args))
 
 
-def parse_settings(args: dict[str, Any]) -> argparse.Namespace:
-    """`ember serve`'s arguments from build_app's settings."""
-    from ember.cli import build_parser
+def parse_settings(args: dict[str, Any]
+                   ) -> tuple[EngineConfig, DataParallelConfig, ServerOptions]:
+    """build_app's settings as typed configs; a key none of them has is a ConfigError."""
+    known = {cls: {f.name: f for f in fields(cls)}
+             for cls in (EngineConfig, DataParallelConfig, ServerOptions)}
+    valid = {name for names in known.values() for name in names}
+    if unknown := set(args) - valid:
+        raise ConfigError(f"unknown setting(s) {', '.join(sorted(unknown))}; valid: "
+                          f"{', '.join(sorted(valid))}")
+    config, replicas, server = (
+        cls(**{name: _typed(known[cls][name], value) for name, value in args.items()
+               if name in known[cls]}) for cls in known)
+    return config, replicas, server
 
-    argv = ["serve"]
-    for key, value in args.items():
-        flag = "--" + key.replace("_", "-")
-        text = str(value).lower()
-        if key in _SWITCHES and text in ("true", "false"):
-            argv.append(flag if text == "true" else "--no-" + flag[2:])
-        elif key in _FLAGS and text in ("true", "false"):
-            argv += [flag] if text == "true" else []
-        else:
-            argv += [flag, str(value)]
+
+def _typed(f: Any, value: Any) -> Any:
+    """A setting's value as its field's type (`serve run` passes strings)."""
+    kind = str(f.type).split(" | ")[0]
+    if not isinstance(value, str) or kind == "str":
+        return value
+    if kind == "bool":
+        if value.lower() not in ("true", "false"):
+            raise ConfigError(f"{f.name} must be true or false, got {value!r}")
+        return value.lower() == "true"
     try:
-        return build_parser().parse_args(argv)
-    except SystemExit:  # argparse has printed why
-        raise ConfigError(f"invalid ember settings for build_app: {args}; the keys are "
-                          f"`ember serve --help`'s flags with underscores") from None
+        return {"int": int, "float": float}[kind](value)
+    except (KeyError, ValueError):
+        raise ConfigError(f"{f.name} must be a {kind}, got {value!r}") from None
 
 
-# Settings that are on/off switches (`--flag` / `--no-flag`), and flags that only turn on.
-_SWITCHES = {f.name for f in fields(EngineConfig) if str(f.type) == "bool"}
-_FLAGS = {"metrics_require_key"}
-
-
-def _from_args(args: argparse.Namespace) -> serve.Application:
-    from ember.cli import data_parallel_config, engine_config
+def _application(config: EngineConfig, replicas: DataParallelConfig,
+                 server: ServerOptions) -> serve.Application:
     from ember.server.launch import API_KEY_ENV, served_name
 
-    config, replicas = engine_config(args), data_parallel_config(args)
-    keys = list(args.api_key or []) or ([os.environ[API_KEY_ENV]]
-                                        if os.environ.get(API_KEY_ENV) else [])
-    return application(config, replicas, args.served_model_name or served_name(config), keys,
-                       max_body_bytes=args.max_request_body_bytes,
-                       send_timeout=args.send_timeout,
-                       metrics_require_key=args.metrics_require_key)
+    key = server.api_key or os.environ.get(API_KEY_ENV)
+    return application(config, replicas, server.served_model_name or served_name(config),
+                       [key] if key else [], max_body_bytes=server.max_request_body_bytes,
+                       send_timeout=server.send_timeout,
+                       metrics_require_key=server.metrics_require_key)
 
 
 def serve_replicas(args: argparse.Namespace, config: EngineConfig,
                    replicas: DataParallelConfig) -> int:
     """`ember serve --data-parallel-size N`: the application on the Ray cluster at RAY_ADDRESS,
     else on a local one started here; serves until SIGTERM/SIGINT."""
-    app = _from_args(args)
+    keys = args.api_key or [None]
+    if len(keys) > 1:
+        raise ConfigError("replicas take one --api-key")
+    app = _application(config, replicas, ServerOptions(
+        args.served_model_name, keys[0], args.max_request_body_bytes, args.send_timeout,
+        args.metrics_require_key))
     threads = replica_threads(replicas)
     most = replicas.max_replicas or replicas.data_parallel_size
     if os.environ.get("RAY_ADDRESS"):
