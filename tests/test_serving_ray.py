@@ -108,6 +108,8 @@ def test_shared_prefix_stays_on_one_replica(replicas):
         usage.append(r.json()["usage"])
     assert len(set(served)) == 1, served
     assert usage[0]["prompt_tokens"] >= 400
+    for u in usage[1:]:  # the replica's prefix cache holds the shared part
+        assert u["prompt_tokens_details"]["cached_tokens"] >= 0.8 * u["prompt_tokens"], usage
 
 
 def test_distinct_prompts_use_both_replicas(replicas):
