@@ -47,6 +47,23 @@ LLAMA_BIN = PEERS / "llama.cpp-build" / "bin"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it, with its family/model and vector extensions
+    (a VM may name only the vendor)."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split())
+    vector = "AVX512-BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags \
+        else "AVX2" if "avx2" in flags else "no AVX2"
+    return (f"{info.get('model name', platform.machine())} (family {info.get('cpu family')} "
+            f"model {info.get('model')}, {vector})")
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -55,11 +72,11 @@ def median(xs: list[float]) -> float:
 class Ember:
     name = "ember"
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, gguf: Path) -> None:
         from ember.config import EngineConfig
         from ember.engine.llm_engine import LLMEngine
 
-        self.engine = LLMEngine(EngineConfig(kv_cache_memory=200_000_000))
+        self.engine = LLMEngine(EngineConfig(model=str(gguf), kv_cache_memory=200_000_000))
         self.mode = f"{self.engine.quantization}, {str(self.engine.dtype).removeprefix('torch.')}"
 
     def run(self, prompt: list[int], n: int) -> tuple[float, list[float]]:
@@ -77,7 +94,7 @@ class LlamaCpp:
 
         self.llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
                          n_ctx=n_ctx, n_batch=512, verbose=False)
-        self.mode = "Q4_1 GGUF as is"
+        self.mode = f"{gguf.name.rsplit('.', 2)[-2]} GGUF as is"
 
     def run(self, prompt: list[int], n: int) -> tuple[float, list[float]]:
         times = []
@@ -115,7 +132,7 @@ class Transformers:
 
 
 def single_stream(args, gguf: Path, vocab: int) -> dict:
-    engines = [Ember(args.threads)]
+    engines = [Ember(args.threads, gguf)]
     if not args.skip_llama_cpp:
         engines.append(LlamaCpp(args.threads, gguf, args.prompt_len + args.decode_len + 16))
     if not args.skip_transformers:
@@ -218,9 +235,9 @@ class Server:
             self.proc.kill()
 
 
-def ember_server(threads: int, max_seqs: int, cache_dir: str) -> Server:
+def ember_server(threads: int, max_seqs: int, cache_dir: str, gguf: Path) -> Server:
     port = free_port()
-    cmd = [sys.executable, "-m", "ember", "serve", "--port", str(port),
+    cmd = [sys.executable, "-m", "ember", "serve", "--model", str(gguf), "--port", str(port),
            "--max-num-seqs", str(max_seqs), "--uvicorn-log-level", "warning"]
     return Server("ember", cmd, port, {"OMP_NUM_THREADS": str(threads),
                                        "TORCHINDUCTOR_CACHE_DIR": cache_dir})
@@ -234,13 +251,13 @@ def llama_server(threads: int, slots: int, gguf: Path, per_slot_ctx: int) -> Ser
     return Server("llama.cpp", cmd, port, {"LD_LIBRARY_PATH": str(LLAMA_BIN)})
 
 
-def startup(args) -> dict:
+def startup(args, gguf: Path) -> dict:
     """`ember serve` to healthy: a first start (empty compile cache), then a second."""
     cache = tempfile.mkdtemp(prefix="ember-inductor-")
     times = []
     try:
         for _ in range(2):
-            s = ember_server(args.threads, 8, cache)
+            s = ember_server(args.threads, 8, cache, gguf)
             times.append(s.wait_ready())
             s.stop()
     finally:
@@ -253,7 +270,7 @@ def sweep(args, gguf: Path, vocab: int) -> dict:
 
     per_slot = args.sweep_input_len + args.sweep_output_len + 32
     cache = str(Path.home() / ".cache" / "ember" / "torchinductor")
-    ember = ember_server(args.threads, max(args.concurrency), cache)
+    ember = ember_server(args.threads, max(args.concurrency), cache, gguf)
     ember.wait_ready()
     results: dict = {"ember": {}, "llama.cpp": {}}
     try:
@@ -307,7 +324,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"default model (SmolLM2-135M Q4_1 GGUF), {result['threads']} CPU threads, "
+    fig.suptitle(f"{result['model']}, {result['threads']} CPU threads, "
                  f"prompt {result['sweep_input_len']} / output {result['sweep_output_len']} "
                  "tokens")
     fig.tight_layout()
@@ -337,6 +354,8 @@ def main() -> int:
     p.add_argument("--skip-transformers", action="store_true", help="no transformers peer")
     p.add_argument("--skip-sweep", action="store_true", help="no concurrency sweep")
     p.add_argument("--skip-startup", action="store_true", help="no start-up timing")
+    p.add_argument("--model", help="a GGUF file with the default model's vocabulary (e.g. from "
+                   "benchmarks/gguf_1b.py; default: the default model)")
     p.add_argument("--output", default=str(RESULTS / "compare.json"),
                    help="the JSON result; the plot goes beside it as .png "
                    "(default: %(default)s)")
@@ -348,16 +367,17 @@ def main() -> int:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     from ember.loading.gguf import default_gguf_path
 
-    gguf = default_gguf_path()
+    gguf = Path(args.model) if args.model else default_gguf_path()
     vocab = 49152 - 1  # SmolLM2's vocabulary; ids from 100 up skip the special tokens
     result: dict = {"command": " ".join(["benchmarks/compare.py", *sys.argv[1:]]),
+                    "model": gguf.name,
                     "date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads,
-                    "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+                    "cpu": cpu_name(), "torch": torch.__version__,
                     "prompt_len": args.prompt_len, "decode_len": args.decode_len,
                     "sweep_input_len": args.sweep_input_len,
                     "sweep_output_len": args.sweep_output_len, "repeats": args.repeats}
     if not args.skip_startup:  # first, while this process holds no model or thread pool
-        result["startup"] = startup(args)
+        result["startup"] = startup(args, gguf)
     single = single_stream(args, gguf, vocab)
     ember_engine = single.pop("_ember").engine
     result["single_stream"] = single
