@@ -85,31 +85,35 @@ def _linear(name: str, rows: int, cols: int, seed: int = 0) -> tuple[KQuantWeigh
     return KQuantWeight.of(torch.from_numpy(raw), FORMATS[name], cols), reference(raw, name)
 
 
-def _assert_bf16_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
-    """y (bf16 activations x, weight w) equals x @ w.T within bf16's rounding: of the weight
-    (dense path), the sums and the output, relative to the size of the terms."""
+def _assert_bf16_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                       tolerance: float = 8e-3) -> None:
+    """y (activations x, weight w) equals x @ w.T within bf16's rounding (of the weight on the
+    dense path, and of the output), relative to the size of the terms."""
     ref = F.linear(x.float(), w)
     scale = F.linear(x.float().abs(), w.abs())
     err = (y.float() - ref).abs()
-    assert bool((err <= 8e-3 * scale + 1e-6).all()), float((err / (scale + 1e-6)).max())
+    assert bool((err <= tolerance * scale + 1e-6).all()), float((err / (scale + 1e-6)).max())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("name", list(FORMATS))
 @pytest.mark.parametrize("rows", [1, 4, 19, 20, 512])
-def test_kquant_linear_computes_with_the_files_values(name, rows):
+def test_kquant_linear_computes_with_the_files_values(name, rows, dtype):
     """The GEMV (below 20 rows) and dequantize + GEMM (from 20 rows), against a matmul with
-    gguf's dequantization of the same blocks."""
-    assert kernels.load() and kquant.kernel_serves(CPU, torch.bfloat16)  # AVX512-BF16 here
+    gguf's dequantization of the same blocks, for both activation dtypes."""
+    assert kernels.load() and kquant.kernel_serves(CPU, dtype)
     w, dense = _linear(name, 80, 512, seed=rows)
-    lin = KQuantLinear(w, None, CPU, torch.bfloat16)
+    lin = KQuantLinear(w, None, CPU, dtype)
     assert lin.tiled
-    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows)).to(dtype)
     y = lin(x)
-    assert y.dtype == torch.bfloat16 and y.shape == (rows, 80)
+    assert y.dtype == dtype and y.shape == (rows, 80)
     _assert_bf16_close(y, x, dense)
-    logits = KQuantLinear(w, None, CPU, torch.bfloat16, float_out=True)(x)
+    logits = KQuantLinear(w, None, CPU, dtype, float_out=True)(x)
     assert logits.dtype == torch.float32
     _assert_bf16_close(logits, x, dense)
+    if dtype == torch.float32:  # float32 all the way: float32's rounding only
+        _assert_bf16_close(y, x, dense, tolerance=1e-5)
 
 
 @pytest.mark.parametrize("rows", [3, 24])

@@ -7,14 +7,14 @@
 //
 // kquant_linear: y = x @ W.T, W's output rows in segments of one type each (a fused Q/K/V
 // of Q4_K and Q6_K parts, as llama.cpp's Q4_K_M mixes them). Few rows of x: a GEMV over the
-// tiles, 16 rows a vector (AVX2: two, AVX-512: one; -march=native chooses), float32 sums
+// tiles, 16 rows in two AVX2 registers (a portable loop without AVX2), float32 sums
 // per sub-block, then y += s * sum(x q) + o * sum(x) with s, o the sub-block's scale and offset
 // (value = q * s + o) computed from the block fields in float32 as ggml does. From
 // dense_min_rows rows on: W^T dequantized to x's dtype once (q * s + o exact in float32,
 // rounded once), then ATen's GEMM. One op for every row count, so a compiled graph does not
 // split on it.
 // kquant_rows: rows of W (an embedding lookup of a matrix kept so), float32.
-#if defined(__F16C__)
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 #include "common.h"
@@ -95,13 +95,54 @@ inline void scales16(const uint8_t* p, int64_t g, float* s, float* o) {
   }
 }
 
+#if defined(__AVX2__)
+// A 16-bit mask of the rows (bit r: row r) -> byte r = `value` where the bit is set, else 0.
+inline __m128i expand_mask(uint32_t mask, char value) {
+  const __m128i select = _mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
+  const __m128i spread = _mm_shuffle_epi8(
+      _mm_cvtsi32_si128(static_cast<int>(mask)),
+      _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1));
+  const __m128i set = _mm_cmpeq_epi8(_mm_and_si128(spread, select), select);
+  return _mm_and_si128(set, _mm_set1_epi8(value));
+}
+
+// Record c's codes as float32: q[0], q[1] rows 0-7, 8-15 at the first input; q[2], q[3] at
+// the second.
+template <int64_t KIND>
+inline void codes16(const uint8_t* c, __m256* q) {
+  using F = Format<KIND>;
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m128i b = _mm_loadu_si128((const __m128i*)c);
+  __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+  if constexpr (F::bits >= 5) {
+    lo = _mm_or_si128(lo, expand_mask(u16_at(c + 16), 16));
+    hi = _mm_or_si128(hi, expand_mask(u16_at(c + 18), 16));
+  }
+  if constexpr (F::bits >= 6) {
+    lo = _mm_or_si128(lo, expand_mask(u16_at(c + 20), 32));
+    hi = _mm_or_si128(hi, expand_mask(u16_at(c + 22), 32));
+  }
+  q[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+  q[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+  q[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+  q[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+}
+#endif
+
 // The 16 rows' codes at inputs 2i, 2i + 1 of a block (record i at c): q0, q1 as float32.
 template <int64_t KIND>
 inline void codes16(const uint8_t* c, float* q0, float* q1) {
   using F = Format<KIND>;
+#if defined(__AVX2__)
+  __m256 q[4];
+  codes16<KIND>(c, q);
+  _mm256_storeu_ps(q0, q[0]);
+  _mm256_storeu_ps(q0 + 8, q[1]);
+  _mm256_storeu_ps(q1, q[2]);
+  _mm256_storeu_ps(q1 + 8, q[3]);
+#else
   uint32_t h[4] = {0, 0, 0, 0};
   for (int64_t i = 0; i < 2 * (F::bits - 4); ++i) h[i] = u16_at(c + 16 + 2 * i);
-#pragma omp simd
   for (int r = 0; r < 16; ++r) {
     uint32_t a = c[r] & 15u, b = c[r] >> 4;
     if constexpr (F::bits >= 5) {
@@ -115,6 +156,7 @@ inline void codes16(const uint8_t* c, float* q0, float* q1) {
     q0[r] = static_cast<float>(a);
     q1[r] = static_cast<float>(b);
   }
+#endif
 }
 
 template <int64_t KIND>
@@ -147,41 +189,72 @@ void rows_kernel(const uint8_t* tiles, const int64_t* ids, int64_t T, int64_t K,
 constexpr int64_t kPrefetchBytes = 2048;
 
 // y[m, 16 t .. 16 t + 16) for MC rows of x (float32 [MC, K], row stride K): per sub-block,
-// the 16 rows' sums of x q in float32 (two inputs a step, 16 rows a vector), then
-// y += s * sum(x q) + o * sum(x).
+// the 16 rows' sums of x q in float32 (two inputs a step, 16 rows in two AVX2 registers),
+// then y += s * sum(x q) + o * sum(x).
 template <int64_t KIND, int MC, typename OT>
 void gemv_tile(const float* x, int64_t K, const uint8_t* tile, const float* xsum, OT* y,
                int64_t ldy) {
   using F = Format<KIND>;
   const int64_t blocks = K / F::block, groups = K / F::group;
   float acc[MC][16] = {};
+#if defined(__AVX2__)
+  __m256 a[MC][2];
+  for (int m = 0; m < MC; ++m) a[m][0] = a[m][1] = _mm256_setzero_ps();
+#endif
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* p = tile + b * F::bytes;
     __builtin_prefetch(p + kPrefetchBytes, 0, 3);
     for (int64_t g = 0; g < F::groups; ++g) {
       float s[16], o[16];
       scales16<KIND>(p, g, s, o);
-      float part[MC][16] = {};
       const uint8_t* c = p + F::meta + g * (F::group / 2) * F::record;
+      const int64_t k0 = b * F::block + g * F::group, gi = b * F::groups + g;
+#if defined(__AVX2__)
+      __m256 part[MC][4];
+      for (int m = 0; m < MC; ++m)
+        for (int j = 0; j < 4; ++j) part[m][j] = _mm256_setzero_ps();
       for (int64_t i = 0; i < F::group / 2; ++i) {
         if (i % 4 == 0) __builtin_prefetch(c + i * F::record + kPrefetchBytes, 0, 3);
+        __m256 q[4];
+        codes16<KIND>(c + i * F::record, q);
+        for (int m = 0; m < MC; ++m) {
+          const __m256 x0 = _mm256_broadcast_ss(x + m * K + k0 + 2 * i);
+          const __m256 x1 = _mm256_broadcast_ss(x + m * K + k0 + 2 * i + 1);
+          part[m][0] = _mm256_fmadd_ps(x0, q[0], part[m][0]);
+          part[m][1] = _mm256_fmadd_ps(x0, q[1], part[m][1]);
+          part[m][2] = _mm256_fmadd_ps(x1, q[2], part[m][2]);
+          part[m][3] = _mm256_fmadd_ps(x1, q[3], part[m][3]);
+        }
+      }
+      for (int h = 0; h < 2; ++h) {
+        const __m256 sv = _mm256_loadu_ps(s + 8 * h), ov = _mm256_loadu_ps(o + 8 * h);
+        for (int m = 0; m < MC; ++m) {
+          const __m256 sum = _mm256_add_ps(part[m][h], part[m][h + 2]);
+          a[m][h] = _mm256_fmadd_ps(sv, sum, _mm256_fmadd_ps(ov, _mm256_set1_ps(xsum[m * groups + gi]),
+                                                             a[m][h]));
+        }
+      }
+#else
+      float part[MC][16] = {};
+      for (int64_t i = 0; i < F::group / 2; ++i) {
         float q0[16], q1[16];
         codes16<KIND>(c + i * F::record, q0, q1);
-        const int64_t k = b * F::block + g * F::group + 2 * i;
         for (int m = 0; m < MC; ++m) {
-          const float x0 = x[m * K + k], x1 = x[m * K + k + 1];
-#pragma omp simd
+          const float x0 = x[m * K + k0 + 2 * i], x1 = x[m * K + k0 + 2 * i + 1];
           for (int r = 0; r < 16; ++r) part[m][r] += x0 * q0[r] + x1 * q1[r];
         }
       }
-      const int64_t gi = b * F::groups + g;
-      for (int m = 0; m < MC; ++m) {
-        const float xs = xsum[m * groups + gi];
-#pragma omp simd
-        for (int r = 0; r < 16; ++r) acc[m][r] += s[r] * part[m][r] + o[r] * xs;
-      }
+      for (int m = 0; m < MC; ++m)
+        for (int r = 0; r < 16; ++r) acc[m][r] += s[r] * part[m][r] + o[r] * xsum[m * groups + gi];
+#endif
     }
   }
+#if defined(__AVX2__)
+  for (int m = 0; m < MC; ++m) {
+    _mm256_storeu_ps(acc[m], a[m][0]);
+    _mm256_storeu_ps(acc[m] + 8, a[m][1]);
+  }
+#endif
   for (int m = 0; m < MC; ++m)
     for (int r = 0; r < 16; ++r) y[m * ldy + r] = from_float<OT>(acc[m][r]);
 }
