@@ -119,6 +119,7 @@ def test_kquant_linear_computes_with_the_files_values(name, rows, dtype):
 @pytest.mark.parametrize("rows", [3, 24])
 def test_mixed_types_fuse_into_one_layer(rows):
     """A fused Q/K/V of Q4_K, Q4_K and Q6_K parts (llama.cpp's Q4_K_M) runs as one op."""
+    assert kernels.load()
     parts = [_linear("Q4_K", 32, 256, 1), _linear("Q4_K", 16, 256, 2), _linear("Q6_K", 16, 256, 3)]
     w = KQuantWeight.cat([p for p, _ in parts])
     assert [fmt.name for fmt, _ in w.segments] == ["Q4_K", "Q6_K"] and w.out_features == 64
@@ -129,8 +130,13 @@ def test_mixed_types_fuse_into_one_layer(rows):
 
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_rows_of_the_tiles_are_the_files_values(name):
+    assert kernels.load()
     w, dense = _linear(name, 48, 256)
     lin = KQuantLinear(w, None, CPU, torch.bfloat16)
+    fmt = FORMATS[name]  # the layout kernels/kquant.cpp reads: as large as the file's blocks
+    per_block = fmt.meta_bytes + fmt.block // 2 * fmt.record_bytes
+    assert lin.segment_0.shape == (3, 256 // fmt.block, per_block)
+    assert 1 <= per_block / (16 * fmt.block_bytes) <= 1.03
     ids = torch.tensor([[0, 47], [17, 17]])
     rows = torch.ops.ember_cpu.kquant_rows(lin.segment_0, ids, FORMATS[name].kind, 256)
     assert torch.equal(rows, dense[ids])
@@ -152,6 +158,7 @@ def test_pytorch_fallback_without_the_kernels(monkeypatch):
 
 
 def test_kquant_linear_compiles_without_a_graph_break():
+    assert kernels.load()
     w, dense = _linear("Q4_K", 32, 256)
     lin = KQuantLinear(w, None, CPU, torch.bfloat16)
     compiled = torch.compile(lin, fullgraph=True, dynamic=True)
