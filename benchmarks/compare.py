@@ -56,11 +56,11 @@ def median(xs: list[float]) -> float:
 class Ember:
     name = "ember"
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, gguf: Path) -> None:
         from ember.config import EngineConfig
         from ember.engine.llm_engine import LLMEngine
 
-        self.engine = LLMEngine(EngineConfig(kv_cache_memory=200_000_000))
+        self.engine = LLMEngine(EngineConfig(model=str(gguf), kv_cache_memory=200_000_000))
         self.mode = f"{self.engine.quantization}, {str(self.engine.dtype).removeprefix('torch.')}"
 
     def run(self, prompt: list[int], n: int) -> tuple[float, list[float]]:
@@ -78,7 +78,7 @@ class LlamaCpp:
 
         self.llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
                          n_ctx=n_ctx, n_batch=512, verbose=False)
-        self.mode = "Q4_1 GGUF as is"
+        self.mode = f"{gguf.name.rsplit('.', 2)[-2]} GGUF as is"
 
     def run(self, prompt: list[int], n: int) -> tuple[float, list[float]]:
         times = []
@@ -116,7 +116,7 @@ class Transformers:
 
 
 def single_stream(args, gguf: Path, vocab: int) -> dict:
-    engines = [Ember(args.threads)]
+    engines = [Ember(args.threads, gguf)]
     if not args.skip_llama_cpp:
         engines.append(LlamaCpp(args.threads, gguf, args.prompt_len + args.decode_len + 16))
     if not args.skip_transformers:
@@ -219,9 +219,9 @@ class Server:
             self.proc.kill()
 
 
-def ember_server(threads: int, max_seqs: int, cache_dir: str) -> Server:
+def ember_server(threads: int, max_seqs: int, cache_dir: str, gguf: Path) -> Server:
     port = free_port()
-    cmd = [sys.executable, "-m", "ember", "serve", "--port", str(port),
+    cmd = [sys.executable, "-m", "ember", "serve", "--model", str(gguf), "--port", str(port),
            "--max-num-seqs", str(max_seqs), "--uvicorn-log-level", "warning"]
     return Server("ember", cmd, port, {"OMP_NUM_THREADS": str(threads),
                                        "TORCHINDUCTOR_CACHE_DIR": cache_dir})
@@ -235,13 +235,13 @@ def llama_server(threads: int, slots: int, gguf: Path, per_slot_ctx: int) -> Ser
     return Server("llama.cpp", cmd, port, {"LD_LIBRARY_PATH": str(LLAMA_BIN)})
 
 
-def startup(args) -> dict:
+def startup(args, gguf: Path) -> dict:
     """`ember serve` to healthy: a first start (empty compile cache), then a second."""
     cache = tempfile.mkdtemp(prefix="ember-inductor-")
     times = []
     try:
         for _ in range(2):
-            s = ember_server(args.threads, 8, cache)
+            s = ember_server(args.threads, 8, cache, gguf)
             times.append(s.wait_ready())
             s.stop()
     finally:
@@ -254,7 +254,7 @@ def sweep(args, gguf: Path, vocab: int) -> dict:
 
     per_slot = args.sweep_input_len + args.sweep_output_len + 32
     cache = str(Path.home() / ".cache" / "ember" / "torchinductor")
-    ember = ember_server(args.threads, max(args.concurrency), cache)
+    ember = ember_server(args.threads, max(args.concurrency), cache, gguf)
     ember.wait_ready()
     results: dict = {"ember": {}, "llama.cpp": {}}
     try:
@@ -308,7 +308,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"default model (SmolLM2-135M Q4_1 GGUF), {result['threads']} CPU threads, "
+    fig.suptitle(f"{result['model']}, {result['threads']} CPU threads, "
                  f"prompt {result['sweep_input_len']} / output {result['sweep_output_len']} "
                  "tokens")
     fig.tight_layout()
@@ -338,6 +338,8 @@ def main() -> int:
     p.add_argument("--skip-transformers", action="store_true", help="no transformers peer")
     p.add_argument("--skip-sweep", action="store_true", help="no concurrency sweep")
     p.add_argument("--skip-startup", action="store_true", help="no start-up timing")
+    p.add_argument("--model", help="a GGUF file with the default model's vocabulary (e.g. from "
+                   "benchmarks/gguf_1b.py; default: the default model)")
     p.add_argument("--output", default=str(RESULTS / "compare.json"),
                    help="the JSON result; the plot goes beside it as .png "
                    "(default: %(default)s)")
@@ -349,16 +351,17 @@ def main() -> int:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     from ember.loading.gguf import default_gguf_path
 
-    gguf = default_gguf_path()
+    gguf = Path(args.model) if args.model else default_gguf_path()
     vocab = 49152 - 1  # SmolLM2's vocabulary; ids from 100 up skip the special tokens
     result: dict = {"command": " ".join(["benchmarks/compare.py", *sys.argv[1:]]),
+                    "model": gguf.name,
                     "date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads,
                     "cpu": cpu_model(), "torch": torch.__version__,
                     "prompt_len": args.prompt_len, "decode_len": args.decode_len,
                     "sweep_input_len": args.sweep_input_len,
                     "sweep_output_len": args.sweep_output_len, "repeats": args.repeats}
     if not args.skip_startup:  # first, while this process holds no model or thread pool
-        result["startup"] = startup(args)
+        result["startup"] = startup(args, gguf)
     single = single_stream(args, gguf, vocab)
     ember_engine = single.pop("_ember").engine
     result["single_stream"] = single

@@ -26,8 +26,16 @@ def _fields() -> dict[str, str]:
 
 
 def cpu_model() -> str:
-    """The CPU's model name (e.g. "AMD EPYC 9B14"), else what `platform` knows."""
-    return _fields().get("model name") or platform.processor() or platform.machine()
+    """The CPU's model name, family/model numbers and widest vector extension, e.g.
+    "AMD EPYC (family 25 model 1, AVX2)": a VM may name only the vendor."""
+    info = _fields()
+    name = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" not in info:
+        return name
+    flags = set(info.get("flags", "").split())
+    vector = ("AVX512-BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags
+              else "AVX2" if "avx2" in flags else "no AVX2")
+    return f"{name} (family {info['cpu family']} model {info.get('model')}, {vector})"
 
 
 def cpu_flags() -> str:

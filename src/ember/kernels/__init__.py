@@ -1,4 +1,4 @@
-"""ember's own CPU kernels (cpu.cpp, decode.cpp), where PyTorch's generic ops leave speed on the table.
+"""ember's own CPU kernels (cpu.cpp, decode.cpp, kquant.cpp), where PyTorch's generic ops leave speed on the table.
 
 They are compiled once per machine, for its own instruction set (like llama.cpp's native
 build), by the system C++ compiler against the installed torch, and cached under
@@ -27,7 +27,7 @@ from ember.cpuinfo import cpu_flags, cpu_model
 logger = logging.getLogger("ember")
 
 _HERE = Path(__file__).parent
-SOURCES = [_HERE / "cpu.cpp", _HERE / "decode.cpp"]
+SOURCES = [_HERE / "cpu.cpp", _HERE / "decode.cpp", _HERE / "kquant.cpp"]
 HEADERS = [_HERE / "common.h"]
 # -march=native: this machine's vector units (AVX-512, its bf16 and VNNI extensions, ...); the
 # kernels issue no AMX. Reassociation (vectorized reductions) but not -ffast-math, which,
@@ -123,6 +123,15 @@ def _register_fakes() -> None:
     @torch.library.register_fake("ember_cpu::int4_tiled_linear")
     def _(x, codes, scales, zeros, group_size, dense_min_rows):
         return x.new_empty(x.shape[0], codes.shape[0] * 16)
+
+    @torch.library.register_fake("ember_cpu::kquant_linear")
+    def _(x, tiles, kinds, k, dense_min_rows, float_out):
+        return x.new_empty(x.shape[0], sum(t.shape[0] for t in tiles) * 16,
+                           dtype=torch.float32 if float_out else x.dtype)
+
+    @torch.library.register_fake("ember_cpu::kquant_rows")
+    def _(tiles, ids, kind, k):
+        return ids.new_empty(*ids.shape, k, dtype=torch.float32)
 
 
 def available(device: torch.device) -> bool:

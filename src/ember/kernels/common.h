@@ -50,5 +50,10 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
                        int64_t group_size, int64_t dense_min_rows);
 at::Tensor int4_tiled_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                              const at::Tensor& zeros, int64_t group_size, int64_t dense_min_rows);
+at::Tensor kquant_linear(const at::Tensor& x, at::TensorList tiles, at::IntArrayRef kinds,
+                         int64_t k, int64_t dense_min_rows, bool float_out);
+// Rows `ids` [T] of a K-quant weight's tiles (see kquant.cpp) into out [T, k] float32.
+void kquant_rows_into(const at::Tensor& tiles, const int64_t* ids, int64_t T, int64_t kind,
+                      int64_t k, float* out);
 
 }  // namespace ember

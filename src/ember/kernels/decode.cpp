@@ -6,7 +6,8 @@
 // the step. Here the layer loop runs in C++: RMSNorm, rotary embedding, the KV write and SiLU *
 // up are short loops over the batch's rows (a few hundred floats each), the projections go to
 // the matmul kernels (ember's int4, ATen's int8 or dense), the attention to `decode_attention`;
-// the embedding lookup, the rotary tables' rows and the final norm come along, so that
+// the embedding lookup (a dense table or a K-quant's tiles), the rotary tables' rows and the
+// final norm come along, so that
 // nothing but the head is left to Python.
 // The arithmetic is the model's (`models/llama.py`): the residual stream in float32, the norms'
 // outputs rounded to the activation dtype before and after the weight, rotary and SiLU * up
@@ -26,7 +27,9 @@ namespace {
 // weight, 4 per projection (gate_up, down). A projection's 4: int4 in ember's layout (the
 // tiles [N / 16, K / 8, 64], scales, zeros, -: see int4_tiled_linear) or in ATen's CPU
 // packing (codes, its scales_and_zeros, the dense path's scales and zeros: see int4_linear);
-// int8 (int8 codes, per-row scales, -, -); dense ([N, K] weight, -, -, -).
+// int8 (int8 codes, per-row scales, -, -); dense ([N, K] weight, -, -, -); GGUF K-quant / Q5
+// (see kquant_linear): the first segment's tiles, the segments' kinds (int64 [1..3]), the
+// second and third segments' tiles (or empty).
 constexpr int64_t kProjection = 4;
 constexpr int64_t kPerLayer = 2 + 4 * kProjection;
 
@@ -34,6 +37,13 @@ at::Tensor project(const at::Tensor& x, const at::Tensor* p, int64_t group_size,
                    int64_t dense_min_rows) {
   switch (p[0].scalar_type()) {
     case at::kByte:
+      if (p[1].scalar_type() == at::kLong) {
+        const int64_t segments = p[1].numel();
+        std::vector<at::Tensor> tiles{p[0]};
+        for (int64_t i = 1; i < segments; ++i) tiles.push_back(p[1 + i]);
+        return kquant_linear(x, tiles, at::IntArrayRef(p[1].data_ptr<int64_t>(), segments),
+                             x.size(1), dense_min_rows, false);
+      }
       if (p[0].dim() == 3) return int4_tiled_linear(x, p[0], p[1], p[2], group_size, dense_min_rows);
       return int4_linear(x, p[0], p[2], p[3], p[1], group_size, dense_min_rows);
     case at::kChar: return at::_weight_int8pack_mm(x, p[0], p[1]);
@@ -72,16 +82,17 @@ struct StepArgs {
   const at::Tensor &slots, &block_tables, &context_lens;
   int64_t block_size, heads, kv_heads, group_size, dense_min_rows;
   float eps, scale;
+  int64_t embedding_kind;
 };
 
 template <typename AT>
 at::Tensor run_layers(const StepArgs& args) {
   const auto& [ids, positions, embedding, cos_table, sin_table, params, final_norm, k_caches,
                v_caches, slots, block_tables, context_lens, block_size, heads, kv_heads,
-               group_size, dense_min_rows, eps, scale] = args;
-  const int64_t T = ids.size(0), D = embedding.size(1), dim = cos_table.size(1);
+               group_size, dense_min_rows, eps, scale, embedding_kind] = args;
+  const int64_t T = ids.size(0), D = final_norm.numel(), dim = cos_table.size(1);
   const int64_t q_size = heads * dim, kv_size = kv_heads * dim;
-  const auto act = embedding.options();
+  const auto act = final_norm.options();
   // The residual stream (float32) from the embedding rows; each token's rotary cos and sin
   // rounded to the activation dtype, as the layers get them.
   at::Tensor x = at::empty({T, D}, act.dtype(at::kFloat));
@@ -91,11 +102,16 @@ at::Tensor run_layers(const StepArgs& args) {
   AT* sp = cp + T * dim;
   const int64_t* idp = ids.data_ptr<int64_t>();
   const int64_t* pp = positions.data_ptr<int64_t>();
-  const AT* ep = embedding.data_ptr<AT>();
   const float* ctp = cos_table.data_ptr<float>();
   const float* stp = sin_table.data_ptr<float>();
+  if (embedding_kind >= 0)  // a K-quant embedding: its rows, rounded as the layers get them
+    kquant_rows_into(embedding, idp, T, embedding_kind, D, xp);
+  const AT* ep = embedding_kind >= 0 ? nullptr : embedding.data_ptr<AT>();
   for (int64_t t = 0; t < T; ++t) {
-    for (int64_t i = 0; i < D; ++i) xp[t * D + i] = to_float(ep[idp[t] * D + i]);
+    if (embedding_kind >= 0)
+      for (int64_t i = 0; i < D; ++i) xp[t * D + i] = to_float(from_float<AT>(xp[t * D + i]));
+    else
+      for (int64_t i = 0; i < D; ++i) xp[t * D + i] = to_float(ep[idp[t] * D + i]);
     for (int64_t d = 0; d < dim; ++d) {
       cp[t * dim + d] = from_float<AT>(ctp[pp[t] * dim + d]);
       sp[t * dim + d] = from_float<AT>(stp[pp[t] * dim + d]);
@@ -170,7 +186,8 @@ at::Tensor decode_layers(const at::Tensor& ids, const at::Tensor& positions,
                          at::TensorList v_caches, const at::Tensor& slots,
                          const at::Tensor& block_tables, const at::Tensor& context_lens,
                          int64_t block_size, int64_t heads, int64_t kv_heads, int64_t group_size,
-                         int64_t dense_min_rows, double eps, double scale) {
+                         int64_t dense_min_rows, double eps, double scale,
+                         int64_t embedding_kind) {
   const int64_t layers = static_cast<int64_t>(k_caches.size());
   const int64_t T = ids.numel();
   TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.is_contiguous() &&
@@ -182,10 +199,14 @@ at::Tensor decode_layers(const at::Tensor& ids, const at::Tensor& positions,
               "params: ", kPerLayer, " tensors per layer; one K and one V cache per layer");
   const auto dtype = params[0].scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "activations: float32 or bfloat16");
-  TORCH_CHECK(embedding.dim() == 2 && embedding.scalar_type() == dtype &&
-                  embedding.is_contiguous() && final_norm.scalar_type() == dtype &&
-                  final_norm.numel() == embedding.size(1),
-              "embedding [vocab, hidden], final norm [hidden]: contiguous, activation dtype");
+  TORCH_CHECK(final_norm.scalar_type() == dtype && final_norm.is_contiguous() &&
+                  embedding.is_contiguous() &&
+                  (embedding_kind >= 0 ? embedding.dim() == 3 && embedding.scalar_type() == at::kByte
+                                       : embedding.dim() == 2 && embedding.scalar_type() == dtype &&
+                                             final_norm.numel() == embedding.size(1)),
+              "embedding [vocab, hidden] in the activation dtype (or a K-quant's tiles), "
+              "final norm [hidden]: contiguous");
+  const int64_t vocab = embedding_kind >= 0 ? embedding.size(0) * 16 : embedding.size(0);
   TORCH_CHECK(cos_table.dim() == 2 && cos_table.sizes() == sin_table.sizes() &&
                   cos_table.scalar_type() == at::kFloat && sin_table.scalar_type() == at::kFloat &&
                   cos_table.is_contiguous() && sin_table.is_contiguous() &&
@@ -193,7 +214,7 @@ at::Tensor decode_layers(const at::Tensor& ids, const at::Tensor& positions,
               "cos, sin tables: contiguous float32 [max_position, head_dim]");
   for (int64_t t = 0; t < T; ++t) {
     const int64_t id = ids.data_ptr<int64_t>()[t], pos = positions.data_ptr<int64_t>()[t];
-    TORCH_CHECK(id >= 0 && id < embedding.size(0), "token id ", id, " out of range");
+    TORCH_CHECK(id >= 0 && id < vocab, "token id ", id, " out of range");
     TORCH_CHECK(pos >= 0 && pos < cos_table.size(0), "position ", pos,
                 " beyond the rotary tables");
   }
@@ -210,7 +231,7 @@ at::Tensor decode_layers(const at::Tensor& ids, const at::Tensor& positions,
   const StepArgs args{ids, positions, embedding, cos_table, sin_table, params, final_norm,
                       k_caches, v_caches, slots, block_tables, context_lens, block_size, heads,
                       kv_heads, group_size, dense_min_rows, static_cast<float>(eps),
-                      static_cast<float>(scale)};
+                      static_cast<float>(scale), embedding_kind};
   return dtype == at::kBFloat16 ? run_layers<c10::BFloat16>(args) : run_layers<float>(args);
 }
 
@@ -222,7 +243,7 @@ TORCH_LIBRARY_FRAGMENT(ember_cpu, m) {
         "Tensor sin_table, Tensor[] params, Tensor final_norm, Tensor(a!)[] k_caches, "
         "Tensor(b!)[] v_caches, Tensor slots, Tensor block_tables, Tensor context_lens, "
         "int block_size, int heads, int kv_heads, int group_size, int dense_min_rows, "
-        "float eps, float scale) -> Tensor");
+        "float eps, float scale, int embedding_kind=-1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ember_cpu, CPU, m) { m.impl("decode_layers", ember::decode_layers); }

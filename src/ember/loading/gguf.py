@@ -13,9 +13,10 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import gguf.quants
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderTensor
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
@@ -23,7 +24,9 @@ from tokenizers.models import BPE
 from ember.config import ModelConfig
 from ember.errors import ConfigError, ModelLoadError
 from ember.loading.tokenizer import Tokenizer
+from ember.quantization import kquant
 from ember.quantization.int4 import Int4Weight
+from ember.quantization.kquant import KQuantWeight
 from ember.quantization.q8_0 import Q8_0Weight
 
 logger = logging.getLogger("ember")
@@ -148,6 +151,25 @@ def _float_view(dtype: torch.dtype) -> _Dequantizer:
     return convert
 
 
+def _kquant(fmt: kquant.Format) -> _Dequantizer:
+    return lambda raw, shape: kquant.dequantize(raw, fmt, shape)
+
+
+def _dequantized_by_gguf(qtype: GGMLQuantizationType) -> _Dequantizer:
+    def convert(raw: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.from_numpy(gguf.quants.dequantize(raw.numpy(), qtype)).reshape(shape)
+
+    return convert
+
+
+# Every tensor type has one story. Run in their own precision in the default mode (the
+# projections and heads kept as the file's codes): NATIVE_TYPES. Run dense: F32/F16/BF16. Types
+# ember has no kernel for are dequantized at load, by gguf's numpy code, with a warning:
+# DEQUANTIZED_AT_LOAD. Anything else (integer tensors, F64) is refused, naming the type.
+NATIVE_TYPES = ("Q4_0", "Q4_1", "Q8_0", *kquant.FORMATS)
+DEQUANTIZED_AT_LOAD = tuple(
+    t for t in GGMLQuantizationType
+    if t.name in ("Q2_K", "Q3_K", "TQ1_0", "TQ2_0", "MXFP4") or t.name.startswith("IQ"))
 _DEQUANTIZERS: dict[GGMLQuantizationType, _Dequantizer] = {
     GGMLQuantizationType.F32: _float_view(torch.float32),
     GGMLQuantizationType.F16: _float_view(torch.float16),
@@ -155,6 +177,8 @@ _DEQUANTIZERS: dict[GGMLQuantizationType, _Dequantizer] = {
     GGMLQuantizationType.Q8_0: _dequant_q8_0,
     GGMLQuantizationType.Q4_0: _dequant_q4_0,
     GGMLQuantizationType.Q4_1: _dequant_q4_1,
+    **{GGMLQuantizationType[name]: _kquant(fmt) for name, fmt in kquant.FORMATS.items()},
+    **{t: _dequantized_by_gguf(t) for t in DEQUANTIZED_AT_LOAD},
 }
 SUPPORTED_TENSOR_TYPES = tuple(t.name for t in _DEQUANTIZERS)
 
@@ -187,9 +211,10 @@ def dequantize_tensor(tensor: ReaderTensor) -> torch.Tensor:
 
 
 class _Reader(GGUFReader):
-    """A GGUFReader over a plain ndarray view of its memory map. GGUFReader slices its data
-    once per vocabulary string (~250k times here), and numpy's memmap subclass makes every
-    slice several times slower (4 s -> 1.4 s for the default model)."""
+    """A GGUFReader over a plain ndarray view of its memory map (GGUFReader slices its data
+    once per vocabulary string, ~250k times here, and numpy's memmap subclass makes every
+    slice several times slower: 4 s -> 1.4 s for the default model), which checks every
+    tensor's type, size and place in the file before the reader maps it."""
 
     @property  # type: ignore[override]
     def data(self) -> np.ndarray:
@@ -198,6 +223,45 @@ class _Reader(GGUFReader):
     @data.setter
     def data(self, value: np.ndarray) -> None:
         self._data = np.asarray(value)
+
+    def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
+        _check_tensors(start_offs, fields, len(self.data))
+        super()._build_tensors(start_offs, fields)
+
+
+def _check_tensors(start: int, fields: list[Any], file_size: int) -> None:
+    """ModelLoadError for a tensor of an unknown type, of rows that are not whole blocks, with
+    data past the end of the file, or larger (by its type and shape) than the space before the
+    next tensor."""
+    extents = []
+    for field in fields:
+        _, name_data, _, dims, raw_type, offset = field.parts
+        name = bytes(name_data).decode("utf-8", "replace")
+        try:
+            qtype = GGMLQuantizationType(int(raw_type[0]))
+        except ValueError:
+            raise ModelLoadError(f"tensor {name!r} has unknown GGML type id {int(raw_type[0])}; "
+                                 f"supported: {', '.join(SUPPORTED_TENSOR_TYPES)}") from None
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        ne = [int(n) for n in dims]
+        shape = " x ".join(map(str, reversed(ne)))
+        if ne and ne[0] % block:
+            raise ModelLoadError(f"tensor {name!r} ({qtype.name}, {shape}): rows of {ne[0]} "
+                                 f"values are not whole {qtype.name} blocks of {block}")
+        n_bytes = int(np.prod(ne, dtype=np.int64)) // block * type_size
+        begin = start + int(offset[0])
+        if begin + n_bytes > file_size:
+            raise ModelLoadError(
+                f"corrupt or truncated GGUF file: tensor {name!r} ({qtype.name}, {shape}: "
+                f"{n_bytes} bytes at {begin}) runs past the end of the file ({file_size} bytes)")
+        extents.append((begin, n_bytes, name, qtype.name, shape))
+    extents.sort()
+    for (begin, n_bytes, name, qtype, shape), nxt in zip(extents, extents[1:]):
+        if begin + n_bytes > nxt[0]:
+            raise ModelLoadError(
+                f"tensor {name!r}: {qtype} of shape {shape} is {n_bytes} bytes, but the next "
+                f"tensor {nxt[2]!r} starts {nxt[0] - begin} bytes after it (its size disagrees "
+                f"with its type and shape)")
 
 
 def open_gguf(path: str | Path) -> GGUFReader:
@@ -216,6 +280,8 @@ def open_gguf(path: str | Path) -> GGUFReader:
         # Copy-on-write mapping: the arrays are writable (as torch.from_numpy wants) without
         # ever touching the file or copying it up front.
         return _Reader(path, "c")
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
     except Exception as e:  # the reader fails with whatever numpy raised on short data
         raise ModelLoadError(
             f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})"
@@ -224,7 +290,7 @@ def open_gguf(path: str | Path) -> GGUFReader:
 
 def load_gguf(
     path: str | Path, dtype: torch.dtype, keep_quantized: bool = False
-) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor | Int4Weight | Q8_0Weight]],
+) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor | Int4Weight | KQuantWeight | Q8_0Weight]],
            Tokenizer, int]:
     """Returns (model config, iterator of (HF name, tensor in `dtype`), tokenizer, context
     length). The file is memory-mapped; tensors are dequantized one by one as iterated, but
@@ -243,10 +309,16 @@ def load_gguf(
         if t.tensor_type not in _DEQUANTIZERS:
             raise ModelLoadError(
                 f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which ember cannot "
-                f"dequantize; supported: {', '.join(SUPPORTED_TENSOR_TYPES)}"
+                f"load; supported: {', '.join(SUPPORTED_TENSOR_TYPES)}"
             )
         if hf_name(t.name) is None and t.name != _ROPE_FREQS:
             raise ModelLoadError(f"{path}: unexpected GGUF tensor {t.name!r} for {arch}")
+    slow = sorted({t.tensor_type.name for t in reader.tensors
+                   if t.tensor_type in DEQUANTIZED_AT_LOAD})
+    if slow:
+        logger.warning("%s: ember has no kernels for GGUF type(s) %s: those tensors are "
+                       "dequantized at load to %s (more memory, slower decode than the file's "
+                       "precision)", path.name, ", ".join(slow), str(dtype).removeprefix("torch."))
 
     tokenizer = _build_tokenizer(meta)
     config = _model_config(meta, arch, reader)
@@ -362,15 +434,22 @@ def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def quantized_tensor(tensor: ReaderTensor) -> Int4Weight | None:
-    """A Q4_0 / Q4_1 matrix as the `Int4Weight` it already is (group 32), else None."""
-    unpack = {GGMLQuantizationType.Q4_0: unpack_q4_0, GGMLQuantizationType.Q4_1: unpack_q4_1}
-    if tensor.tensor_type not in unpack or len(tensor.shape) != 2:
+def quantized_tensor(tensor: ReaderTensor) -> Int4Weight | KQuantWeight | None:
+    """A Q4_0 / Q4_1 matrix as the `Int4Weight` it already is (group 32), a K-quant or Q5_0 /
+    Q5_1 one as a `KQuantWeight` (the file's blocks), else None."""
+    if len(tensor.shape) != 2:
         return None
     data = tensor.data
     if not data.flags.writeable:
         data = data.copy()
-    parts = unpack[tensor.tensor_type](torch.from_numpy(data), tensor_shape(tensor))
+    raw, shape = torch.from_numpy(data), tensor_shape(tensor)
+    fmt = kquant.FORMATS.get(tensor.tensor_type.name)
+    if fmt is not None:
+        return KQuantWeight.of(raw.reshape(shape[0], -1), fmt, shape[1])
+    unpack = {GGMLQuantizationType.Q4_0: unpack_q4_0, GGMLQuantizationType.Q4_1: unpack_q4_1}
+    if tensor.tensor_type not in unpack:
+        return None
+    parts = unpack[tensor.tensor_type](raw, shape)
     if tensor.tensor_type == GGMLQuantizationType.Q4_1:
         return Int4Weight.from_q4_1(*parts)
     return Int4Weight.from_q4_0(*parts)
@@ -378,14 +457,17 @@ def quantized_tensor(tensor: ReaderTensor) -> Int4Weight | None:
 
 def _iter_weights(
     reader: GGUFReader, arch: str, config: ModelConfig, dtype: torch.dtype, keep_quantized: bool
-) -> Iterator[tuple[str, torch.Tensor | Int4Weight | Q8_0Weight]]:
+) -> Iterator[tuple[str, torch.Tensor | Int4Weight | KQuantWeight | Q8_0Weight]]:
     for t in reader.tensors:
         name = hf_name(t.name)
         if name is None:  # rope_freqs, the only other tensor load_gguf lets through
             _warn_rope_freqs(t)
             continue
-        w: torch.Tensor | Int4Weight | None = None
-        if keep_quantized and name.endswith("_proj.weight"):
+        w: torch.Tensor | Int4Weight | KQuantWeight | None = None
+        # The projections as they are; a K-quant embedding / head too (llama.cpp's Q6_K).
+        kquant_edge = (name in ("model.embed_tokens.weight", "lm_head.weight")
+                       and t.tensor_type.name in kquant.FORMATS)
+        if keep_quantized and (name.endswith("_proj.weight") or kquant_edge):
             w = quantized_tensor(t)
         head = name == "lm_head.weight" or (name == "model.embed_tokens.weight"
                                             and config.tie_word_embeddings)
@@ -401,7 +483,7 @@ def _iter_weights(
                   ".self_attn.k_proj.": config.num_key_value_heads}
         for frag, heads in n_head.items():
             if arch in _ROPE_PERMUTED and frag in name:
-                if isinstance(w, Int4Weight):
+                if isinstance(w, (Int4Weight, KQuantWeight)):
                     w = w.permute_rows(unpermute_rope(torch.arange(w.out_features), heads))
                 else:
                     w = unpermute_rope(w, heads)

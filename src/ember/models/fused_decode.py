@@ -8,12 +8,16 @@ the same arithmetic as `LlamaDecoderLayer` (tested against it) with the projecti
 kernels and the paged decode attention, and the final norm. Steps with a prompt chunk keep the
 compiled layers (prefill is compute-bound: one graph, big GEMMs).
 
-It serves a model whose projections are int4 (ember's or ATen's CPU layout), int8 or dense, without
-biases or tensor parallelism's hooks, on CPU with the kernels built; `FusedDecode.build`
-returns None otherwise, and the layers run as before.
+It serves a model whose projections are int4 (ember's or ATen's CPU layout), GGUF K-quants
+(`KQuantLinear`: Q4_K, Q5_K, Q6_K, Q5_0, Q5_1, up to 3 types in a fused projection), int8 or
+dense, with a dense or K-quant embedding, without biases or tensor parallelism's hooks, on CPU
+with the kernels built; `FusedDecode.build` returns None otherwise (and logs why), and the
+layers run as before.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
@@ -22,7 +26,9 @@ from ember import kernels
 from ember.layers.attention import AttentionMetadata
 from ember.quantization.int4 import DENSE_MIN_TOKENS, DENSE_MIN_TOKENS_TILED, Int4Linear
 from ember.quantization.int8 import Int8Linear
+from ember.quantization.kquant import KQuantEmbedding, KQuantLinear
 
+logger = logging.getLogger("ember")
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -37,6 +43,10 @@ def _projection(m: nn.Module, dtype: torch.dtype) -> list[torch.Tensor] | None:
         return [m.weight, m.scales_and_zeros, m.dense_scales, m.dense_zeros]
     if isinstance(m, Int8Linear):
         return [m.weight, m.scales, none, none]
+    if isinstance(m, KQuantLinear) and m.tiled and len(m.kinds) <= 3 and not m.float_out:
+        segments = m.segments
+        return [segments[0], torch.tensor(m.kinds), *segments[1:],
+                *[torch.empty(0, dtype=torch.uint8)] * (3 - len(segments))]
     if type(m) is nn.Linear and m.weight.dtype == dtype:
         return [m.weight, none, none, none]
     return None
@@ -45,7 +55,7 @@ def _projection(m: nn.Module, dtype: torch.dtype) -> list[torch.Tensor] | None:
 class FusedDecode:
     def __init__(self, edges: list[torch.Tensor], params: list[torch.Tensor], num_heads: int,
                  num_kv_heads: int, group_size: int, dense_min_rows: int, eps: float,
-                 scale: float) -> None:
+                 scale: float, embedding_kind: int) -> None:
         # The model's embedding, rotary cos and sin tables and final norm weight (the tensors
         # themselves, not the model: no reference cycle keeps a dropped model alive).
         self.edges = edges
@@ -53,40 +63,50 @@ class FusedDecode:
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.group_size, self.dense_min_rows = group_size, dense_min_rows
         self.eps, self.scale = eps, scale
+        self.embedding_kind = embedding_kind  # -1: a dense table
 
     @classmethod
     def build(cls, model: nn.Module) -> "FusedDecode | None":
-        """The fused decode of `model` (a `LlamaForCausalLM`), if its layers allow one."""
+        """The fused decode of `model` (a `LlamaForCausalLM`), if its layers allow one; else
+        None, with the reason in the log."""
         dtype = model.embed_tokens.weight.dtype
         if not kernels.available(model.embed_tokens.weight.device) or dtype not in (
                 torch.float32, torch.bfloat16):
-            return None
+            return None  # no kernels (said at load) or an activation dtype they do not take
         params: list[torch.Tensor] = []
         group_sizes, tiled = set(), set()
-        for layer in model.layers:
+        for i, layer in enumerate(model.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            parts = [_projection(m, dtype) for m in
-                     (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            parts = [_projection(m, dtype) for m in linears]
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             if any(p is None for p in parts) or any(n.dtype != dtype for n in norms) or (
                     layer._forward_hooks or attn._forward_hooks or mlp._forward_hooks):
-                return None
+                which = [type(m).__name__ for m, p in zip(linears, parts) if p is None]
+                return _cannot(f"layer {i}'s projections {which} (biases, hooks or layouts "
+                               "decode_layers does not run)" if which else
+                               f"layer {i}'s norms or hooks")
             params += [norms[0], *parts[0], *parts[1], norms[1], *parts[2], *parts[3]]
-            int4 = [m for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-                    if isinstance(m, Int4Linear)]
+            int4 = [m for m in linears if isinstance(m, Int4Linear)]
             group_sizes |= {m.group_size for m in int4}
             tiled |= {m.tiled for m in int4}
         if len(group_sizes) > 1 or len(tiled) > 1:
-            return None
+            return _cannot("int4 layers of several group sizes or layouts")
         norm = model.norm.weight
         if norm.dtype != dtype or model.rotary.cos.dtype != torch.float32:
-            return None
+            return _cannot("the final norm's or the rotary tables' dtype")
+        embedding, embedding_kind = model.embed_tokens.weight, -1
+        if isinstance(model.embed_tokens, KQuantEmbedding):
+            lin = model.embed_tokens.linear
+            if not lin.tiled:
+                return _cannot("a K-quant embedding without the kernels' layout")
+            embedding, embedding_kind = lin.segments[0], lin.kinds[0]
         first = model.layers[0]
-        edges = [model.embed_tokens.weight, model.rotary.cos, model.rotary.sin, norm]
+        edges = [embedding, model.rotary.cos, model.rotary.sin, norm]
         return cls(edges, params, first.self_attn.num_heads, first.self_attn.num_kv_heads,
                    group_sizes.pop() if group_sizes else 32,
-                   DENSE_MIN_TOKENS_TILED if tiled == {True} else DENSE_MIN_TOKENS,
-                   first.input_layernorm.eps, first.self_attn.attn.scale)
+                   DENSE_MIN_TOKENS if tiled == {False} else DENSE_MIN_TOKENS_TILED,
+                   first.input_layernorm.eps, first.self_attn.attn.scale, embedding_kind)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
@@ -98,4 +118,11 @@ class FusedDecode:
             input_ids, positions, embedding, cos, sin, self.params, norm,
             [k for k, _ in kv_caches], [v for _, v in kv_caches],
             meta.slot_mapping, d.block_tables, d.context_lens, d.block_size, self.num_heads,
-            self.num_kv_heads, self.group_size, self.dense_min_rows, self.eps, self.scale)
+            self.num_kv_heads, self.group_size, self.dense_min_rows, self.eps, self.scale,
+            self.embedding_kind)
+
+
+def _cannot(reason: str) -> None:
+    logger.info("decode steps run layer by layer, not in one call of the CPU kernels "
+                "(decode_layers): %s", reason)
+    return None

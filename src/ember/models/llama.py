@@ -21,7 +21,7 @@ from ember.layers.attention import AttentionMetadata, PagedAttention, attention_
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding, apply_rotary
 from ember.models.fused_decode import FusedDecode
-from ember.quantization import QuantizedWeight, install_quantized
+from ember.quantization import QuantizedWeight, install_quantized, kquant
 from ember.quantization.q8_0 import Q8_0Linear, Q8_0Weight
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -162,8 +162,17 @@ class LlamaForCausalLM(nn.Module):
         q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         shard_sizes = {"qkv_proj": [q, kv, kv], "gate_up_proj": [cfg.intermediate_size] * 2}
         q8_head: Q8_0Weight | None = None
+        kquant_edges: dict[str, kquant.KQuantWeight] = {}  # a GGUF's K-quant embedding / head
+        table = self.embed_tokens.weight
         for name, tensor in weights:
             name = name.removeprefix("model.")
+            if isinstance(tensor, kquant.KQuantWeight) and name in ("embed_tokens.weight",
+                                                                    "lm_head.weight"):
+                if kquant.keeps_edge(tensor, table.device, table.dtype):
+                    kquant_edges[name] = tensor
+                    loaded.add(name)
+                    continue
+                tensor = tensor.dequantize().to(table.dtype)
             if isinstance(tensor, Q8_0Weight):  # a GGUF head, kept as it is where it runs
                 if kernels.available(self.embed_tokens.weight.device):
                     q8_head = tensor
@@ -208,6 +217,7 @@ class LlamaForCausalLM(nn.Module):
         install_quantized(self, {name: [shards[i] for i in sorted(shards)]
                                  for name, shards in quantized.items()},
                           self.embed_tokens.weight.dtype)
+        kquant.install_edges(self, kquant_edges, cfg.tie_word_embeddings)
         if q8_head is not None:
             if (q8_head.out_features, q8_head.in_features) != (cfg.vocab_size, cfg.hidden_size):
                 raise ModelLoadError(f"lm_head.weight: checkpoint shape {tuple(q8_head.q.shape)}")

@@ -7,8 +7,9 @@ layers with a quantized linear whose forward is one PyTorch weight-only-quantize
 - `int4`: group-wise asymmetric int4 (`aten._weight_int4pack_mm[_for_cpu]`).
 
 GGUF files need no transform: their Q4_0/Q4_1 tensors arrive as `Int4Weight`s (the same
-layout, no re-quantization) and their Q8_0 tensors as `Int8Weight`s, installed while loading
-(`install_quantized`).
+layout, no re-quantization), their K-quant and Q5_0/Q5_1 tensors as `KQuantWeight`s (the
+file's blocks, run by `KQuantLinear`), installed while loading (`install_quantized`), and a
+Q8_0 head as a `Q8_0Weight`.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from torch import nn
 from ember.errors import ConfigError
 from ember.quantization.int4 import Int4Linear, Int4Weight
 from ember.quantization.int8 import Int8Linear, Int8Weight
+from ember.quantization.kquant import KQuantLinear, KQuantWeight
 
 logger = logging.getLogger("ember")
 
-QuantizedWeight = Int4Weight | Int8Weight
+QuantizedWeight = Int4Weight | Int8Weight | KQuantWeight
 METHODS = ("auto", "none", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)
 # The projections of every decoder layer; the LM head is kept at int8 at most (int4 logits
@@ -41,6 +43,8 @@ def check_method(method: str, group_size: int) -> None:
 
 def to_quantized_linear(w: QuantizedWeight, bias: torch.Tensor | None, device: torch.device,
                         dtype: torch.dtype) -> nn.Module:
+    if isinstance(w, KQuantWeight):  # any shape: its own PyTorch path where no kernel fits
+        return KQuantLinear(w, bias, device, dtype)
     if not w.fits_kernel():  # e.g. a tiny test model's 40 output rows: int4 packs by 16
         dense = nn.Linear(w.in_features, w.out_features, bias=bias is not None,
                           device=device, dtype=dtype)

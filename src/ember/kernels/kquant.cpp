@@ -1,0 +1,427 @@
+// GGUF's K-quants (Q4_K, Q5_K, Q6_K) and 5-bit types (Q5_0, Q5_1) from the file's own codes and
+// block fields, in the layout `quantization/kquant.py:pack_tiles` makes: per tile of 16 output
+// rows and (super-)block, the block fields of the 16 rows (d float16, dmin / m float16, then per
+// sub-block 16 scales and 16 mins, a byte each), then per 2 inputs a record: 16 bytes, byte r
+// holding row r's low 4 bits at the first input (low nibble) and the second (high nibble), and
+// per bit above the 4th two 16-bit masks (the rows' bit at each input).
+//
+// kquant_linear: y = x @ W.T, W's output rows in segments of one type each (a fused Q/K/V
+// of Q4_K and Q6_K parts, as llama.cpp's Q4_K_M mixes them). Few rows of x: a GEMV over the
+// tiles, 16 rows in two AVX2 registers (a portable loop without AVX2), float32 sums
+// per sub-block, then y += s * sum(x q) + o * sum(x) with s, o the sub-block's scale and offset
+// (value = q * s + o) computed from the block fields in float32 as ggml does. From
+// dense_min_rows rows on: W^T dequantized to x's dtype once (q * s + o exact in float32,
+// rounded once), then ATen's GEMM. One op for every row count, so a compiled graph does not
+// split on it.
+// kquant_rows: rows of W (an embedding lookup of a matrix kept so), float32.
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+#include "common.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace ember {
+namespace {
+
+enum Kind : int64_t { kQ4K = 0, kQ5K = 1, kQ6K = 2, kQ5_0 = 3, kQ5_1 = 4 };
+
+template <int64_t KIND>
+struct Format {
+  static constexpr int64_t block = KIND == kQ5_0 || KIND == kQ5_1 ? 32 : 256;
+  static constexpr int64_t group = KIND == kQ6K ? 16 : 32;
+  static constexpr int64_t bits = KIND == kQ4K ? 4 : KIND == kQ6K ? 6 : 5;
+  static constexpr bool has_min = KIND == kQ4K || KIND == kQ5K || KIND == kQ5_1;
+  static constexpr bool has_sc = KIND == kQ4K || KIND == kQ5K || KIND == kQ6K;
+  static constexpr bool has_m = KIND == kQ4K || KIND == kQ5K;
+  static constexpr int64_t groups = block / group;  // sub-blocks a block
+  static constexpr int64_t sc_at = 32 * (1 + has_min);
+  static constexpr int64_t m_at = sc_at + (has_sc ? 16 * groups : 0);
+  static constexpr int64_t meta = m_at + (has_m ? 16 * groups : 0);
+  static constexpr int64_t record = 16 + 4 * (bits - 4);  // bytes per 2 inputs of a tile
+  static constexpr int64_t bytes = meta + block / 2 * record;  // per tile and block
+};
+
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, sizeof h);
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+}
+
+inline uint32_t u16_at(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// 16 float16 at p -> float32.
+inline void halves16(const uint8_t* p, float* out) {
+#if defined(__F16C__)
+  _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)));
+  _mm256_storeu_ps(out + 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 16))));
+#else
+  for (int r = 0; r < 16; ++r) out[r] = half_at(p + 2 * r);
+#endif
+}
+
+// The 16 rows' scale s and offset o of sub-block g of the block at p (value = q * s + o),
+// in float32 as ggml computes them (d * sc and dmin * m are exact).
+template <int64_t KIND>
+inline void scales16(const uint8_t* p, int64_t g, float* s, float* o) {
+  using F = Format<KIND>;
+  float d[16], dmin[16];
+  halves16(p, d);
+  if constexpr (F::has_min) halves16(p + 32, dmin);
+  const uint8_t* sc = p + F::sc_at + 16 * g;
+  const uint8_t* m = p + F::m_at + 16 * g;
+#pragma omp simd
+  for (int r = 0; r < 16; ++r) {
+    if constexpr (KIND == kQ6K) {
+      s[r] = d[r] * static_cast<float>(static_cast<int8_t>(sc[r]));
+      o[r] = -32.f * s[r];
+    } else if constexpr (F::has_sc) {
+      s[r] = d[r] * static_cast<float>(sc[r]);
+      o[r] = -(dmin[r] * static_cast<float>(m[r]));
+    } else {
+      s[r] = d[r];
+      o[r] = KIND == kQ5_1 ? dmin[r] : -16.f * d[r];
+    }
+  }
+}
+
+#if defined(__AVX2__)
+// A 16-bit mask of the rows (bit r: row r) -> byte r = `value` where the bit is set, else 0.
+inline __m128i expand_mask(uint32_t mask, char value) {
+  const __m128i select = _mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
+  const __m128i spread = _mm_shuffle_epi8(
+      _mm_cvtsi32_si128(static_cast<int>(mask)),
+      _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1));
+  const __m128i set = _mm_cmpeq_epi8(_mm_and_si128(spread, select), select);
+  return _mm_and_si128(set, _mm_set1_epi8(value));
+}
+
+// Record c's codes as float32: q[0], q[1] rows 0-7, 8-15 at the first input; q[2], q[3] at
+// the second.
+template <int64_t KIND>
+inline void codes16(const uint8_t* c, __m256* q) {
+  using F = Format<KIND>;
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m128i b = _mm_loadu_si128((const __m128i*)c);
+  __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+  if constexpr (F::bits >= 5) {
+    lo = _mm_or_si128(lo, expand_mask(u16_at(c + 16), 16));
+    hi = _mm_or_si128(hi, expand_mask(u16_at(c + 18), 16));
+  }
+  if constexpr (F::bits >= 6) {
+    lo = _mm_or_si128(lo, expand_mask(u16_at(c + 20), 32));
+    hi = _mm_or_si128(hi, expand_mask(u16_at(c + 22), 32));
+  }
+  q[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+  q[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+  q[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+  q[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+}
+#endif
+
+// The 16 rows' codes at inputs 2i, 2i + 1 of a block (record i at c): q0, q1 as float32.
+template <int64_t KIND>
+inline void codes16(const uint8_t* c, float* q0, float* q1) {
+  using F = Format<KIND>;
+#if defined(__AVX2__)
+  __m256 q[4];
+  codes16<KIND>(c, q);
+  _mm256_storeu_ps(q0, q[0]);
+  _mm256_storeu_ps(q0 + 8, q[1]);
+  _mm256_storeu_ps(q1, q[2]);
+  _mm256_storeu_ps(q1 + 8, q[3]);
+#else
+  uint32_t h[4] = {0, 0, 0, 0};
+  for (int64_t i = 0; i < 2 * (F::bits - 4); ++i) h[i] = u16_at(c + 16 + 2 * i);
+  for (int r = 0; r < 16; ++r) {
+    uint32_t a = c[r] & 15u, b = c[r] >> 4;
+    if constexpr (F::bits >= 5) {
+      a |= ((h[0] >> r) & 1u) << 4;
+      b |= ((h[1] >> r) & 1u) << 4;
+    }
+    if constexpr (F::bits >= 6) {
+      a |= ((h[2] >> r) & 1u) << 5;
+      b |= ((h[3] >> r) & 1u) << 5;
+    }
+    q0[r] = static_cast<float>(a);
+    q1[r] = static_cast<float>(b);
+  }
+#endif
+}
+
+template <int64_t KIND>
+void rows_kernel(const uint8_t* tiles, const int64_t* ids, int64_t T, int64_t K, float* out) {
+  using F = Format<KIND>;
+  const int64_t blocks = K / F::block;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t tile = ids[t] / 16, r = ids[t] % 16;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* p = tiles + (tile * blocks + b) * F::bytes;
+      for (int64_t g = 0; g < F::groups; ++g) {
+        float s[16], o[16], q[2][16];
+        scales16<KIND>(p, g, s, o);
+        for (int64_t i = g * F::group / 2; i < (g + 1) * F::group / 2; ++i) {
+          codes16<KIND>(p + F::meta + i * F::record, q[0], q[1]);
+          for (int e = 0; e < 2; ++e) {
+            const float v = q[e][r];
+            // ggml's own order of operations (the same values: every step is exact but one)
+            out[t * K + b * F::block + 2 * i + e] =
+                KIND == kQ6K ? s[r] * (v - 32.f) : KIND == kQ5_0 ? s[r] * (v - 16.f) : s[r] * v + o[r];
+          }
+        }
+      }
+    }
+  }
+}
+
+// Software prefetch distance in the tiles' stream: the hardware prefetchers stop at every
+// 4 KiB page (see cpu.cpp's int4 GEMV).
+constexpr int64_t kPrefetchBytes = 2048;
+
+// y[m, 16 t .. 16 t + 16) for MC rows of x (float32 [MC, K], row stride K): per sub-block,
+// the 16 rows' sums of x q in float32 (two inputs a step, 16 rows in two AVX2 registers),
+// then y += s * sum(x q) + o * sum(x).
+template <int64_t KIND, int MC, typename OT>
+void gemv_tile(const float* x, int64_t K, const uint8_t* tile, const float* xsum, OT* y,
+               int64_t ldy) {
+  using F = Format<KIND>;
+  const int64_t blocks = K / F::block, groups = K / F::group;
+  float acc[MC][16] = {};
+#if defined(__AVX2__)
+  __m256 a[MC][2];
+  for (int m = 0; m < MC; ++m) a[m][0] = a[m][1] = _mm256_setzero_ps();
+#endif
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* p = tile + b * F::bytes;
+    __builtin_prefetch(p + kPrefetchBytes, 0, 3);
+    for (int64_t g = 0; g < F::groups; ++g) {
+      float s[16], o[16];
+      scales16<KIND>(p, g, s, o);
+      const uint8_t* c = p + F::meta + g * (F::group / 2) * F::record;
+      const int64_t k0 = b * F::block + g * F::group, gi = b * F::groups + g;
+#if defined(__AVX2__)
+      __m256 part[MC][4];
+      for (int m = 0; m < MC; ++m)
+        for (int j = 0; j < 4; ++j) part[m][j] = _mm256_setzero_ps();
+      for (int64_t i = 0; i < F::group / 2; ++i) {
+        if (i % 4 == 0) __builtin_prefetch(c + i * F::record + kPrefetchBytes, 0, 3);
+        __m256 q[4];
+        codes16<KIND>(c + i * F::record, q);
+        for (int m = 0; m < MC; ++m) {
+          const __m256 x0 = _mm256_broadcast_ss(x + m * K + k0 + 2 * i);
+          const __m256 x1 = _mm256_broadcast_ss(x + m * K + k0 + 2 * i + 1);
+          part[m][0] = _mm256_fmadd_ps(x0, q[0], part[m][0]);
+          part[m][1] = _mm256_fmadd_ps(x0, q[1], part[m][1]);
+          part[m][2] = _mm256_fmadd_ps(x1, q[2], part[m][2]);
+          part[m][3] = _mm256_fmadd_ps(x1, q[3], part[m][3]);
+        }
+      }
+      for (int h = 0; h < 2; ++h) {
+        const __m256 sv = _mm256_loadu_ps(s + 8 * h), ov = _mm256_loadu_ps(o + 8 * h);
+        for (int m = 0; m < MC; ++m) {
+          const __m256 sum = _mm256_add_ps(part[m][h], part[m][h + 2]);
+          a[m][h] = _mm256_fmadd_ps(sv, sum, _mm256_fmadd_ps(ov, _mm256_set1_ps(xsum[m * groups + gi]),
+                                                             a[m][h]));
+        }
+      }
+#else
+      float part[MC][16] = {};
+      for (int64_t i = 0; i < F::group / 2; ++i) {
+        float q0[16], q1[16];
+        codes16<KIND>(c + i * F::record, q0, q1);
+        for (int m = 0; m < MC; ++m) {
+          const float x0 = x[m * K + k0 + 2 * i], x1 = x[m * K + k0 + 2 * i + 1];
+          for (int r = 0; r < 16; ++r) part[m][r] += x0 * q0[r] + x1 * q1[r];
+        }
+      }
+      for (int m = 0; m < MC; ++m)
+        for (int r = 0; r < 16; ++r) acc[m][r] += s[r] * part[m][r] + o[r] * xsum[m * groups + gi];
+#endif
+    }
+  }
+#if defined(__AVX2__)
+  for (int m = 0; m < MC; ++m) {
+    _mm256_storeu_ps(acc[m], a[m][0]);
+    _mm256_storeu_ps(acc[m] + 8, a[m][1]);
+  }
+#endif
+  for (int m = 0; m < MC; ++m)
+    for (int r = 0; r < 16; ++r) y[m * ldy + r] = from_float<OT>(acc[m][r]);
+}
+
+template <int64_t KIND, typename OT>
+void gemv(const float* x, int64_t M, int64_t K, const uint8_t* tiles, int64_t N, OT* y,
+          int64_t ldy) {
+  using F = Format<KIND>;
+  const int64_t groups = K / F::group, tile_bytes = K / F::block * F::bytes;
+  std::vector<float> xsum(M * groups);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t k = g * F::group; k < (g + 1) * F::group; ++k) sum += x[m * K + k];
+      xsum[m * groups + g] = sum;
+    }
+  // Per tile, rows of x four at a time: the tile stays in L1 between them.
+  at::parallel_for(0, N / 16, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t m = 0; m < M; m += 4) {
+        const float* xm = x + m * K;
+        const float* sm = xsum.data() + m * groups;
+        const uint8_t* tile = tiles + t * tile_bytes;
+        OT* ym = y + m * ldy + 16 * t;
+        switch (std::min<int64_t>(4, M - m)) {
+          case 1: gemv_tile<KIND, 1>(xm, K, tile, sm, ym, ldy); break;
+          case 2: gemv_tile<KIND, 2>(xm, K, tile, sm, ym, ldy); break;
+          case 3: gemv_tile<KIND, 3>(xm, K, tile, sm, ym, ldy); break;
+          default: gemv_tile<KIND, 4>(xm, K, tile, sm, ym, ldy); break;
+        }
+      }
+  });
+}
+
+// W^T [K, N] (row stride ldw) in OT: q * s + o in float32 (exact), rounded once.
+template <int64_t KIND, typename OT>
+void dequantize_t(const uint8_t* tiles, int64_t K, int64_t N, int64_t ldw, OT* wt) {
+  using F = Format<KIND>;
+  const int64_t blocks = K / F::block, tile_bytes = blocks * F::bytes;
+  at::parallel_for(0, N / 16, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* p = tiles + t * tile_bytes + b * F::bytes;
+        for (int64_t g = 0; g < F::groups; ++g) {
+          float s[16], o[16];
+          scales16<KIND>(p, g, s, o);
+          for (int64_t i = g * F::group / 2; i < (g + 1) * F::group / 2; ++i) {
+            float q0[16], q1[16];
+            codes16<KIND>(p + F::meta + i * F::record, q0, q1);
+            OT* w0 = wt + (b * F::block + 2 * i) * ldw + 16 * t;
+            OT* w1 = w0 + ldw;
+#pragma omp simd
+            for (int r = 0; r < 16; ++r) {
+              w0[r] = from_float<OT>(q0[r] * s[r] + o[r]);
+              w1[r] = from_float<OT>(q1[r] * s[r] + o[r]);
+            }
+          }
+        }
+      }
+  });
+}
+
+template <typename Fn>
+auto dispatch(int64_t kind, Fn&& fn) {
+  switch (kind) {
+    case kQ4K: return fn(std::integral_constant<int64_t, kQ4K>{});
+    case kQ5K: return fn(std::integral_constant<int64_t, kQ5K>{});
+    case kQ6K: return fn(std::integral_constant<int64_t, kQ6K>{});
+    case kQ5_0: return fn(std::integral_constant<int64_t, kQ5_0>{});
+    case kQ5_1: return fn(std::integral_constant<int64_t, kQ5_1>{});
+  }
+  TORCH_CHECK(false, "unknown K-quant kind ", kind);
+}
+
+// [N / 16, K / block, bytes] of kind: checked, with N.
+int64_t check_tiles(const at::Tensor& tiles, int64_t kind, int64_t K) {
+  TORCH_CHECK(tiles.dim() == 3 && tiles.scalar_type() == at::kByte && tiles.is_contiguous(),
+              "tiles: contiguous uint8 [N / 16, K / block, bytes]");
+  dispatch(kind, [&](auto tag) {
+    using F = Format<decltype(tag)::value>;
+    TORCH_CHECK(K % F::block == 0 && tiles.size(1) == K / F::block && tiles.size(2) == F::bytes,
+                "tiles: not the layout of a [N, ", K, "] weight of kind ", kind);
+    return 0;
+  });
+  return tiles.size(0) * 16;
+}
+
+}  // namespace
+
+at::Tensor kquant_linear(const at::Tensor& x_in, at::TensorList tiles, at::IntArrayRef kinds,
+                         int64_t K, int64_t dense_min_rows, bool float_out) {
+  const auto xt = x_in.scalar_type();
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K && (xt == at::kFloat || xt == at::kBFloat16),
+              "x: float32 or bfloat16 [M, K]");
+  TORCH_CHECK(!tiles.empty() && tiles.size() == kinds.size(), "one kind per segment of tiles");
+  const int64_t M = x_in.size(0);
+  std::vector<int64_t> first{0};  // each segment's first output row
+  for (size_t i = 0; i < tiles.size(); ++i)
+    first.push_back(first.back() + check_tiles(tiles[i], kinds[i], K));
+  const int64_t N = first.back();
+  if (M >= dense_min_rows) {  // compute-bound: dequantize once, then ATen's GEMM
+    auto wt = at::empty({K, N}, x_in.options());
+    for (size_t i = 0; i < tiles.size(); ++i)
+      dispatch(kinds[i], [&](auto tag) {
+        constexpr int64_t kind = decltype(tag)::value;
+        const uint8_t* tp = tiles[i].data_ptr<uint8_t>();
+        const int64_t n = first[i + 1] - first[i];
+        if (xt == at::kBFloat16)
+          dequantize_t<kind>(tp, K, n, N, wt.data_ptr<c10::BFloat16>() + first[i]);
+        else
+          dequantize_t<kind>(tp, K, n, N, wt.data_ptr<float>() + first[i]);
+        return 0;
+      });
+    auto y = at::mm(x_in, wt);
+    return float_out ? y.to(at::kFloat) : y;
+  }
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const float* xp = x.data_ptr<float>();
+  auto y = at::empty({M, N}, x_in.options().dtype(float_out ? at::kFloat : xt));
+  for (size_t i = 0; i < tiles.size(); ++i)
+    dispatch(kinds[i], [&](auto tag) {
+      constexpr int64_t kind = decltype(tag)::value;
+      const uint8_t* tp = tiles[i].data_ptr<uint8_t>();
+      const int64_t n = first[i + 1] - first[i];
+      if (y.scalar_type() == at::kBFloat16)
+        gemv<kind>(xp, M, K, tp, n, y.data_ptr<c10::BFloat16>() + first[i], N);
+      else
+        gemv<kind>(xp, M, K, tp, n, y.data_ptr<float>() + first[i], N);
+      return 0;
+    });
+  return y;
+}
+
+at::Tensor kquant_rows(const at::Tensor& tiles, const at::Tensor& ids_in, int64_t kind, int64_t K) {
+  const int64_t N = check_tiles(tiles, kind, K);
+  TORCH_CHECK(ids_in.scalar_type() == at::kLong, "ids: int64");
+  const at::Tensor ids = ids_in.contiguous();
+  const int64_t T = ids.numel();
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(ip[t] >= 0 && ip[t] < N, "row ", ip[t], " out of range");
+  std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
+  shape.push_back(K);
+  auto out = at::empty(shape, ids.options().dtype(at::kFloat));
+  kquant_rows_into(tiles, ip, T, kind, K, out.data_ptr<float>());
+  return out;
+}
+
+void kquant_rows_into(const at::Tensor& tiles, const int64_t* ids, int64_t T, int64_t kind,
+                      int64_t K, float* out) {
+  check_tiles(tiles, kind, K);
+  dispatch(kind, [&](auto tag) {
+    rows_kernel<decltype(tag)::value>(tiles.data_ptr<uint8_t>(), ids, T, K, out);
+    return 0;
+  });
+}
+
+}  // namespace ember
+
+TORCH_LIBRARY_FRAGMENT(ember_cpu, m) {
+  m.def("kquant_linear(Tensor x, Tensor[] tiles, int[] kinds, int k, int dense_min_rows, "
+        "bool float_out) -> Tensor");
+  m.def("kquant_rows(Tensor tiles, Tensor ids, int kind, int k) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ember_cpu, CPU, m) {
+  m.impl("kquant_linear", ember::kquant_linear);
+  m.impl("kquant_rows", ember::kquant_rows);
+}
