@@ -3,7 +3,6 @@ checked against gguf-py / transformers; plus tiny GGUFs written on the fly for e
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import gguf
@@ -13,7 +12,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from tokenizers import pre_tokenizers
 
-from ember.errors import ConfigError, ModelLoadError
+from ember.errors import ModelLoadError
 from ember.loading import gguf as ember_gguf
 from ember.loading.gguf import (
     dequantize,
@@ -275,15 +274,16 @@ def test_tiny_gguf_names_permutation_and_types(tmp_path, arch, dtype):
     assert tok.encode("hello<s>", add_special_tokens=False) == [256, 257, o, 258]
 
 
-def test_rope_freqs_is_skipped_with_a_warning(tmp_path, caplog):
+def test_rope_freqs_become_the_rope_scaling(tmp_path):
+    factors = np.linspace(1, 8, 8, dtype=np.float32)
     path = write_gguf(tmp_path / "llama3.gguf", {
-        "rope_freqs.weight": (np.linspace(1, 8, 8, dtype=np.float32), None),
+        "rope_freqs.weight": (factors, None),
         "output_norm.weight": (np.ones(64, np.float32), None),
     })
-    with caplog.at_level(logging.WARNING, logger="ember"):
-        names = [name for name, _ in load_gguf(path, torch.float32)[1]]
-    assert names == ["model.norm.weight"]
-    assert "rope_freqs.weight (Llama 3 rope scaling) is ignored" in caplog.text
+    config, weights, _, _ = load_gguf(path, torch.float32)
+    assert [name for name, _ in weights] == ["model.norm.weight"]
+    assert config.rope_scaling == {"rope_type": "freq_factors",
+                                   "freq_factors": factors.tolist()}
 
 
 def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
@@ -330,14 +330,14 @@ def test_truncated_file(tmp_path, gguf_path):
 
 
 def test_unsupported_tensor_type(tmp_path):
-    # One Q5_K block (256 elements = 176 bytes); its content does not matter.
-    raw = np.zeros((1, 176), np.uint8)
-    path = write_gguf(tmp_path / "q5k.gguf", {"blk.0.ffn_up.weight": (raw, QT.Q5_K)})
-    with pytest.raises(ModelLoadError, match=r"'blk.0.ffn_up.weight' has type Q5_K.*supported: "
+    # One Q2_K block (256 elements = 84 bytes); its content does not matter.
+    raw = np.zeros((1, 84), np.uint8)
+    path = write_gguf(tmp_path / "q2k.gguf", {"blk.0.ffn_up.weight": (raw, QT.Q2_K)})
+    with pytest.raises(ModelLoadError, match=r"'blk.0.ffn_up.weight' has type Q2_K.*supported: "
                                              r"F32, F16, BF16, Q8_0, Q4_0, Q4_1"):
         load_gguf(path, torch.float32)
-    with pytest.raises(ModelLoadError, match="unsupported GGUF tensor type Q5_K"):
-        dequantize(torch.from_numpy(raw), QT.Q5_K, (1, 256))
+    with pytest.raises(ModelLoadError, match="unsupported GGUF tensor type Q2_K"):
+        dequantize(torch.from_numpy(raw), QT.Q2_K, (1, 256))
 
 
 def test_unexpected_tensor(tmp_path):
@@ -350,8 +350,8 @@ def test_unexpected_tensor(tmp_path):
 
 def test_unsupported_architecture(tmp_path):
     path = write_gguf(tmp_path / "phi.gguf", {}, arch="phi2")
-    with pytest.raises(ConfigError, match="unsupported GGUF architecture 'phi2'; supported: "
-                                          "llama, mistral, qwen2"):
+    with pytest.raises(ModelLoadError, match="unsupported GGUF architecture 'phi2'; supported: "
+                                             "llama, mistral, qwen2, qwen3, gemma3, phi3"):
         load_gguf(path, torch.float32)
 
 

@@ -131,7 +131,7 @@ at::Tensor run_layers(const StepArgs& args) {
       }
     }
     const at::Tensor o = decode_attention(q, k_caches[l], v_caches[l], block_tables,
-                                          context_lens, block_size, scale);
+                                          context_lens, block_size, scale, 0);
     const at::Tensor attn = project(o.view({T, q_size}), p + 1 + kProjection, group_size,
                                     dense_min_rows);
     const AT* ap = attn.data_ptr<AT>();

@@ -20,8 +20,10 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
-from ember.config import ModelConfig
-from ember.errors import ConfigError, ModelLoadError
+import gguf.quants
+
+from ember.config import FAMILIES, FULL, HF_ARCHITECTURES, SLIDING, ModelConfig
+from ember.errors import ModelLoadError
 from ember.loading.tokenizer import Tokenizer
 from ember.quantization.int4 import Int4Weight
 from ember.quantization.q8_0 import Q8_0Weight
@@ -30,14 +32,8 @@ logger = logging.getLogger("ember")
 
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# gguf `general.architecture` -> the HF architecture ember builds.
-ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-}
-# llama.cpp's converter permutes Q/K rows for these (not for qwen2, whose rope is NEOX-style).
-_ROPE_PERMUTED = ("llama", "mistral")
+# gguf `general.architecture` (a family's name) -> the HF architecture ember builds.
+ARCHITECTURES = {family: hf for hf, family in HF_ARCHITECTURES.items()}
 
 QK = 32  # elements per block in Q8_0 / Q4_0 / Q4_1
 _Dequantizer = Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor]
@@ -156,13 +152,23 @@ _DEQUANTIZERS: dict[GGMLQuantizationType, _Dequantizer] = {
     GGMLQuantizationType.Q4_0: _dequant_q4_0,
     GGMLQuantizationType.Q4_1: _dequant_q4_1,
 }
-SUPPORTED_TENSOR_TYPES = tuple(t.name for t in _DEQUANTIZERS)
+# DENSE FALLBACK (until ember's own K-quant kernels run these types as stored): the
+# super-block types of Q4_K_M / Q5_K_M files, dequantized at load by gguf-py's numpy
+# reference and then run as dense weights.
+_DENSE_FALLBACK = (
+    GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K,
+    GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1,
+)
+SUPPORTED_TENSOR_TYPES = tuple(t.name for t in (*_DEQUANTIZERS, *_DENSE_FALLBACK))
 
 
 def dequantize(
     raw: torch.Tensor, qtype: GGMLQuantizationType, shape: tuple[int, ...]
 ) -> torch.Tensor:
     """The float32 tensor of logical row-major `shape` stored as `raw` in type `qtype`."""
+    if qtype in _DENSE_FALLBACK:  # DENSE FALLBACK, see above
+        flat = raw.contiguous().reshape(-1).view(torch.uint8).numpy()
+        return torch.from_numpy(gguf.quants.dequantize(flat, qtype)).reshape(shape)
     fn = _DEQUANTIZERS.get(qtype)
     if fn is None:
         raise ModelLoadError(f"unsupported GGUF tensor type {qtype.name}; "
@@ -236,16 +242,16 @@ def load_gguf(
 
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
-        raise ConfigError(
+        raise ModelLoadError(
             f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}"
         )
     for t in reader.tensors:  # fail now rather than halfway through loading the weights
-        if t.tensor_type not in _DEQUANTIZERS:
+        if t.tensor_type not in _DEQUANTIZERS and t.tensor_type not in _DENSE_FALLBACK:
             raise ModelLoadError(
                 f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which ember cannot "
                 f"dequantize; supported: {', '.join(SUPPORTED_TENSOR_TYPES)}"
             )
-        if hf_name(t.name) is None and t.name != _ROPE_FREQS:
+        if hf_name(t.name, arch) is None and t.name != _ROPE_FREQS:
             raise ModelLoadError(f"{path}: unexpected GGUF tensor {t.name!r} for {arch}")
 
     tokenizer = _build_tokenizer(meta)
@@ -276,33 +282,63 @@ class _Metadata:
         return self._values[key]
 
 
+# Gemma 3 as llama.cpp runs it, where the file does not say otherwise: every 6th layer global,
+# the sliding layers' rope base 10000.
+_GEMMA3_PATTERN = 6
+_GEMMA3_LOCAL_THETA = 10000.0
+
+
 def _model_config(meta: _Metadata, arch: str, reader: GGUFReader) -> ModelConfig:
     hidden = meta.get(f"{arch}.embedding_length")
     n_heads = meta.get(f"{arch}.attention.head_count")
+    n_layers = meta.get(f"{arch}.block_count")
     head_dim = meta.get(f"{arch}.attention.key_length", None) or meta.get(
         f"{arch}.rope.dimension_count", hidden // n_heads
     )
     names = {t.name for t in reader.tensors}
+    window = meta.get(f"{arch}.attention.sliding_window", None)
+    layer_types = rope_local_theta = query_pre_attn_scalar = None
+    if arch == "gemma3":
+        pattern = meta.get(f"{arch}.attention.sliding_window_pattern", _GEMMA3_PATTERN)
+        if isinstance(pattern, list):  # per layer: True = sliding
+            layer_types = [SLIDING if p else FULL for p in pattern]
+        else:
+            layer_types = [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(n_layers)]
+        rope_local_theta = _GEMMA3_LOCAL_THETA
+        # llama.cpp's rule: 1/sqrt(head_dim), but 1/sqrt(hidden / heads) for the 27B model.
+        query_pre_attn_scalar = hidden // n_heads if n_layers == 62 else head_dim
     return ModelConfig(
         architecture=ARCHITECTURES[arch],
         vocab_size=len(meta.get("tokenizer.ggml.tokens")),
         hidden_size=hidden,
         intermediate_size=meta.get(f"{arch}.feed_forward_length"),
-        num_hidden_layers=meta.get(f"{arch}.block_count"),
+        num_hidden_layers=n_layers,
         num_attention_heads=n_heads,
         num_key_value_heads=meta.get(f"{arch}.attention.head_count_kv", n_heads),
         head_dim=head_dim,
         rms_norm_eps=meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
         rope_theta=meta.get(f"{arch}.rope.freq_base", 10000.0),
-        rope_scaling=_rope_scaling(meta, arch),
+        rope_scaling=_rope_scaling(meta, arch, reader),
         max_position_embeddings=meta.get(f"{arch}.context_length"),
         tie_word_embeddings="output.weight" not in names,
-        attention_bias="blk.0.attn_q.bias" in names,
+        attention_bias="blk.0.attn_q.bias" in names or "blk.0.attn_qkv.bias" in names,
+        sliding_window=window,
+        layer_types=tuple(layer_types) if window is not None and layer_types else None,
+        rope_local_theta=rope_local_theta,
+        query_pre_attn_scalar=query_pre_attn_scalar,
     )
 
 
-def _rope_scaling(meta: _Metadata, arch: str) -> dict[str, Any] | None:
-    """`{arch}.rope.scaling.*` in HF's `rope_scaling` form (None when absent or 'none')."""
+def _rope_scaling(meta: _Metadata, arch: str, reader: GGUFReader) -> dict[str, Any] | None:
+    """`{arch}.rope.scaling.*` in HF's `rope_scaling` form (None when absent or 'none'), or
+    the per-frequency divisors of `rope_freqs.weight` (how llama.cpp stores Llama 3's
+    scaling) as rope type `freq_factors`."""
+    for t in reader.tensors:
+        if t.name == _ROPE_FREQS:
+            factors = dequantize_tensor(t)
+            if torch.all(factors == 1):
+                return None
+            return {"rope_type": "freq_factors", "freq_factors": factors.tolist()}
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
     if kind == "none":
         return None
@@ -340,17 +376,30 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Where a family's GGUF names differ: Qwen3 / Gemma 3 QK-norms, Gemma 3's four norms,
+# Phi-3's fused projections (its `ffn_up` holds gate and up).
+_QK_NORM_NAMES = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+_FAMILY_BLOCK_NAMES = {
+    "qwen3": {**_BLOCK_NAMES, **_QK_NORM_NAMES},
+    "gemma3": {**_BLOCK_NAMES, **_QK_NORM_NAMES, "post_attention_norm": "post_attention_layernorm",
+               "ffn_norm": "pre_feedforward_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"},
+    "phi3": {**{k: v for k, v in _BLOCK_NAMES.items()
+                if k not in ("attn_q", "attn_k", "attn_v", "ffn_gate")},
+             "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+}
 _BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _ROPE_FREQS = "rope_freqs.weight"
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """The HF Llama name of a GGUF tensor, or None for one ember does not use."""
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The HF name of a GGUF tensor of `arch`, or None for one ember does not use."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
+    names = _FAMILY_BLOCK_NAMES.get(arch, _BLOCK_NAMES)
     m = _BLOCK_TENSOR.fullmatch(gguf_name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
     return None
 
 
@@ -379,10 +428,10 @@ def quantized_tensor(tensor: ReaderTensor) -> Int4Weight | None:
 def _iter_weights(
     reader: GGUFReader, arch: str, config: ModelConfig, dtype: torch.dtype, keep_quantized: bool
 ) -> Iterator[tuple[str, torch.Tensor | Int4Weight | Q8_0Weight]]:
+    family = FAMILIES[arch]
     for t in reader.tensors:
-        name = hf_name(t.name)
-        if name is None:  # rope_freqs, the only other tensor load_gguf lets through
-            _warn_rope_freqs(t)
+        name = hf_name(t.name, arch)
+        if name is None:  # rope_freqs (in the config already), the only other one let through
             continue
         w: torch.Tensor | Int4Weight | None = None
         if keep_quantized and name.endswith("_proj.weight"):
@@ -396,26 +445,21 @@ def _iter_weights(
             if name == "lm_head.weight":
                 continue
         if w is None:
-            w = dequantize_tensor(t).to(dtype)
+            w = dequantize_tensor(t)
+            if family.norm_offset and name.endswith("norm.weight"):
+                # llama.cpp's converter stored Gemma's (1 + w); the model adds the 1 (as
+                # transformers, which subtracts it the same way).
+                w = w - family.norm_offset
+            w = w.to(dtype)
         n_head = {".self_attn.q_proj.": config.num_attention_heads,
                   ".self_attn.k_proj.": config.num_key_value_heads}
         for frag, heads in n_head.items():
-            if arch in _ROPE_PERMUTED and frag in name:
+            if family.gguf_rope_permuted and frag in name:
                 if isinstance(w, Int4Weight):
                     w = w.permute_rows(unpermute_rope(torch.arange(w.out_features), heads))
                 else:
                     w = unpermute_rope(w, heads)
         yield name, w
-
-
-def _warn_rope_freqs(t: ReaderTensor) -> None:
-    # llama.cpp stores Llama-3-style rope scaling as per-frequency divisors instead of the
-    # HF parameters, which cannot be recovered from them exactly; ember runs plain rope.
-    if not torch.all(dequantize_tensor(t) == 1):
-        logger.warning(
-            "GGUF rope_freqs.weight (Llama 3 rope scaling) is ignored; outputs may differ "
-            "from llama.cpp's, mostly at long context"
-        )
 
 
 # ---- tokenizer --------------------------------------------------------------------------

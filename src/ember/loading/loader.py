@@ -231,7 +231,7 @@ def load_model(
             tensor_parallel.parallelize(net, rank, world)
     net = net.to(dtype).to_empty(device=device)
     net.tie_weights()
-    net.rotary.float().reset_tables()  # the tables stay float32: positions need the precision
+    net.reset_buffers()  # rotary tables in float32 (positions need the precision)
     weights = ckpt.weights
     if world > 1:
         weights = tensor_parallel.shard_weights(weights, ckpt.config, rank, world)

@@ -15,6 +15,8 @@ returns None otherwise, and the layers run as before.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -22,6 +24,8 @@ from ember import kernels
 from ember.layers.attention import AttentionMetadata
 from ember.quantization.int4 import DENSE_MIN_TOKENS, DENSE_MIN_TOKENS_TILED, Int4Linear
 from ember.quantization.int8 import Int8Linear
+
+logger = logging.getLogger("ember")
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -56,10 +60,23 @@ class FusedDecode:
 
     @classmethod
     def build(cls, model: nn.Module) -> "FusedDecode | None":
-        """The fused decode of `model` (a `LlamaForCausalLM`), if its layers allow one."""
+        """The fused decode of `model` (a `LlamaForCausalLM`), if its layers allow one;
+        else None, with the reason in the log."""
         dtype = model.embed_tokens.weight.dtype
         if not kernels.available(model.embed_tokens.weight.device) or dtype not in (
                 torch.float32, torch.bfloat16):
+            return None
+        cfg = model.config
+        family = cfg.family
+        missing = [what for what, needed in (
+            ("QKV bias", cfg.attention_bias), ("QK-norm", family.qk_norm),
+            ("sandwich norms", family.sandwich_norms), ("(1+w) norms", family.norm_offset),
+            ("GELU-tanh", family.hidden_act != "silu"),
+            ("scaled embeddings", family.scale_embeddings),
+            ("sliding windows", cfg.sliding_window is not None)) if needed]
+        if missing:
+            logger.info("decode steps run the compiled layers: the fused decode step lacks "
+                        "%s", ", ".join(missing))
             return None
         params: list[torch.Tensor] = []
         group_sizes, tiled = set(), set()
