@@ -8,14 +8,17 @@ the same arithmetic as `LlamaDecoderLayer` (tested against it) with the projecti
 kernels and the paged decode attention, and the final norm. Steps with a prompt chunk keep the
 compiled layers (prefill is compute-bound: one graph, big GEMMs).
 
-It serves a model whose projections are int4 (ember's or ATen's CPU layout), int8 or dense, without
-biases or tensor parallelism's hooks, on CPU with the kernels built; `FusedDecode.build`
-returns None otherwise, and the layers run as before.
+It serves a model of every supported family (QKV bias, QK-norm, Gemma's norms, GELU-tanh,
+scaled embeddings and sliding windows included: `FamilyArgs`) whose projections are int4
+(ember's or ATen's CPU layout), int8 or dense, without tensor parallelism's hooks, on CPU with
+the kernels built; `FusedDecode.build` returns None otherwise (saying why in the log), and the
+layers run as before.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,9 +33,11 @@ logger = logging.getLogger("ember")
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
-def _projection(m: nn.Module, dtype: torch.dtype) -> list[torch.Tensor] | None:
-    """The 4 tensors decode.cpp takes for one projection, or None if it cannot run it."""
-    if m._forward_hooks or getattr(m, "bias", None) is not None:
+def _projection(m: nn.Module, dtype: torch.dtype, bias_ok: bool = False
+                ) -> list[torch.Tensor] | None:
+    """The 4 tensors decode.cpp takes for one projection, or None if it cannot run it (a
+    bias only where `bias_ok`: it travels in the layer's extras)."""
+    if m._forward_hooks or (getattr(m, "bias", None) is not None and not bias_ok):
         return None
     none = torch.empty(0, dtype=dtype)
     if isinstance(m, Int4Linear) and m.tiled:
@@ -46,10 +51,33 @@ def _projection(m: nn.Module, dtype: torch.dtype) -> list[torch.Tensor] | None:
     return None
 
 
+def _vector(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A layer's extra vector as decode.cpp takes it (empty where absent), or None if its
+    dtype is not the activations'."""
+    if t is None:
+        return torch.empty(0, dtype=dtype)
+    return t if t.dtype == dtype and t.is_contiguous() else None
+
+
+@dataclass
+class FamilyArgs:
+    """decode_layers' arguments for what a family does differently from Llama (decode.cpp's
+    FamilyArgs): per layer QKV bias, q and k norms, Gemma's norms after attention and MLP
+    (empty tensors where absent) and the sliding window; the sliding layers' rotary tables."""
+
+    extras: list[torch.Tensor]
+    windows: list[int]
+    local_cos: torch.Tensor
+    local_sin: torch.Tensor
+    norm_offset: float
+    activation: int  # 0: SiLU, 1: GELU-tanh
+    embed_scale: float
+
+
 class FusedDecode:
     def __init__(self, edges: list[torch.Tensor], params: list[torch.Tensor], num_heads: int,
                  num_kv_heads: int, group_size: int, dense_min_rows: int, eps: float,
-                 scale: float) -> None:
+                 scale: float, family: FamilyArgs) -> None:
         # The model's embedding, rotary cos and sin tables and final norm weight (the tensors
         # themselves, not the model: no reference cycle keeps a dropped model alive).
         self.edges = edges
@@ -57,6 +85,7 @@ class FusedDecode:
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.group_size, self.dense_min_rows = group_size, dense_min_rows
         self.eps, self.scale = eps, scale
+        self.family = family
 
     @classmethod
     def build(cls, model: nn.Module) -> "FusedDecode | None":
@@ -66,29 +95,32 @@ class FusedDecode:
         if not kernels.available(model.embed_tokens.weight.device) or dtype not in (
                 torch.float32, torch.bfloat16):
             return None
-        cfg = model.config
-        family = cfg.family
-        missing = [what for what, needed in (
-            ("QKV bias", cfg.attention_bias), ("QK-norm", family.qk_norm),
-            ("sandwich norms", family.sandwich_norms), ("(1+w) norms", family.norm_offset),
-            ("GELU-tanh", family.hidden_act != "silu"),
-            ("scaled embeddings", family.scale_embeddings),
-            ("sliding windows", cfg.sliding_window is not None)) if needed]
-        if missing:
-            logger.info("decode steps run the compiled layers: the fused decode step lacks "
-                        "%s", ", ".join(missing))
-            return None
         params: list[torch.Tensor] = []
+        extras: list[torch.Tensor] = []
         group_sizes, tiled = set(), set()
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            parts = [_projection(m, dtype) for m in
-                     (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            parts = [_projection(attn.qkv_proj, dtype, bias_ok=True),
+                     *(_projection(m, dtype) for m in (attn.o_proj, mlp.gate_up_proj,
+                                                       mlp.down_proj))]
+            # The MLP's input norm: Llama's second norm, Gemma's third.
+            mlp_norm = (layer.pre_feedforward_layernorm if layer.sandwich
+                        else layer.post_attention_layernorm)
+            norms = (layer.input_layernorm.weight, mlp_norm.weight)
+            extra = [_vector(t, dtype) for t in (
+                attn.qkv_proj.bias,
+                attn.q_norm.weight if attn.q_norm is not None else None,
+                attn.k_norm.weight if attn.k_norm is not None else None,
+                layer.post_attention_layernorm.weight if layer.sandwich else None,
+                layer.post_feedforward_layernorm.weight if layer.sandwich else None)]
             if any(p is None for p in parts) or any(n.dtype != dtype for n in norms) or (
+                    any(e is None for e in extra) or
                     layer._forward_hooks or attn._forward_hooks or mlp._forward_hooks):
+                logger.info("decode steps run the compiled layers: the fused decode step "
+                            "cannot run this model's layers (their types, dtypes or hooks)")
                 return None
             params += [norms[0], *parts[0], *parts[1], norms[1], *parts[2], *parts[3]]
+            extras += extra
             int4 = [m for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
                     if isinstance(m, Int4Linear)]
             group_sizes |= {m.group_size for m in int4}
@@ -100,19 +132,29 @@ class FusedDecode:
             return None
         first = model.layers[0]
         edges = [model.embed_tokens.weight, model.rotary.cos, model.rotary.sin, norm]
+        family = model.config.family
+        local = model.rotary_local
+        empty = torch.empty(0)
+        family_args = FamilyArgs(
+            extras, [layer.self_attn.attn.window for layer in model.layers],
+            local.cos if local is not None else empty, local.sin if local is not None else empty,
+            family.norm_offset, {"silu": 0, "gelu_tanh": 1}[family.hidden_act],
+            float(model.embed_scale))
         return cls(edges, params, first.self_attn.num_heads, first.self_attn.num_kv_heads,
                    group_sizes.pop() if group_sizes else 32,
                    DENSE_MIN_TOKENS_TILED if tiled == {True} else DENSE_MIN_TOKENS,
-                   first.input_layernorm.eps, first.self_attn.attn.scale)
+                   first.input_layernorm.eps, first.self_attn.attn.scale, family_args)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
         """The final norm's output [T, hidden] (the head's input), for a step of decodes only
         (`meta.decode` covers every row, in order)."""
-        d = meta.decode
+        d, f = meta.decode, self.family
         embedding, cos, sin, norm = self.edges
         return torch.ops.ember_cpu.decode_layers(
             input_ids, positions, embedding, cos, sin, self.params, norm,
             [k for k, _ in kv_caches], [v for _, v in kv_caches],
             meta.slot_mapping, d.block_tables, d.context_lens, d.block_size, self.num_heads,
-            self.num_kv_heads, self.group_size, self.dense_min_rows, self.eps, self.scale)
+            self.num_kv_heads, self.group_size, self.dense_min_rows, self.eps, self.scale,
+            f.extras, f.windows, f.local_cos, f.local_sin, f.norm_offset, f.activation,
+            f.embed_scale)
