@@ -146,7 +146,10 @@ def hf_tokenizer(gguf_path):
     return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
 
 
-@pytest.mark.parametrize("text", TEXTS)
+# transformers' GGUF tokenizer ignores the `smollm` pre-tokenizer's digit split (llama.cpp's and
+# the original HF tokenizer's), which ember follows: texts with digits are compared with
+# llama.cpp in test_gguf_tokenizers.py.
+@pytest.mark.parametrize("text", [t for t in TEXTS if not any(c.isdigit() for c in t)])
 def test_tokenizer_matches_transformers(loaded, hf_tokenizer, text):
     tok = loaded[2]
     ids = tok.encode(text, add_special_tokens=False)
@@ -162,18 +165,13 @@ def test_special_tokens_and_chat_template(loaded):
     assert prompt.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_digits_follow_transformers_not_smollm_pretokenizer(loaded):
-    # The HF SmolLM2 tokenizer splits digits off before byte-level splitting; transformers'
-    # GGUF tokenizer does not, and ember matches transformers. They differ before a digit
-    # that follows a run of spaces.
+def test_digits_follow_the_smollm_pretokenizer(loaded):
+    # The `smollm` pre-tokenizer (llama.cpp's, and the HF SmolLM2 tokenizer's) splits every
+    # digit off before byte-level splitting.
     backend = loaded[2].backend
-    digits = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
-    text = "x =\n    1"
-    assert [s for s, _ in backend.pre_tokenizer.pre_tokenize_str(text)][-1] == "Ġ1"
-    assert [s for s, _ in digits.pre_tokenize_str(text)][-2:] == ["ĊĠĠĠĠ", "1"]
+    text = "x =\n    12"
+    assert [s for s, _ in backend.pre_tokenizer.pre_tokenize_str(text)][-3:] == [
+        "ĊĠĠĠĠ", "1", "2"]
 
 
 # ---- tiny GGUFs ---------------------------------------------------------------------------

@@ -53,3 +53,16 @@ def test_family_matches_transformers(checkpoint, fmt):
         if FAMILIES[family][3].get("sliding_window"):
             assert len(out.prompt_token_ids) > WINDOW
         assert out.outputs[0].token_ids == hf_greedy(hf_dir, out.prompt_token_ids, MAX_NEW)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "phi3"])
+def test_sliding_window_in_chunked_prefill(tmp_path, hf_tokenizer_dir, family):
+    """Prompts longer than the window, prefilled in chunks shorter than it: each later chunk
+    reads only the keys inside its queries' windows from the cache."""
+    hf_dir = write_hf(family, tmp_path / family, hf_tokenizer_dir, seed=1)
+    llm = LLM(model=str(hf_dir), max_model_len=128, max_num_batched_tokens=5,
+              enforce_eager=True, **EXACT)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    for out in llm.generate(PROMPTS, params, use_tqdm=False):
+        assert len(out.prompt_token_ids) > 2 * WINDOW - 5
+        assert out.outputs[0].token_ids == hf_greedy(hf_dir, out.prompt_token_ids, MAX_NEW)

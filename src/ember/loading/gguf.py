@@ -16,11 +16,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf import quants as gguf_quants
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
-
-import gguf.quants
 
 from ember.config import FAMILIES, FULL, HF_ARCHITECTURES, SLIDING, ModelConfig
 from ember.errors import ModelLoadError
@@ -168,7 +167,7 @@ def dequantize(
     """The float32 tensor of logical row-major `shape` stored as `raw` in type `qtype`."""
     if qtype in _DENSE_FALLBACK:  # DENSE FALLBACK, see above
         flat = raw.contiguous().reshape(-1).view(torch.uint8).numpy()
-        return torch.from_numpy(gguf.quants.dequantize(flat, qtype)).reshape(shape)
+        return torch.from_numpy(gguf_quants.dequantize(flat, qtype)).reshape(shape)
     fn = _DEQUANTIZERS.get(qtype)
     if fn is None:
         raise ModelLoadError(f"unsupported GGUF tensor type {qtype.name}; "
@@ -464,16 +463,28 @@ def _iter_weights(
 
 # ---- tokenizer --------------------------------------------------------------------------
 
-# Split regexes of byte-level BPE vocabularies by `tokenizer.ggml.pre`, as llama.cpp and the
-# original HF tokenizers use them (transformers' GGUF tokenizer gets Llama 3's wrong: it uses
-# GPT-2's). Anything else gets GPT-2's regex (ByteLevel's own).
-_PRE_TOKENIZER_REGEX = {
-    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+# Byte-level BPE pre-tokenizers by `tokenizer.ggml.pre`, as llama.cpp runs them
+# (llama-vocab.cpp): regexes applied in turn, each splitting the pieces of the one before
+# (matches and the text between them both stay pieces), and whether a word that is a token
+# skips the merges (`ignore_merges`, Llama 3's).
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
+           r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
+          r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "default": ((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"), False),
+    "gpt-2": ((_GPT2,), False),
+    "llama-bpe": ((_LLAMA3,), True),
+    "qwen2": ((_QWEN2,), False),
+    "smollm": ((r"\p{N}", _GPT2), False),
 }
-_PRE_TOKENIZER_REGEX["llama3"] = _PRE_TOKENIZER_REGEX["llama-bpe"]
+_PRE_ALIASES = {"gpt2": "gpt-2", "phi-2": "gpt-2", "llama3": "llama-bpe", "llama-v3": "llama-bpe",
+                "deepseek-r1-qwen": "qwen2", "stablelm2": "qwen2", "starcoder": "smollm",
+                "refact": "smollm", "codeshell": "smollm"}
+
+
+_END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>")
 
 
 def _build_tokenizer(meta: _Metadata) -> Tokenizer:
@@ -481,7 +492,7 @@ def _build_tokenizer(meta: _Metadata) -> Tokenizer:
     tokens: list[str] = meta.get("tokenizer.ggml.tokens")
     token_types: list[int] = meta.get("tokenizer.ggml.token_type", [])
     if model == "gpt2":
-        backend = _byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges"),
+        backend = _byte_level_bpe(meta.path, tokens, meta.get("tokenizer.ggml.merges"),
                                   meta.get("tokenizer.ggml.pre", "default"))
         add_bos_default = False
     elif model == "llama":
@@ -505,7 +516,15 @@ def _build_tokenizer(meta: _Metadata) -> Tokenizer:
 
     eos = meta.get("tokenizer.ggml.eos_token_id", None)
     eot = meta.get("tokenizer.ggml.eot_token_id", None)
-    eos_ids = tuple(i for i in (eos, eot) if i is not None)
+    for key in ("bos", "eos", "eot", "unknown", "padding"):
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id", None)
+        if token_id is not None and not 0 <= token_id < len(tokens):
+            raise ModelLoadError(f"{meta.path}: tokenizer.ggml.{key}_token_id={token_id} is "
+                                 f"outside the vocabulary of {len(tokens)} tokens")
+    # As llama.cpp: the end-of-turn tokens of the chat formats end a generation too.
+    end_of_turn = [i for i, (tok, kind) in enumerate(zip(tokens, token_types))
+                   if kind == _CONTROL and tok in _END_OF_TURN]
+    eos_ids = tuple(i for i in (eos, eot, *end_of_turn) if i is not None)
     return Tokenizer(
         backend=backend,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id", None),
@@ -515,22 +534,22 @@ def _build_tokenizer(meta: _Metadata) -> Tokenizer:
     )
 
 
-def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str) -> HFTokenizer:
-    """GPT-2-style byte-level BPE (tokenizer model 'gpt2')."""
+def _byte_level_bpe(path: Path, tokens: list[str], merges: list[str], pre: str
+                    ) -> HFTokenizer:
+    """GPT-2-style byte-level BPE (tokenizer model 'gpt2') with the pre-tokenizer `pre`."""
+    name = _PRE_ALIASES.get(pre, pre)
+    if name not in _PRE_TOKENIZERS:
+        raise ModelLoadError(
+            f"{path}: unsupported GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre); supported: "
+            f"{', '.join(sorted({*_PRE_TOKENIZERS, *_PRE_ALIASES}))}")
+    regexes, ignore_merges = _PRE_TOKENIZERS[name]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
-    backend = HFTokenizer(BPE(vocab, pairs, fuse_unk=False))
-    regex = _PRE_TOKENIZER_REGEX.get(pre)
-    if regex is None:
-        # What transformers' GGUF tokenizer uses for every byte-level vocabulary. For 'smollm'
-        # llama.cpp and the HF original split digits off first (Digits(individual_digits=True)),
-        # which changes ids where a digit follows whitespace; ember matches transformers.
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    else:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+    backend = HFTokenizer(BPE(vocab, pairs, fuse_unk=False, ignore_merges=ignore_merges))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        *(pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     backend.decoder = decoders.ByteLevel()
     return backend
 
