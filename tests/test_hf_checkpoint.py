@@ -77,8 +77,8 @@ def test_unsupported_architecture_is_refused(tmp_path, tiny_llama_dir):
     cfg = json.loads((path / "config.json").read_text())
     cfg["architectures"] = ["GPTBigCodeForCausalLM"]
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match="unsupported architecture 'GPTBigCodeForCausalLM'.*"
-                                          "supported: LlamaForCausalLM"):
+    with pytest.raises(ModelLoadError, match="unsupported architecture 'GPTBigCodeForCausalLM'"
+                                             ".*supported: LlamaForCausalLM.*Gemma3ForCausalLM"):
         LLM(model=str(path))
 
 

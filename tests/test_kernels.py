@@ -234,3 +234,36 @@ def test_int4_tiled_linear_computes_with_the_dequantized_weight(group, rows):
     torch.testing.assert_close(y.float(), aten.float(), atol=0.3, rtol=0.02)
     with pytest.raises(RuntimeError, match="bfloat16"):
         lin(x.float())
+
+
+@pytest.mark.parametrize("window", [1, 16, 200])
+def test_decode_attention_reads_only_the_window(window):
+    """A sliding-window layer's decode: the last `window` keys only, as SDPA over them; keys
+    before the window are poisoned (NaN), so reading one would show."""
+    g = torch.Generator().manual_seed(window)
+    heads, kv_heads, dim, block_size = 4, 1, 256, 16
+    lens = torch.tensor([1, 17, 250, 700])
+    width = -(-int(lens.max()) // block_size)
+    # Each sequence its own blocks, in a shuffled order.
+    tables = torch.randperm(len(lens) * width, generator=g).view(len(lens), width)
+    k_cache = torch.randn(len(lens) * width * block_size, kv_heads, dim, generator=g)
+    v_cache = torch.randn(len(lens) * width * block_size, kv_heads, dim, generator=g)
+    q = torch.randn(len(lens), heads, dim, generator=g)
+
+    def slots(b, start, end):
+        pos = torch.arange(start, end)
+        return tables[b, pos // block_size] * block_size + pos % block_size
+
+    expected = []
+    for b, n in enumerate(lens.tolist()):
+        s = slots(b, max(0, n - window), n)
+        o = F.scaled_dot_product_attention(
+            q[b][:, None], k_cache[s].transpose(0, 1), v_cache[s].transpose(0, 1),
+            scale=0.0625, enable_gqa=True)
+        expected.append(o[:, 0])
+        before = slots(b, 0, max(0, n - window))
+        k_cache[before] = float("nan")
+        v_cache[before] = float("nan")
+    out = torch.ops.ember_cpu.decode_attention(q, k_cache, v_cache, tables, lens, block_size,
+                                               0.0625, window)
+    torch.testing.assert_close(out, torch.stack(expected), atol=1e-5, rtol=1e-5)

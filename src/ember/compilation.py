@@ -9,8 +9,11 @@ call instead (`models.fused_decode`, on CPU), the layers' graphs serve the steps
 prompt chunk, and the T = 1 graph is not needed. All are compiled at start (warm-up, with a
 progress bar), and Inductor's on-disk cache makes a second start fast. The layers share the
 compiled code (regional compilation: their weights are graph inputs), so compile time does
-not grow with depth. What the graph fuses: norms, rotary, residual adds, SiLU*up and dtype
-casts around the matmuls (ATen's int4/int8/bf16 kernels) and the attention op.
+not grow with depth; a model with sliding-window layers beside global ones (Gemma 3) gets one
+variant of the graph for each (the window is a constant of the attention op), both warmed up.
+What the graph fuses: norms (QK-norm, Gemma's four), rotary, residual adds, the gated MLP's
+activation and dtype casts around the matmuls (ATen's int4/int8/bf16 kernels) and the
+attention op.
 """
 
 from __future__ import annotations

@@ -11,12 +11,47 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ember.errors import ConfigError
+from ember.errors import ConfigError, ModelLoadError
 
 if TYPE_CHECKING:
     import torch
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+@dataclass(frozen=True)
+class Family:
+    """What one model family does differently from Llama: the small, explicit set of choices
+    the one decoder (`models.llama`) and the loaders read."""
+
+    name: str  # also its GGUF `general.architecture`
+    attention_bias: bool = False  # QKV bias (Qwen2)
+    qk_norm: bool = False  # RMSNorm of each head's q and k before rotary (Qwen3, Gemma 3)
+    sandwich_norms: bool = False  # norms after attention and after the MLP too (Gemma 3)
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + w) (Gemma: 1)
+    hidden_act: str = "silu"  # of the gated MLP: silu | gelu_tanh (Gemma 3)
+    scale_embeddings: bool = False  # embeddings times sqrt(hidden) (Gemma)
+    gguf_rope_permuted: bool = False  # llama.cpp's converter permuted GGUF Q/K rows
+
+
+FAMILIES = {f.name: f for f in (
+    Family("llama", gguf_rope_permuted=True),
+    Family("mistral", gguf_rope_permuted=True),
+    Family("qwen2", attention_bias=True),
+    Family("qwen3", qk_norm=True),
+    Family("gemma3", qk_norm=True, sandwich_norms=True, norm_offset=1.0,
+           hidden_act="gelu_tanh", scale_embeddings=True),
+    Family("phi3"),
+)}
+# HF `architectures[0]` -> family.
+HF_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
+    "Phi3ForCausalLM": "phi3",
+}
+SUPPORTED_ARCHITECTURES = tuple(HF_ARCHITECTURES)
+SLIDING, FULL = "sliding_attention", "full_attention"  # HF's `layer_types` values
 
 # The server's defaults for `ember serve` and `build_app` (here, so the CLI needs no FastAPI).
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # larger request bodies get HTTP 413
@@ -35,9 +70,9 @@ def resolve_device(device: str) -> "torch.device":
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of a Llama-family decoder."""
+    """Hyper-parameters of a decoder of one of the `FAMILIES`."""
 
-    architecture: str
+    architecture: str  # the HF name (a key of HF_ARCHITECTURES)
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -51,10 +86,16 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # QKV bias, as Qwen2 has
+    # Sliding-window attention: a layer of type SLIDING attends to the last `sliding_window`
+    # positions only (its own included); None: every layer is global.
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None  # SLIDING / FULL per layer; None: all SLIDING
+    rope_local_theta: float | None = None  # sliding layers' rope base (Gemma 3), unscaled
+    query_pre_attn_scalar: float | None = None  # attention scale**-2 (default: head_dim)
 
     def __post_init__(self) -> None:
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise ConfigError(
+        if self.architecture not in HF_ARCHITECTURES:
+            raise ModelLoadError(
                 f"unsupported architecture {self.architecture!r}; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
@@ -63,19 +104,70 @@ class ModelConfig:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ModelLoadError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        if self.layer_types is not None and (
+                len(self.layer_types) != self.num_hidden_layers
+                or not set(self.layer_types) <= {SLIDING, FULL}):
+            raise ModelLoadError(f"layer_types must list {self.num_hidden_layers} of "
+                                 f"{SLIDING!r} / {FULL!r}, got {self.layer_types}")
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[HF_ARCHITECTURES[self.architecture]]
+
+    def layer_window(self, layer: int) -> int:
+        """Keys a query of `layer` attends to, itself included (0: all of them)."""
+        if self.sliding_window is None:
+            return 0
+        if self.layer_types is not None and self.layer_types[layer] == FULL:
+            return 0
+        return self.sliding_window
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelConfig":
         archs = cfg.get("architectures") or [cfg.get("model_type", "<missing>")]
         arch = archs[0]
+        if arch not in HF_ARCHITECTURES:
+            raise ModelLoadError(f"unsupported architecture {arch!r}; "
+                                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        family = FAMILIES[HF_ARCHITECTURES[arch]]
         n_heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
+        n_layers = cfg["num_hidden_layers"]
+        window = cfg.get("sliding_window")
+        layer_types = cfg.get("layer_types")
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if cfg.get(key) is not None:
+                raise ModelLoadError(f"{arch} with {key}={cfg[key]} is not supported")
+        if cfg.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ModelLoadError(f"{arch} with partial_rotary_factor="
+                                 f"{cfg['partial_rotary_factor']} is not supported")
+        qwen = family.name in ("qwen2", "qwen3")
+        if qwen and not cfg.get("use_sliding_window", False):
+            window = None  # Qwen stores a window it does not use unless told to
+        if window is not None and layer_types is None:
+            if qwen:
+                first = cfg.get("max_window_layers", n_layers)
+                layer_types = [SLIDING if i >= first else FULL for i in range(n_layers)]
+            elif family.name == "gemma3":  # every `sliding_window_pattern`-th layer is global
+                pattern = cfg.get("sliding_window_pattern", 6)
+                layer_types = [FULL if (i + 1) % pattern == 0 else SLIDING
+                               for i in range(n_layers)]
+        if layer_types is not None and SLIDING not in layer_types:
+            window = None
+        if layer_types is not None and window is None:
+            layer_types = None
         return cls(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
             hidden_size=hidden,
             intermediate_size=cfg["intermediate_size"],
-            num_hidden_layers=cfg["num_hidden_layers"],
+            num_hidden_layers=n_layers,
             num_attention_heads=n_heads,
             num_key_value_heads=cfg.get("num_key_value_heads") or n_heads,
             head_dim=cfg.get("head_dim") or hidden // n_heads,
@@ -83,9 +175,14 @@ class ModelConfig:
             rope_theta=cfg.get("rope_theta", 10000.0),
             rope_scaling=cfg.get("rope_scaling"),
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            # Gemma ties its head by default (its configs often leave it out).
+            tie_word_embeddings=cfg.get("tie_word_embeddings", family.name == "gemma3"),
             # Qwen2 always has QKV bias; Llama exposes it as `attention_bias`.
-            attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
+            attention_bias=cfg.get("attention_bias", family.attention_bias),
+            sliding_window=window,
+            layer_types=tuple(layer_types) if layer_types is not None else None,
+            rope_local_theta=cfg.get("rope_local_base_freq"),
+            query_pre_attn_scalar=cfg.get("query_pre_attn_scalar"),
         )
 
 

@@ -3,7 +3,8 @@
 //
 // decode_attention: one new query per sequence against its paged KV cache, read in place
 // through the block table (no gather into a padded grid, no mask), the query heads of one KV
-// head together (GQA: each key is loaded once for the group), softmax in float32.
+// head together (GQA: each key is loaded once for the group), softmax in float32. A
+// sliding-window layer's (window > 0) queries read only their last `window` keys.
 // write_kv: the step's new keys and values into their cache slots.
 // q8_0_linear: y = x @ W.T with W in GGUF's Q8_0 layout as it is (int8 codes, one scale per
 // 32 inputs): reads 1.06 bytes per weight instead of bf16's 2, computes in float32.
@@ -219,7 +220,7 @@ template <typename QT, typename KT>
 void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache,
                              const at::Tensor& v_cache, const at::Tensor& block_tables,
                              const at::Tensor& context_lens, int64_t block_size, float scale,
-                             at::Tensor& out) {
+                             int64_t window, at::Tensor& out) {
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t kv_heads = k_cache.size(1), group = heads / kv_heads;
   const int64_t width = block_tables.size(1);
@@ -232,12 +233,16 @@ void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache,
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   QT* op = out.data_ptr<QT>();
 
-  // Tasks: (sequence, KV head, chunk), numbered sequence by sequence.
+  // Tasks: (sequence, KV head, chunk), numbered sequence by sequence. A sliding-window
+  // layer (window > 0) attends to keys [lens - window, lens) only: its chunks start there.
   std::vector<int64_t> first(batch + 1, 0);  // first chunk of each sequence
+  std::vector<int64_t> start(batch, 0);      // its first key
   int64_t total = 0;
   for (int64_t b = 0; b < batch; ++b) {
-    first[b + 1] = first[b] + std::max<int64_t>(1, (lens[b] + kChunk - 1) / kChunk);
-    total += lens[b];
+    if (window > 0) start[b] = std::max<int64_t>(0, lens[b] - window);
+    const int64_t n = lens[b] - start[b];
+    first[b + 1] = first[b] + std::max<int64_t>(1, (n + kChunk - 1) / kChunk);
+    total += n;
   }
   const int64_t chunks = first[batch], tasks = chunks * kv_heads;
   const int64_t stride = group * (dim + 2);  // floats of one task's Partial
@@ -254,7 +259,8 @@ void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache,
     for (int64_t task = begin; task < end; ++task) {
       const int64_t chunk = task / kv_heads, h = task % kv_heads;
       while (first[b + 1] <= chunk) ++b;
-      const int64_t j0 = (chunk - first[b]) * kChunk, j1 = std::min(lens[b], j0 + kChunk);
+      const int64_t j0 = start[b] + (chunk - first[b]) * kChunk;
+      const int64_t j1 = std::min(lens[b], j0 + kChunk);
       auto run = [&](auto dim_tag) {
         constexpr int D = decltype(dim_tag)::value;
         attend_chunk<D>(qp + b * qs0 + h * group * qs1, qs1, kp + h * cs1, vp + h * cs1, cs0,
@@ -263,6 +269,7 @@ void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache,
       };
       if (dim == 64) run(std::integral_constant<int, 64>{});
       else if (dim == 128) run(std::integral_constant<int, 128>{});
+      else if (dim == 256) run(std::integral_constant<int, 256>{});
       else run(std::integral_constant<int, 0>{});
     }
   });
@@ -289,20 +296,22 @@ void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache,
 template <typename QT>
 void dispatch_cache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                     const at::Tensor& tables, const at::Tensor& lens, int64_t block_size,
-                    float scale, at::Tensor& out) {
+                    float scale, int64_t window, at::Tensor& out) {
   if (k_cache.scalar_type() == at::kBFloat16)
     decode_attention_kernel<QT, c10::BFloat16>(q, k_cache, v_cache, tables, lens, block_size,
-                                               scale, out);
+                                               scale, window, out);
   else
     decode_attention_kernel<QT, float>(q, k_cache, v_cache, tables, lens, block_size, scale,
-                                       out);
+                                       window, out);
 }
 
 }  // namespace
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables,
-                            const at::Tensor& context_lens, int64_t block_size, double scale) {
+                            const at::Tensor& context_lens, int64_t block_size, double scale,
+                            int64_t window) {
+  TORCH_CHECK(window >= 0, "window: >= 0 (0: no sliding window)");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q: [B, H, D] with contiguous rows");
   TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   k_cache.sizes() == v_cache.sizes() &&
@@ -335,9 +344,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
   auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   const float s = static_cast<float>(scale);
   if (qt == at::kBFloat16)
-    dispatch_cache<c10::BFloat16>(q, k_cache, v_cache, block_tables, context_lens, block_size, s, out);
+    dispatch_cache<c10::BFloat16>(q, k_cache, v_cache, block_tables, context_lens, block_size, s,
+                                  window, out);
   else
-    dispatch_cache<float>(q, k_cache, v_cache, block_tables, context_lens, block_size, s, out);
+    dispatch_cache<float>(q, k_cache, v_cache, block_tables, context_lens, block_size, s, window,
+                          out);
   return out;
 }
 
@@ -914,7 +925,7 @@ std::tuple<at::Tensor, at::Tensor> greedy_sample(const at::Tensor& logits) {
 
 TORCH_LIBRARY(ember_cpu, m) {
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-        "Tensor context_lens, int block_size, float scale) -> Tensor");
+        "Tensor context_lens, int block_size, float scale, int window=0) -> Tensor");
   m.def("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots) -> ()");
   m.def("q8_0_linear(Tensor x, Tensor q, Tensor scales) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor zeros, "

@@ -12,7 +12,9 @@
 // The arithmetic is the model's (`models/llama.py`): the residual stream in float32, the norms'
 // outputs rounded to the activation dtype before and after the weight, rotary and SiLU * up
 // computed in float32 from activation-dtype inputs and rounded once, as the compiled graph
-// does.
+// does. The families' choices (`config.Family`) come as `FamilyArgs`: QKV bias, QK-norm,
+// Gemma's norms after attention and MLP and its (1 + w) weights, GELU-tanh, the embedding
+// scale, per-layer sliding windows and the sliding layers' own rotary tables.
 #include "common.h"
 
 #include <torch/library.h>
@@ -52,14 +54,32 @@ at::Tensor project(const at::Tensor& x, const at::Tensor* p, int64_t group_size,
 }
 
 // x * rsqrt(mean(x^2) + eps), rounded to AT, times the weight, rounded: RMSNorm's two casts.
+// With an offset (Gemma's (1 + w)): x * rsqrt(...) * (offset + w) in float32, rounded once.
 template <typename AT>
-void rms_norm(const float* x, const AT* w, int64_t n, float eps, AT* out) {
+void rms_norm(const float* x, const AT* w, int64_t n, float eps, AT* out, float offset = 0.f) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) sum += x[i] * x[i];
   const float r = 1.f / std::sqrt(sum / static_cast<float>(n) + eps);
+  if (offset != 0.f) {
+    for (int64_t i = 0; i < n; ++i) out[i] = from_float<AT>(x[i] * r * (offset + to_float(w[i])));
+    return;
+  }
   for (int64_t i = 0; i < n; ++i)
     out[i] = from_float<AT>(to_float(w[i]) * to_float(from_float<AT>(x[i] * r)));
+}
+
+// rms_norm of an activation-dtype row (a head's q or k, a block's output), in place or not.
+template <typename AT>
+void rms_norm_row(const AT* x, const AT* w, int64_t n, float eps, float offset, AT* out) {
+  float buf[8192];
+  for (int64_t i = 0; i < n; ++i) buf[i] = to_float(x[i]);
+  rms_norm(buf, w, n, eps, out, offset);
+}
+
+// GELU with the tanh approximation (Gemma's gelu_pytorch_tanh).
+inline float gelu_tanh(float x) {
+  return 0.5f * x * (1.f + std::tanh(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 
 // Rotate-half rotary embedding of one head: out = x * cos + rotate_half(x) * sin.
@@ -72,6 +92,20 @@ void rotate(const AT* x, const AT* cos, const AT* sin, int64_t dim, OT* out) {
     out[d + half] = from_float<OT>(b * to_float(cos[d + half]) + a * to_float(sin[d + half]));
   }
 }
+
+// Per layer in `extras`: QKV bias, q norm, k norm, norm after attention, norm after the MLP
+// (Gemma's); an empty tensor where the family has none.
+constexpr int64_t kExtras = 5;
+
+// What a family does differently from Llama (see `config.Family`).
+struct FamilyArgs {
+  at::TensorList extras;                  // kExtras per layer
+  c10::ArrayRef<int64_t> windows;         // per layer: sliding window (0: global)
+  const at::Tensor &local_cos, &local_sin;  // the sliding layers' rotary tables (or empty)
+  float norm_offset;                      // RMSNorm weights are (offset + w)
+  int64_t activation;                     // 0: SiLU, 1: GELU-tanh
+  float embed_scale;                      // embeddings times this (rounded to the dtype)
+};
 
 // The op's arguments, once checked (see decode_layers).
 struct StepArgs {
@@ -86,36 +120,42 @@ struct StepArgs {
 };
 
 template <typename AT>
-at::Tensor run_layers(const StepArgs& args) {
+at::Tensor run_layers(const StepArgs& args, const FamilyArgs& fam) {
   const auto& [ids, positions, embedding, cos_table, sin_table, params, final_norm, k_caches,
                v_caches, slots, block_tables, context_lens, block_size, heads, kv_heads,
                group_size, dense_min_rows, eps, scale, embedding_kind] = args;
   const int64_t T = ids.size(0), D = final_norm.numel(), dim = cos_table.size(1);
   const int64_t q_size = heads * dim, kv_size = kv_heads * dim;
   const auto act = final_norm.options();
-  // The residual stream (float32) from the embedding rows; each token's rotary cos and sin
-  // rounded to the activation dtype, as the layers get them.
+  const float offset = fam.norm_offset;
+  const bool local_rope = fam.local_cos.numel() > 0;
+  // The residual stream (float32) from the embedding rows (scaled in the activation dtype,
+  // as the model does); each token's rotary cos and sin rounded to the activation dtype, as
+  // the layers get them: the global tables' rows, then the sliding layers' own.
   at::Tensor x = at::empty({T, D}, act.dtype(at::kFloat));
   float* xp = x.data_ptr<float>();
-  at::Tensor rope = at::empty({2, T, dim}, act);
-  AT* cp = rope.data_ptr<AT>();
-  AT* sp = cp + T * dim;
+  at::Tensor rope = at::empty({local_rope ? 4 : 2, T, dim}, act);
   const int64_t* idp = ids.data_ptr<int64_t>();
   const int64_t* pp = positions.data_ptr<int64_t>();
-  const float* ctp = cos_table.data_ptr<float>();
-  const float* stp = sin_table.data_ptr<float>();
   if (embedding_kind >= 0)  // a K-quant embedding: its rows, rounded as the layers get them
     kquant_rows_into(embedding, idp, T, embedding_kind, D, xp);
   const AT* ep = embedding_kind >= 0 ? nullptr : embedding.data_ptr<AT>();
-  for (int64_t t = 0; t < T; ++t) {
-    if (embedding_kind >= 0)
-      for (int64_t i = 0; i < D; ++i) xp[t * D + i] = to_float(from_float<AT>(xp[t * D + i]));
-    else
-      for (int64_t i = 0; i < D; ++i) xp[t * D + i] = to_float(ep[idp[t] * D + i]);
-    for (int64_t d = 0; d < dim; ++d) {
-      cp[t * dim + d] = from_float<AT>(ctp[pp[t] * dim + d]);
-      sp[t * dim + d] = from_float<AT>(stp[pp[t] * dim + d]);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < D; ++i) {
+      const float e = embedding_kind >= 0 ? to_float(from_float<AT>(xp[t * D + i]))
+                                          : to_float(ep[idp[t] * D + i]);
+      xp[t * D + i] = fam.embed_scale == 1.f ? e : to_float(from_float<AT>(e * fam.embed_scale));
     }
+  for (int64_t table = 0; table < (local_rope ? 2 : 1); ++table) {
+    const float* ctp = (table ? fam.local_cos : cos_table).data_ptr<float>();
+    const float* stp = (table ? fam.local_sin : sin_table).data_ptr<float>();
+    AT* c = rope.data_ptr<AT>() + 2 * table * T * dim;
+    AT* sn = c + T * dim;
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t d = 0; d < dim; ++d) {
+        c[t * dim + d] = from_float<AT>(ctp[pp[t] * dim + d]);
+        sn[t * dim + d] = from_float<AT>(stp[pp[t] * dim + d]);
+      }
   }
   at::Tensor h = at::empty({T, D}, act);
   at::Tensor q = at::empty({T, heads, dim}, act);
@@ -123,17 +163,47 @@ at::Tensor run_layers(const StepArgs& args) {
   AT* qp = q.data_ptr<AT>();
   const int64_t* sl = slots.data_ptr<int64_t>();
   const int64_t layers = static_cast<int64_t>(k_caches.size());
+  // x += norm(y) row by row (a norm after a block, Gemma's) or x += y.
+  auto add_block = [&](const at::Tensor& y, const at::Tensor& post_norm) {
+    const AT* yp = y.data_ptr<AT>();
+    if (post_norm.numel() == 0) {
+#pragma omp simd
+      for (int64_t i = 0; i < T * D; ++i) xp[i] += to_float(yp[i]);
+      return;
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      rms_norm_row(yp + t * D, post_norm.data_ptr<AT>(), D, eps, offset, hp + t * D);
+      for (int64_t i = 0; i < D; ++i) xp[t * D + i] += to_float(hp[t * D + i]);
+    }
+  };
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* p = params.data() + l * kPerLayer;
+    const at::Tensor* e = fam.extras.data() + l * kExtras;
     const AT* norm1 = p[0].data_ptr<AT>();
     const AT* norm2 = p[1 + 2 * kProjection].data_ptr<AT>();
     AT* kc = k_caches[l].data_ptr<AT>();
     AT* vc = v_caches[l].data_ptr<AT>();
+    const int64_t window = fam.windows[l];
+    const AT* cp = rope.data_ptr<AT>() + (local_rope && window > 0 ? 2 * T * dim : 0);
+    const AT* sp = cp + T * dim;
 
-    for (int64_t t = 0; t < T; ++t) rms_norm(xp + t * D, norm1, D, eps, hp + t * D);
-    const at::Tensor qkv = project(h, p + 1, group_size, dense_min_rows);
-    const AT* qkvp = qkv.data_ptr<AT>();
+    for (int64_t t = 0; t < T; ++t) rms_norm(xp + t * D, norm1, D, eps, hp + t * D, offset);
+    at::Tensor qkv;
+    if (e[0].numel() > 0 && (p[1].scalar_type() == at::kFloat ||
+                             p[1].scalar_type() == at::kBFloat16)) {
+      qkv = at::addmm(e[0], h, p[1].t());  // a dense biased projection, as nn.Linear runs it
+    } else {
+      qkv = project(h, p + 1, group_size, dense_min_rows);
+      if (e[0].numel() > 0) qkv.add_(e[0]);
+    }
+    AT* qkvp = qkv.data_ptr<AT>();
     const int64_t row = qkv.size(1);
+    if (e[1].numel() > 0)  // QK-norm: each head of q and k, before rotary
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t hd = 0; hd < heads + kv_heads; ++hd) {
+          AT* r = qkvp + t * row + hd * dim;
+          rms_norm_row(r, e[hd < heads ? 1 : 2].data_ptr<AT>(), dim, eps, offset, r);
+        }
     for (int64_t t = 0; t < T; ++t) {  // rotate q; rotate k and write it and v to their slot
       const AT* r = qkvp + t * row;
       const AT* c = cp + t * dim;
@@ -147,35 +217,34 @@ at::Tensor run_layers(const StepArgs& args) {
       }
     }
     const at::Tensor o = decode_attention(q, k_caches[l], v_caches[l], block_tables,
-                                          context_lens, block_size, scale);
-    const at::Tensor attn = project(o.view({T, q_size}), p + 1 + kProjection, group_size,
-                                    dense_min_rows);
-    const AT* ap = attn.data_ptr<AT>();
-#pragma omp simd
-    for (int64_t i = 0; i < T * D; ++i) xp[i] += to_float(ap[i]);
+                                          context_lens, block_size, scale, window);
+    add_block(project(o.view({T, q_size}), p + 1 + kProjection, group_size, dense_min_rows),
+              e[3]);
 
-    for (int64_t t = 0; t < T; ++t) rms_norm(xp + t * D, norm2, D, eps, hp + t * D);
+    for (int64_t t = 0; t < T; ++t) rms_norm(xp + t * D, norm2, D, eps, hp + t * D, offset);
     const at::Tensor gate_up = project(h, p + 2 + 2 * kProjection, group_size, dense_min_rows);
     const int64_t inter = gate_up.size(1) / 2;
     const AT* gp = gate_up.data_ptr<AT>();
     at::Tensor act = at::empty({T, inter}, h.options());
     AT* actp = act.data_ptr<AT>();
-    for (int64_t t = 0; t < T; ++t) {  // SiLU(gate) * up
+    for (int64_t t = 0; t < T; ++t) {  // act(gate) * up
       const AT* g = gp + t * 2 * inter;
+      if (fam.activation == 1) {
+        for (int64_t i = 0; i < inter; ++i)
+          actp[t * inter + i] = from_float<AT>(gelu_tanh(to_float(g[i])) * to_float(g[inter + i]));
+        continue;
+      }
 #pragma omp simd
       for (int64_t i = 0; i < inter; ++i) {
         const float a = to_float(g[i]);
         actp[t * inter + i] = from_float<AT>(a * sigmoid(a) * to_float(g[inter + i]));
       }
     }
-    const at::Tensor down = project(act, p + 2 + 3 * kProjection, group_size, dense_min_rows);
-    const AT* dp = down.data_ptr<AT>();
-#pragma omp simd
-    for (int64_t i = 0; i < T * D; ++i) xp[i] += to_float(dp[i]);
+    add_block(project(act, p + 2 + 3 * kProjection, group_size, dense_min_rows), e[4]);
   }
   at::Tensor out = at::empty({T, D}, act);
   for (int64_t t = 0; t < T; ++t)
-    rms_norm(xp + t * D, final_norm.data_ptr<AT>(), D, eps, out.data_ptr<AT>() + t * D);
+    rms_norm(xp + t * D, final_norm.data_ptr<AT>(), D, eps, out.data_ptr<AT>() + t * D, offset);
   return out;
 }
 
@@ -187,7 +256,10 @@ at::Tensor decode_layers(const at::Tensor& ids, const at::Tensor& positions,
                          const at::Tensor& block_tables, const at::Tensor& context_lens,
                          int64_t block_size, int64_t heads, int64_t kv_heads, int64_t group_size,
                          int64_t dense_min_rows, double eps, double scale,
-                         int64_t embedding_kind) {
+                         int64_t embedding_kind, at::TensorList extras,
+                         at::IntArrayRef windows, const at::Tensor& local_cos,
+                         const at::Tensor& local_sin, double norm_offset, int64_t activation,
+                         double embed_scale) {
   const int64_t layers = static_cast<int64_t>(k_caches.size());
   const int64_t T = ids.numel();
   TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.is_contiguous() &&
@@ -228,11 +300,37 @@ at::Tensor decode_layers(const at::Tensor& ids, const at::Tensor& positions,
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK(slots.data_ptr<int64_t>()[t] >= 0 && slots.data_ptr<int64_t>()[t] < k_caches[0].size(0),
                 "slot ", slots.data_ptr<int64_t>()[t], " is outside the cache");
+  const int64_t D = final_norm.numel();
+  TORCH_CHECK(static_cast<int64_t>(extras.size()) == layers * kExtras &&
+                  static_cast<int64_t>(windows.size()) == layers,
+              "extras: ", kExtras, " tensors per layer; windows: one per layer");
+  for (int64_t l = 0; l < layers; ++l) {
+    TORCH_CHECK(windows[l] >= 0, "windows: >= 0");
+    const int64_t sizes[kExtras] = {heads * cos_table.size(1) + 2 * kv_heads * cos_table.size(1),
+                                    cos_table.size(1), cos_table.size(1), D, D};
+    for (int64_t i = 0; i < kExtras; ++i) {
+      const at::Tensor& e = extras[l * kExtras + i];
+      TORCH_CHECK(e.numel() == 0 || (e.scalar_type() == dtype && e.is_contiguous() &&
+                                     e.numel() == sizes[i]),
+                  "extras: empty, or contiguous activation-dtype vectors of their sizes");
+    }
+  }
+  TORCH_CHECK(local_cos.numel() == 0 || (local_cos.sizes() == cos_table.sizes() &&
+                                         local_sin.sizes() == cos_table.sizes() &&
+                                         local_cos.scalar_type() == at::kFloat &&
+                                         local_sin.scalar_type() == at::kFloat &&
+                                         local_cos.is_contiguous() && local_sin.is_contiguous()),
+              "local rotary tables: empty or like the global ones");
+  TORCH_CHECK(activation == 0 || activation == 1, "activation: 0 (SiLU) or 1 (GELU-tanh)");
+  TORCH_CHECK(D <= 8192 && cos_table.size(1) <= 8192, "hidden size up to 8192");
   const StepArgs args{ids, positions, embedding, cos_table, sin_table, params, final_norm,
                       k_caches, v_caches, slots, block_tables, context_lens, block_size, heads,
                       kv_heads, group_size, dense_min_rows, static_cast<float>(eps),
                       static_cast<float>(scale), embedding_kind};
-  return dtype == at::kBFloat16 ? run_layers<c10::BFloat16>(args) : run_layers<float>(args);
+  const FamilyArgs fam{extras, windows, local_cos, local_sin, static_cast<float>(norm_offset),
+                       activation, static_cast<float>(embed_scale)};
+  return dtype == at::kBFloat16 ? run_layers<c10::BFloat16>(args, fam)
+                                : run_layers<float>(args, fam);
 }
 
 }  // namespace
@@ -243,7 +341,9 @@ TORCH_LIBRARY_FRAGMENT(ember_cpu, m) {
         "Tensor sin_table, Tensor[] params, Tensor final_norm, Tensor(a!)[] k_caches, "
         "Tensor(b!)[] v_caches, Tensor slots, Tensor block_tables, Tensor context_lens, "
         "int block_size, int heads, int kv_heads, int group_size, int dense_min_rows, "
-        "float eps, float scale, int embedding_kind=-1) -> Tensor");
+        "float eps, float scale, int embedding_kind, Tensor[] extras, int[] windows, "
+        "Tensor local_cos, Tensor local_sin, float norm_offset, int activation, "
+        "float embed_scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ember_cpu, CPU, m) { m.impl("decode_layers", ember::decode_layers); }

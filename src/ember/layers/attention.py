@@ -10,7 +10,10 @@ context is gathered, whole blocks at a time and only the blocks in use, into a [
 grid, padding masked. Each prefill chunk
 gets its own call without padding: a first chunk attends causally to its own K/V directly; a
 later chunk (or one after a prefix-cache hit) reads its context from the cache, with a mask
-that offsets the causal diagonal. Sequences never see each other's tokens.
+that offsets the causal diagonal. Sequences never see each other's tokens. A sliding-window
+layer (`window` > 0) reads only each query's last `window` positions: the decode kernel
+starts at the window, a later chunk gathers only the slots its queries see, and a banded
+mask replaces the causal one where the window is shorter than the context.
 
 Under torch.compile the attention is one opaque custom op, `ember::paged_attention` (as vLLM
 does it): the compiled graph spans the whole decoder layer, its only varying size the token
@@ -108,10 +111,21 @@ def _gather_blocks(cache: torch.Tensor, d: DecodeBatch) -> torch.Tensor:
     return out.view(b, width * block_size, *cache.shape[1:])[:, : d.max_len]
 
 
+def _window_mask(q_start: int, n: int, k_start: int, k_end: int, window: int,
+                 device: torch.device) -> torch.Tensor:
+    """[1, 1, n, K] True where query positions [q_start, q_start + n) see key positions
+    [k_start, k_end): causal, and at most `window` positions back (itself included)."""
+    qpos = torch.arange(q_start, q_start + n, device=device)[:, None]
+    kpos = torch.arange(k_start, k_end, device=device)[None, :]
+    return ((kpos <= qpos) & (kpos > qpos - window))[None, None]
+
+
 def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
-                         ) -> torch.Tensor:
-    """q [T, H, D], k and v [T, Hkv, D] of the step's new tokens -> [T, H * D]."""
+                         k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+                         window: int = 0) -> torch.Tensor:
+    """q [T, H, D], k and v [T, Hkv, D] of the step's new tokens -> [T, H * D]. A layer
+    with `window` > 0 (sliding-window attention) reads only the last `window` positions of
+    each query's context, itself included."""
     meta = _current
     assert meta is not None, "attention outside `attention_metadata`"
     own_kernels = kernels.available(q.device)
@@ -126,14 +140,19 @@ def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if d_batch is not None:  # one query each
         only_decodes = not meta.prefills  # then the rows are the batch, in order
         qd = q if only_decodes else q[d_batch.token_idx]
-        if own_kernels:  # reads the blocks in place
+        if own_kernels:  # reads the blocks in place (of a window: only its keys)
             o = torch.ops.ember_cpu.decode_attention(
                 qd, k_cache, v_cache, d_batch.block_tables, d_batch.context_lens,
-                d_batch.block_size, scale)
+                d_batch.block_size, scale, window)
         else:  # a batch of SDPA's [1, Kmax] problems over gathered blocks
             keys = _gather_blocks(k_cache, d_batch).to(q.dtype)  # [B, Kmax, Hkv, D]
             values = _gather_blocks(v_cache, d_batch).to(q.dtype)
-            o = _sdpa(qd.unsqueeze(1), keys, values, d_batch.mask, scale).squeeze(1)
+            mask = d_batch.mask
+            if window and d_batch.max_len > window:  # keys before the window: masked out
+                kpos = torch.arange(d_batch.max_len, device=q.device)[None, :]
+                lens = d_batch.context_lens[:, None]
+                mask = ((kpos < lens) & (kpos >= lens - window))[:, None, None, :]
+            o = _sdpa(qd.unsqueeze(1), keys, values, mask, scale).squeeze(1)
         if only_decodes:
             return o.reshape(t, h * d)
         out = torch.empty_like(q)
@@ -142,13 +161,23 @@ def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out = torch.empty_like(q)
     for p in meta.prefills:
         qs = q[p.start : p.end].unsqueeze(0)
-        if p.gather_slots is None:
-            o = _sdpa(qs, k[p.start : p.end].unsqueeze(0), v[p.start : p.end].unsqueeze(0),
-                      None, scale, causal=True)
-        else:
-            keys = _gather(k_cache, p.gather_slots).to(q.dtype).unsqueeze(0)
-            values = _gather(v_cache, p.gather_slots).to(q.dtype).unsqueeze(0)
-            o = _sdpa(qs, keys, values, p.mask, scale)
+        n = p.end - p.start
+        if p.gather_slots is None:  # a first chunk: positions 0..n-1, its own keys
+            ks, vs = k[p.start : p.end].unsqueeze(0), v[p.start : p.end].unsqueeze(0)
+            if window and n > window:
+                o = _sdpa(qs, ks, vs, _window_mask(0, n, 0, n, window, q.device), scale)
+            else:
+                o = _sdpa(qs, ks, vs, None, scale, causal=True)
+        else:  # a later chunk: its context (positions 0..K-1) is in the cache
+            slots, mask = p.gather_slots, p.mask
+            end = slots.numel()
+            if window and end > window:  # keys no query of the chunk sees are not read
+                first = max(0, end - n - window + 1)
+                slots = slots[first:]
+                mask = _window_mask(end - n, n, first, end, window, q.device)
+            keys = _gather(k_cache, slots).to(q.dtype).unsqueeze(0)
+            values = _gather(v_cache, slots).to(q.dtype).unsqueeze(0)
+            o = _sdpa(qs, keys, values, mask, scale)
         out[p.start : p.end] = o.squeeze(0)
     return out.view(t, h * d)
 
@@ -157,26 +186,29 @@ def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # graph calls the op 30 times a step, and custom_op's Python wrapper cost ~50 µs a call.
 _lib = torch.library.Library("ember", "DEF")
 _lib.define("paged_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, "
-            "Tensor(b!) v_cache, float scale) -> Tensor")
+            "Tensor(b!) v_cache, float scale, int window) -> Tensor")
 _lib.impl("paged_attention", paged_attention_impl, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("ember::paged_attention", lib=_lib)
-def _(q, k, v, k_cache, v_cache, scale):
+def _(q, k, v, k_cache, v_cache, scale, window):
     return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
 
 
 class PagedAttention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 window: int = 0) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.window = window  # > 0: sliding-window attention over this many positions
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """q [T, H, D], k and v [T, Hkv, D] -> [T, H * D]."""
         if torch.compiler.is_compiling():  # an opaque node of the graph
-            return torch.ops.ember.paged_attention(q, k, v, k_cache, v_cache, self.scale)
-        return paged_attention_impl(q, k, v, k_cache, v_cache, self.scale)
+            return torch.ops.ember.paged_attention(q, k, v, k_cache, v_cache, self.scale,
+                                                   self.window)
+        return paged_attention_impl(q, k, v, k_cache, v_cache, self.scale, self.window)

@@ -1,4 +1,5 @@
-"""Rotary position embeddings (HF's rotate-half layout), with Llama-3 and linear scaling."""
+"""Rotary position embeddings (HF's rotate-half layout), with Llama-3 (its parameters, or a GGUF
+file's per-frequency divisors) and linear scaling."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ember.errors import ConfigError
+from ember.errors import ModelLoadError
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -49,10 +50,16 @@ class RotaryEmbedding(nn.Module):
         rope_type = self.scaling.get("rope_type", self.scaling.get("type", "default"))
         if rope_type == "llama3":
             inv_freq = _llama3_inv_freq(inv_freq, self.scaling)
+        elif rope_type == "freq_factors":  # a GGUF file's rope_freqs (Llama 3's scaling)
+            factors = torch.tensor(self.scaling["freq_factors"], dtype=torch.float32)
+            if factors.shape != inv_freq.shape:
+                raise ModelLoadError(f"rope_freqs.weight holds {factors.numel()} factors, "
+                                     f"the head size needs {inv_freq.numel()}")
+            inv_freq = inv_freq / factors
         elif rope_type == "linear":
             positions = positions / self.scaling["factor"]
         elif rope_type != "default":
-            raise ConfigError(
+            raise ModelLoadError(
                 f"unsupported rope_scaling type {rope_type!r}; supported: default, linear, llama3"
             )
         freqs = torch.outer(positions, inv_freq)

@@ -21,8 +21,8 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
-from ember.config import ModelConfig
-from ember.errors import ConfigError, ModelLoadError
+from ember.config import FAMILIES, FULL, HF_ARCHITECTURES, SLIDING, ModelConfig
+from ember.errors import ModelLoadError
 from ember.loading.tokenizer import Tokenizer
 from ember.quantization import kquant
 from ember.quantization.int4 import Int4Weight
@@ -33,14 +33,8 @@ logger = logging.getLogger("ember")
 
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# gguf `general.architecture` -> the HF architecture ember builds.
-ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-}
-# llama.cpp's converter permutes Q/K rows for these (not for qwen2, whose rope is NEOX-style).
-_ROPE_PERMUTED = ("llama", "mistral")
+# gguf `general.architecture` (a family's name) -> the HF architecture ember builds.
+ARCHITECTURES = {family: hf for hf, family in HF_ARCHITECTURES.items()}
 
 QK = 32  # elements per block in Q8_0 / Q4_0 / Q4_1
 _Dequantizer = Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor]
@@ -302,7 +296,7 @@ def load_gguf(
 
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
-        raise ConfigError(
+        raise ModelLoadError(
             f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}"
         )
     for t in reader.tensors:  # fail now rather than halfway through loading the weights
@@ -311,7 +305,7 @@ def load_gguf(
                 f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which ember cannot "
                 f"load; supported: {', '.join(SUPPORTED_TENSOR_TYPES)}"
             )
-        if hf_name(t.name) is None and t.name != _ROPE_FREQS:
+        if hf_name(t.name, arch) is None and t.name != _ROPE_FREQS:
             raise ModelLoadError(f"{path}: unexpected GGUF tensor {t.name!r} for {arch}")
     slow = sorted({t.tensor_type.name for t in reader.tensors
                    if t.tensor_type in DEQUANTIZED_AT_LOAD})
@@ -348,33 +342,63 @@ class _Metadata:
         return self._values[key]
 
 
+# Gemma 3 as llama.cpp runs it, where the file does not say otherwise: every 6th layer global,
+# the sliding layers' rope base 10000.
+_GEMMA3_PATTERN = 6
+_GEMMA3_LOCAL_THETA = 10000.0
+
+
 def _model_config(meta: _Metadata, arch: str, reader: GGUFReader) -> ModelConfig:
     hidden = meta.get(f"{arch}.embedding_length")
     n_heads = meta.get(f"{arch}.attention.head_count")
+    n_layers = meta.get(f"{arch}.block_count")
     head_dim = meta.get(f"{arch}.attention.key_length", None) or meta.get(
         f"{arch}.rope.dimension_count", hidden // n_heads
     )
     names = {t.name for t in reader.tensors}
+    window = meta.get(f"{arch}.attention.sliding_window", None)
+    layer_types = rope_local_theta = query_pre_attn_scalar = None
+    if arch == "gemma3":
+        pattern = meta.get(f"{arch}.attention.sliding_window_pattern", _GEMMA3_PATTERN)
+        if isinstance(pattern, list):  # per layer: True = sliding
+            layer_types = [SLIDING if p else FULL for p in pattern]
+        else:
+            layer_types = [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(n_layers)]
+        rope_local_theta = _GEMMA3_LOCAL_THETA
+        # llama.cpp's rule: 1/sqrt(head_dim), but 1/sqrt(hidden / heads) for the 27B model.
+        query_pre_attn_scalar = hidden // n_heads if n_layers == 62 else head_dim
     return ModelConfig(
         architecture=ARCHITECTURES[arch],
         vocab_size=len(meta.get("tokenizer.ggml.tokens")),
         hidden_size=hidden,
         intermediate_size=meta.get(f"{arch}.feed_forward_length"),
-        num_hidden_layers=meta.get(f"{arch}.block_count"),
+        num_hidden_layers=n_layers,
         num_attention_heads=n_heads,
         num_key_value_heads=meta.get(f"{arch}.attention.head_count_kv", n_heads),
         head_dim=head_dim,
         rms_norm_eps=meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
         rope_theta=meta.get(f"{arch}.rope.freq_base", 10000.0),
-        rope_scaling=_rope_scaling(meta, arch),
+        rope_scaling=_rope_scaling(meta, arch, reader),
         max_position_embeddings=meta.get(f"{arch}.context_length"),
         tie_word_embeddings="output.weight" not in names,
-        attention_bias="blk.0.attn_q.bias" in names,
+        attention_bias="blk.0.attn_q.bias" in names or "blk.0.attn_qkv.bias" in names,
+        sliding_window=window,
+        layer_types=tuple(layer_types) if window is not None and layer_types else None,
+        rope_local_theta=rope_local_theta,
+        query_pre_attn_scalar=query_pre_attn_scalar,
     )
 
 
-def _rope_scaling(meta: _Metadata, arch: str) -> dict[str, Any] | None:
-    """`{arch}.rope.scaling.*` in HF's `rope_scaling` form (None when absent or 'none')."""
+def _rope_scaling(meta: _Metadata, arch: str, reader: GGUFReader) -> dict[str, Any] | None:
+    """`{arch}.rope.scaling.*` in HF's `rope_scaling` form (None when absent or 'none'), or
+    the per-frequency divisors of `rope_freqs.weight` (how llama.cpp stores Llama 3's
+    scaling) as rope type `freq_factors`."""
+    for t in reader.tensors:
+        if t.name == _ROPE_FREQS:
+            factors = dequantize_tensor(t)
+            if torch.all(factors == 1):
+                return None
+            return {"rope_type": "freq_factors", "freq_factors": factors.tolist()}
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
     if kind == "none":
         return None
@@ -412,17 +436,30 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Where a family's GGUF names differ: Qwen3 / Gemma 3 QK-norms, Gemma 3's four norms,
+# Phi-3's fused projections (its `ffn_up` holds gate and up).
+_QK_NORM_NAMES = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+_FAMILY_BLOCK_NAMES = {
+    "qwen3": {**_BLOCK_NAMES, **_QK_NORM_NAMES},
+    "gemma3": {**_BLOCK_NAMES, **_QK_NORM_NAMES, "post_attention_norm": "post_attention_layernorm",
+               "ffn_norm": "pre_feedforward_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"},
+    "phi3": {**{k: v for k, v in _BLOCK_NAMES.items()
+                if k not in ("attn_q", "attn_k", "attn_v", "ffn_gate")},
+             "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+}
 _BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _ROPE_FREQS = "rope_freqs.weight"
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """The HF Llama name of a GGUF tensor, or None for one ember does not use."""
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The HF name of a GGUF tensor of `arch`, or None for one ember does not use."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
+    names = _FAMILY_BLOCK_NAMES.get(arch, _BLOCK_NAMES)
     m = _BLOCK_TENSOR.fullmatch(gguf_name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
     return None
 
 
@@ -458,10 +495,10 @@ def quantized_tensor(tensor: ReaderTensor) -> Int4Weight | KQuantWeight | None:
 def _iter_weights(
     reader: GGUFReader, arch: str, config: ModelConfig, dtype: torch.dtype, keep_quantized: bool
 ) -> Iterator[tuple[str, torch.Tensor | Int4Weight | KQuantWeight | Q8_0Weight]]:
+    family = FAMILIES[arch]
     for t in reader.tensors:
-        name = hf_name(t.name)
-        if name is None:  # rope_freqs, the only other tensor load_gguf lets through
-            _warn_rope_freqs(t)
+        name = hf_name(t.name, arch)
+        if name is None:  # rope_freqs (in the config already), the only other one let through
             continue
         w: torch.Tensor | Int4Weight | KQuantWeight | None = None
         # The projections as they are; a K-quant embedding / head too (llama.cpp's Q6_K).
@@ -478,11 +515,16 @@ def _iter_weights(
             if name == "lm_head.weight":
                 continue
         if w is None:
-            w = dequantize_tensor(t).to(dtype)
+            w = dequantize_tensor(t)
+            if family.norm_offset and name.endswith("norm.weight"):
+                # llama.cpp's converter stored Gemma's (1 + w); the model adds the 1 (as
+                # transformers, which subtracts it the same way).
+                w = w - family.norm_offset
+            w = w.to(dtype)
         n_head = {".self_attn.q_proj.": config.num_attention_heads,
                   ".self_attn.k_proj.": config.num_key_value_heads}
         for frag, heads in n_head.items():
-            if arch in _ROPE_PERMUTED and frag in name:
+            if family.gguf_rope_permuted and frag in name:
                 if isinstance(w, (Int4Weight, KQuantWeight)):
                     w = w.permute_rows(unpermute_rope(torch.arange(w.out_features), heads))
                 else:
@@ -490,28 +532,30 @@ def _iter_weights(
         yield name, w
 
 
-def _warn_rope_freqs(t: ReaderTensor) -> None:
-    # llama.cpp stores Llama-3-style rope scaling as per-frequency divisors instead of the
-    # HF parameters, which cannot be recovered from them exactly; ember runs plain rope.
-    if not torch.all(dequantize_tensor(t) == 1):
-        logger.warning(
-            "GGUF rope_freqs.weight (Llama 3 rope scaling) is ignored; outputs may differ "
-            "from llama.cpp's, mostly at long context"
-        )
-
-
 # ---- tokenizer --------------------------------------------------------------------------
 
-# Split regexes of byte-level BPE vocabularies by `tokenizer.ggml.pre`, as llama.cpp and the
-# original HF tokenizers use them (transformers' GGUF tokenizer gets Llama 3's wrong: it uses
-# GPT-2's). Anything else gets GPT-2's regex (ByteLevel's own).
-_PRE_TOKENIZER_REGEX = {
-    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+# Byte-level BPE pre-tokenizers by `tokenizer.ggml.pre`, as llama.cpp runs them
+# (llama-vocab.cpp): regexes applied in turn, each splitting the pieces of the one before
+# (matches and the text between them both stay pieces), and whether a word that is a token
+# skips the merges (`ignore_merges`, Llama 3's).
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
+           r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
+          r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "default": ((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"), False),
+    "gpt-2": ((_GPT2,), False),
+    "llama-bpe": ((_LLAMA3,), True),
+    "qwen2": ((_QWEN2,), False),
+    "smollm": ((r"\p{N}", _GPT2), False),
 }
-_PRE_TOKENIZER_REGEX["llama3"] = _PRE_TOKENIZER_REGEX["llama-bpe"]
+_PRE_ALIASES = {"gpt2": "gpt-2", "phi-2": "gpt-2", "llama3": "llama-bpe", "llama-v3": "llama-bpe",
+                "deepseek-r1-qwen": "qwen2", "stablelm2": "qwen2", "starcoder": "smollm",
+                "refact": "smollm", "codeshell": "smollm"}
+
+
+_END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>")
 
 
 def _build_tokenizer(meta: _Metadata) -> Tokenizer:
@@ -519,7 +563,7 @@ def _build_tokenizer(meta: _Metadata) -> Tokenizer:
     tokens: list[str] = meta.get("tokenizer.ggml.tokens")
     token_types: list[int] = meta.get("tokenizer.ggml.token_type", [])
     if model == "gpt2":
-        backend = _byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges"),
+        backend = _byte_level_bpe(meta.path, tokens, meta.get("tokenizer.ggml.merges"),
                                   meta.get("tokenizer.ggml.pre", "default"))
         add_bos_default = False
     elif model == "llama":
@@ -541,39 +585,42 @@ def _build_tokenizer(meta: _Metadata) -> Tokenizer:
         for tok, kind in zip(tokens, token_types) if kind == _USER_DEFINED
     ])
 
-    special = {name: meta.get(f"tokenizer.ggml.{name}_token_id", None)
-               for name in ("bos", "eos", "eot")}
-    for name, token_id in special.items():  # an id outside the vocabulary fails at run time
+    eos = meta.get("tokenizer.ggml.eos_token_id", None)
+    eot = meta.get("tokenizer.ggml.eot_token_id", None)
+    for key in ("bos", "eos", "eot", "unknown", "padding"):
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id", None)
         if token_id is not None and not 0 <= token_id < len(tokens):
-            raise ModelLoadError(
-                f"{meta.path}: tokenizer.ggml.{name}_token_id = {token_id} is outside the "
-                f"vocabulary [0, {len(tokens)})")
-    eos_ids = tuple(i for i in (special["eos"], special["eot"]) if i is not None)
+            raise ModelLoadError(f"{meta.path}: tokenizer.ggml.{key}_token_id={token_id} is "
+                                 f"outside the vocabulary of {len(tokens)} tokens")
+    # As llama.cpp: the end-of-turn tokens of the chat formats end a generation too.
+    end_of_turn = [i for i, (tok, kind) in enumerate(zip(tokens, token_types))
+                   if kind == _CONTROL and tok in _END_OF_TURN]
+    eos_ids = tuple(i for i in (eos, eot, *end_of_turn) if i is not None)
     return Tokenizer(
         backend=backend,
-        bos_token_id=special["bos"],
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id", None),
         eos_token_ids=tuple(dict.fromkeys(eos_ids)),  # dedupe, keep order
         add_bos_token=meta.get("tokenizer.ggml.add_bos_token", add_bos_default),
         chat_template=meta.get("tokenizer.chat_template", None),
     )
 
 
-def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str) -> HFTokenizer:
-    """GPT-2-style byte-level BPE (tokenizer model 'gpt2')."""
+def _byte_level_bpe(path: Path, tokens: list[str], merges: list[str], pre: str
+                    ) -> HFTokenizer:
+    """GPT-2-style byte-level BPE (tokenizer model 'gpt2') with the pre-tokenizer `pre`."""
+    name = _PRE_ALIASES.get(pre, pre)
+    if name not in _PRE_TOKENIZERS:
+        raise ModelLoadError(
+            f"{path}: unsupported GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre); supported: "
+            f"{', '.join(sorted({*_PRE_TOKENIZERS, *_PRE_ALIASES}))}")
+    regexes, ignore_merges = _PRE_TOKENIZERS[name]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
-    backend = HFTokenizer(BPE(vocab, pairs, fuse_unk=False))
-    regex = _PRE_TOKENIZER_REGEX.get(pre)
-    if regex is None:
-        # What transformers' GGUF tokenizer uses for every byte-level vocabulary. For 'smollm'
-        # llama.cpp and the HF original split digits off first (Digits(individual_digits=True)),
-        # which changes ids where a digit follows whitespace; ember matches transformers.
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    else:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+    backend = HFTokenizer(BPE(vocab, pairs, fuse_unk=False, ignore_merges=ignore_merges))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        *(pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     backend.decoder = decoders.ByteLevel()
     return backend
 

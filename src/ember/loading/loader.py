@@ -76,7 +76,8 @@ def resolve_quantization(method: str, path: Path) -> str:
 
 
 def resolve_model_path(model: str | None) -> Path:
-    """A local path for `model`: the default GGUF, a local file/dir, or a hub download."""
+    """A local path for `model`: the default GGUF, a local file/dir, a packaged model's name
+    (`loading.packaged`), or a hub download."""
     if model is None:
         from ember.loading.gguf import default_gguf_path
 
@@ -84,6 +85,10 @@ def resolve_model_path(model: str | None) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         return path
+    from ember.loading.packaged import PACKAGED, packaged_model_path
+
+    if model in PACKAGED:
+        return packaged_model_path(model)
     if _HUB_ID.match(model) and not model.endswith(".gguf"):
         return _download_from_hub(model)
     raise ModelLoadError(f"model path not found: {model}")
@@ -231,13 +236,14 @@ def load_model(
             tensor_parallel.parallelize(net, rank, world)
     net = net.to(dtype).to_empty(device=device)
     net.tie_weights()
-    net.rotary.float().reset_tables()  # the tables stay float32: positions need the precision
+    net.reset_buffers()  # rotary tables in float32 (positions need the precision)
     weights = ckpt.weights
     if world > 1:
         weights = tensor_parallel.shard_weights(weights, ckpt.config, rank, world)
     weights = tqdm(weights, desc="Loading weights", unit="tensor", leave=False,
                    disable=rank > 0 or not logger.isEnabledFor(logging.INFO))
     net.load_weights(weights)
+    _log_kv_layout(ckpt.config)
     if quantization in ("int8", "int4"):
         n = quantize_model(net, quantization, group_size)
         logger.info("quantized %d linear layers to %s", n, quantization)
@@ -251,6 +257,18 @@ def load_model(
                     "(transparent huge pages: %s)", block.numel() / 1e6,
                     memory.transparent_huge_pages())
     return net.eval()
+
+
+def _log_kv_layout(cfg: ModelConfig) -> None:
+    """What the KV cache holds per layer group, where some layers slide a window."""
+    windows = [cfg.layer_window(i) for i in range(cfg.num_hidden_layers)]
+    if not any(windows):
+        return
+    sliding = sum(w > 0 for w in windows)
+    logger.info("KV cache: %d global layer(s) attend to the whole context; %d sliding-window "
+                "layer(s) read only each query's last %d positions (their blocks hold the "
+                "whole context like the others')", len(windows) - sliding, sliding,
+                cfg.sliding_window)
 
 
 @dataclass

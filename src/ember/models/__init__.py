@@ -1,15 +1,18 @@
-"""Architecture registry: HF architecture name -> model class."""
+"""Architecture registry: HF architecture names and GGUF `general.architecture` values ->
+the model class (one decoder, with each family's choices in `config.FAMILIES`)."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from ember.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from ember.config import FAMILIES, HF_ARCHITECTURES, ModelConfig
 from ember.models.llama import LlamaForCausalLM
 
-_REGISTRY: dict[str, type[nn.Module]] = {arch: LlamaForCausalLM for arch in SUPPORTED_ARCHITECTURES}
+_REGISTRY: dict[str, type[nn.Module]] = {family: LlamaForCausalLM for family in FAMILIES}
+# GGUF `general.architecture` (a family's name) -> the HF architecture name ember builds.
+GGUF_ARCHITECTURES = {family: hf for hf, family in HF_ARCHITECTURES.items()}
 
 
 def build_model(cfg: ModelConfig, max_position: int) -> nn.Module:
-    # ModelConfig already refused architectures outside SUPPORTED_ARCHITECTURES.
-    return _REGISTRY[cfg.architecture](cfg, max_position)
+    # ModelConfig already refused architectures outside HF_ARCHITECTURES.
+    return _REGISTRY[cfg.family.name](cfg, max_position)

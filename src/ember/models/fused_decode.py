@@ -8,16 +8,19 @@ the same arithmetic as `LlamaDecoderLayer` (tested against it) with the projecti
 kernels and the paged decode attention, and the final norm. Steps with a prompt chunk keep the
 compiled layers (prefill is compute-bound: one graph, big GEMMs).
 
-It serves a model whose projections are int4 (ember's or ATen's CPU layout), GGUF K-quants
-(`KQuantLinear`: Q4_K, Q5_K, Q6_K, Q5_0, Q5_1, up to 3 types in a fused projection), int8 or
-dense, with a dense or K-quant embedding, without biases or tensor parallelism's hooks, on CPU
-with the kernels built; `FusedDecode.build` returns None otherwise (and logs why), and the
+It serves a model of every supported family (QKV bias, QK-norm, Gemma's norms, GELU-tanh,
+scaled embeddings and sliding windows included: `FamilyArgs`) whose projections are int4
+(ember's or ATen's CPU layout), GGUF K-quants (`KQuantLinear`: Q4_K, Q5_K, Q6_K, Q5_0, Q5_1,
+up to 3 types in a fused projection), int8 or dense, with a dense or K-quant embedding,
+without tensor parallelism's hooks, on CPU with the kernels built; `FusedDecode.build` returns
+None otherwise (and logs why), and the
 layers run as before.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,12 +32,15 @@ from ember.quantization.int8 import Int8Linear
 from ember.quantization.kquant import KQuantEmbedding, KQuantLinear
 
 logger = logging.getLogger("ember")
+
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
-def _projection(m: nn.Module, dtype: torch.dtype) -> list[torch.Tensor] | None:
-    """The 4 tensors decode.cpp takes for one projection, or None if it cannot run it."""
-    if m._forward_hooks or getattr(m, "bias", None) is not None:
+def _projection(m: nn.Module, dtype: torch.dtype, bias_ok: bool = False
+                ) -> list[torch.Tensor] | None:
+    """The 4 tensors decode.cpp takes for one projection, or None if it cannot run it (a
+    bias only where `bias_ok`: it travels in the layer's extras)."""
+    if m._forward_hooks or (getattr(m, "bias", None) is not None and not bias_ok):
         return None
     none = torch.empty(0, dtype=dtype)
     if isinstance(m, Int4Linear) and m.tiled:
@@ -52,10 +58,33 @@ def _projection(m: nn.Module, dtype: torch.dtype) -> list[torch.Tensor] | None:
     return None
 
 
+def _vector(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A layer's extra vector as decode.cpp takes it (empty where absent), or None if its
+    dtype is not the activations'."""
+    if t is None:
+        return torch.empty(0, dtype=dtype)
+    return t if t.dtype == dtype and t.is_contiguous() else None
+
+
+@dataclass
+class FamilyArgs:
+    """decode_layers' arguments for what a family does differently from Llama (decode.cpp's
+    FamilyArgs): per layer QKV bias, q and k norms, Gemma's norms after attention and MLP
+    (empty tensors where absent) and the sliding window; the sliding layers' rotary tables."""
+
+    extras: list[torch.Tensor]
+    windows: list[int]
+    local_cos: torch.Tensor
+    local_sin: torch.Tensor
+    norm_offset: float
+    activation: int  # 0: SiLU, 1: GELU-tanh
+    embed_scale: float
+
+
 class FusedDecode:
     def __init__(self, edges: list[torch.Tensor], params: list[torch.Tensor], num_heads: int,
                  num_kv_heads: int, group_size: int, dense_min_rows: int, eps: float,
-                 scale: float, embedding_kind: int) -> None:
+                 scale: float, embedding_kind: int, family: FamilyArgs) -> None:
         # The model's embedding, rotary cos and sin tables and final norm weight (the tensors
         # themselves, not the model: no reference cycle keeps a dropped model alive).
         self.edges = edges
@@ -64,6 +93,7 @@ class FusedDecode:
         self.group_size, self.dense_min_rows = group_size, dense_min_rows
         self.eps, self.scale = eps, scale
         self.embedding_kind = embedding_kind  # -1: a dense table
+        self.family = family
 
     @classmethod
     def build(cls, model: nn.Module) -> "FusedDecode | None":
@@ -74,19 +104,32 @@ class FusedDecode:
                 torch.float32, torch.bfloat16):
             return None  # no kernels (said at load) or an activation dtype they do not take
         params: list[torch.Tensor] = []
+        extras: list[torch.Tensor] = []
         group_sizes, tiled = set(), set()
         for i, layer in enumerate(model.layers):
             attn, mlp = layer.self_attn, layer.mlp
             linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            parts = [_projection(m, dtype) for m in linears]
-            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            parts = [_projection(attn.qkv_proj, dtype, bias_ok=True),
+                     *(_projection(m, dtype) for m in linears[1:])]
+            # The MLP's input norm: Llama's second norm, Gemma's third.
+            mlp_norm = (layer.pre_feedforward_layernorm if layer.sandwich
+                        else layer.post_attention_layernorm)
+            norms = (layer.input_layernorm.weight, mlp_norm.weight)
+            extra = [_vector(t, dtype) for t in (
+                attn.qkv_proj.bias,
+                attn.q_norm.weight if attn.q_norm is not None else None,
+                attn.k_norm.weight if attn.k_norm is not None else None,
+                layer.post_attention_layernorm.weight if layer.sandwich else None,
+                layer.post_feedforward_layernorm.weight if layer.sandwich else None)]
             if any(p is None for p in parts) or any(n.dtype != dtype for n in norms) or (
+                    any(e is None for e in extra) or
                     layer._forward_hooks or attn._forward_hooks or mlp._forward_hooks):
                 which = [type(m).__name__ for m, p in zip(linears, parts) if p is None]
-                return _cannot(f"layer {i}'s projections {which} (biases, hooks or layouts "
+                return _cannot(f"layer {i}'s projections {which} (hooks or layouts "
                                "decode_layers does not run)" if which else
-                               f"layer {i}'s norms or hooks")
+                               f"layer {i}'s norms, biases or hooks")
             params += [norms[0], *parts[0], *parts[1], norms[1], *parts[2], *parts[3]]
+            extras += extra
             int4 = [m for m in linears if isinstance(m, Int4Linear)]
             group_sizes |= {m.group_size for m in int4}
             tiled |= {m.tiled for m in int4}
@@ -103,23 +146,33 @@ class FusedDecode:
             embedding, embedding_kind = lin.segments[0], lin.kinds[0]
         first = model.layers[0]
         edges = [embedding, model.rotary.cos, model.rotary.sin, norm]
+        family = model.config.family
+        local = model.rotary_local
+        empty = torch.empty(0)
+        family_args = FamilyArgs(
+            extras, [layer.self_attn.attn.window for layer in model.layers],
+            local.cos if local is not None else empty, local.sin if local is not None else empty,
+            family.norm_offset, {"silu": 0, "gelu_tanh": 1}[family.hidden_act],
+            float(model.embed_scale))
         return cls(edges, params, first.self_attn.num_heads, first.self_attn.num_kv_heads,
                    group_sizes.pop() if group_sizes else 32,
                    DENSE_MIN_TOKENS if tiled == {False} else DENSE_MIN_TOKENS_TILED,
-                   first.input_layernorm.eps, first.self_attn.attn.scale, embedding_kind)
+                   first.input_layernorm.eps, first.self_attn.attn.scale, embedding_kind,
+                   family_args)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
         """The final norm's output [T, hidden] (the head's input), for a step of decodes only
         (`meta.decode` covers every row, in order)."""
-        d = meta.decode
+        d, f = meta.decode, self.family
         embedding, cos, sin, norm = self.edges
         return torch.ops.ember_cpu.decode_layers(
             input_ids, positions, embedding, cos, sin, self.params, norm,
             [k for k, _ in kv_caches], [v for _, v in kv_caches],
             meta.slot_mapping, d.block_tables, d.context_lens, d.block_size, self.num_heads,
             self.num_kv_heads, self.group_size, self.dense_min_rows, self.eps, self.scale,
-            self.embedding_kind)
+            self.embedding_kind, f.extras, f.windows, f.local_cos, f.local_sin,
+            f.norm_offset, f.activation, f.embed_scale)
 
 
 def _cannot(reason: str) -> None:

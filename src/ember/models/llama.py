@@ -1,13 +1,17 @@
-"""A Llama-family decoder in plain PyTorch (Llama 2/3, Mistral, Qwen2, SmolLM).
+"""The decoder of every supported family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 3,
+Phi-3, SmolLM) in plain PyTorch, with the family's choices from `ModelConfig.family`:
+QKV bias, QK-norm, Gemma's four norms a layer with (1 + w) weights, GELU-tanh, scaled
+embeddings, and sliding-window layers with a rotary base of their own.
 
 The model knows nothing of scheduling: it takes a flat batch of tokens (all sequences'
 new tokens concatenated), their positions, the per-layer KV cache and an `AttentionMetadata`.
 Q/K/V and gate/up projections are fused into one matmul each; `load_weights` maps HF names
-onto the fused parameters.
+onto the fused parameters (Phi-3 stores them fused already).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable
 
 import torch
@@ -24,11 +28,14 @@ from ember.models.fused_decode import FusedDecode
 from ember.quantization import QuantizedWeight, install_quantized, kquant
 from ember.quantization.q8_0 import Q8_0Linear, Q8_0Weight
 
+logger = logging.getLogger("ember")
+
 KVCache = tuple[torch.Tensor, torch.Tensor]
+_ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
@@ -39,9 +46,13 @@ class LlamaAttention(nn.Module):
             cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias
         )
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
-        self.attn = PagedAttention(
-            self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5
-        )
+        family = cfg.family
+        self.q_norm = self.k_norm = None
+        if family.qk_norm:  # per head, before rotary
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, family.norm_offset)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, family.norm_offset)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
+                                   cfg.attention_scale, cfg.layer_window(layer))
 
     def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -50,6 +61,8 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, k, *rope)
         return q, k, v
 
@@ -59,19 +72,33 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = _ACTIVATIONS[cfg.family.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        family = cfg.family
+
+        def norm() -> RMSNorm:
+            return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, family.norm_offset)
+
+        self.input_layernorm = norm()
+        self.self_attn = LlamaAttention(cfg, layer)
+        # Llama's second norm is the MLP's input; Gemma's normalizes the attention's output
+        # and two more surround the MLP (HF's names either way).
+        self.post_attention_layernorm = norm()
+        self.sandwich = family.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
         self.mlp = LlamaMLP(cfg)
+        # Which of the model's rotary tables this layer uses (1: the sliding layers' own).
+        self.rope_index = int(cfg.rope_local_theta is not None and cfg.layer_window(layer) > 0)
 
     def forward(
         self,
@@ -81,8 +108,12 @@ class LlamaDecoderLayer(nn.Module):
     ) -> torch.Tensor:
         h = self.input_layernorm(x)
         q, k, v = self.self_attn.qkv(h, rope)
-        o = self.self_attn.attn(q, k, v, kv_cache[0], kv_cache[1])
-        x = x + self.self_attn.o_proj(o)
+        o = self.self_attn.o_proj(self.self_attn.attn(q, k, v, kv_cache[0], kv_cache[1]))
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(o)
+            return x + self.post_feedforward_layernorm(
+                self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + o
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -100,16 +131,35 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i)
+                                    for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.family.norm_offset)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.rotary = RotaryEmbedding(
             cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling
         )
+        # Sliding layers with a base of their own (Gemma 3) rotate by unscaled tables of it.
+        self.rotary_local = None
+        if cfg.rope_local_theta is not None:
+            self.rotary_local = RotaryEmbedding(cfg.head_dim, max_position,
+                                                cfg.rope_local_theta, None)
+        # Gemma multiplies the embeddings by sqrt(hidden), rounded to the model dtype (as
+        # HF does): a buffer, so that `.to(dtype)` rounds it.
+        self.register_buffer("embed_scale", torch.tensor(
+            cfg.hidden_size**0.5 if cfg.family.scale_embeddings else 1.0), persistent=False)
         # Decode-only steps through one C++ call, where the CPU kernels serve the layers
         # (`models.fused_decode`; set up by `fuse_decode` once the weights are in).
         self.fused_decode: FusedDecode | None = None
+
+    def reset_buffers(self) -> None:
+        """The computed buffers after `to_empty`: rotary tables in float32, the embedding
+        scale in the model dtype."""
+        for rotary in (self.rotary, self.rotary_local):
+            if rotary is not None:
+                rotary.float().reset_tables()
+        scale = self.config.hidden_size**0.5 if self.config.family.scale_embeddings else 1.0
+        self.embed_scale.fill_(scale)
 
     def tie_weights(self) -> None:
         """Share the embedding with the head; again after `to_empty`, which unties them."""
@@ -128,15 +178,22 @@ class LlamaForCausalLM(nn.Module):
         # bf16 sums drift over 30 layers; only the matmuls' inputs are in the model dtype.
         if self.fused_decode is not None and meta.decode is not None and not meta.prefills:
             return self.fused_decode(input_ids, positions, kv_caches, meta)
-        x = self.embed_tokens(input_ids).float()
-        rope = self.rotary(positions, self.embed_tokens.weight.dtype)
+        x = self.embed_tokens(input_ids)
+        if self.config.family.scale_embeddings:
+            x = x * self.embed_scale
+        x = x.float()
+        dtype = self.embed_tokens.weight.dtype
+        ropes = [self.rotary(positions, dtype)]
+        if self.rotary_local is not None:
+            ropes.append(self.rotary_local(positions, dtype))
         with attention_metadata(meta):
             for layer, kv_cache in zip(self.layers, kv_caches):
-                x = layer(x, rope, kv_cache)
+                x = layer(x, ropes[layer.rope_index], kv_cache)
         return self.norm(x)
 
     def fuse_decode(self) -> bool:
-        """Serve decode-only steps with `FusedDecode` if the loaded layers allow it."""
+        """Serve decode-only steps with `FusedDecode` if the loaded layers allow it (the
+        reason why not is logged)."""
         self.fused_decode = FusedDecode.build(self)
         return self.fused_decode is not None
 
@@ -190,7 +247,13 @@ class LlamaForCausalLM(nn.Module):
                     break
             if name not in params:
                 continue  # e.g. rotary inv_freq buffers stored by some checkpoints
-            loaded.add(name if shard is None else f"{name}#{shard}")
+            fused = name.split(".")[-2]
+            if shard is not None:
+                loaded.add(f"{name}#{shard}")
+            elif fused in shard_sizes:  # stored fused (Phi-3): every shard at once
+                loaded |= {f"{name}#{i}" for i in range(len(shard_sizes[fused]))}
+            else:
+                loaded.add(name)
             target = params[name].data
             if shard is not None:
                 sizes = shard_sizes[name.split(".")[-2]]
