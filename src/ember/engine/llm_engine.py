@@ -19,6 +19,7 @@ import torch
 
 from ember.config import EngineConfig
 from ember.engine.block_manager import BlockManager
+from ember.engine.cost import CostMeter, CostRates
 from ember.engine.detokenizer import IncrementalDetokenizer
 from ember.engine.model_runner import load_runner
 from ember.engine.request import Request, RequestStatus
@@ -114,6 +115,7 @@ class LLMEngine:
             str(self.dtype).removeprefix("torch."), self.max_model_len, config.max_num_seqs,
             config.max_num_batched_tokens, "on" if config.enable_prefix_caching else "off",
         )
+        self.cost = CostMeter(CostRates.from_config(config), self.device)
         self._rng = random.Random(config.seed)
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, tuple[_Parent, int]] = {}
@@ -232,6 +234,7 @@ class LLMEngine:
 
     # ---- the loop --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        cost_start = self.cost.read()  # cost accounting: the step's start (engine/cost.py)
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
@@ -274,6 +277,8 @@ class LLMEngine:
                     self._check_stop(req, parent.detokenizers[index])
                 except Exception as e:
                     failed[parent.request_id] = e
+        # Cost accounting: this step's CPU time, wall time and energy to its requests.
+        self.cost.charge(cost_start, sched, busy=self.scheduler.num_unfinished > 0)
         outputs = []
         for p in touched.values():
             error = failed.get(p.request_id)
@@ -354,6 +359,7 @@ class LLMEngine:
                                  if c.last_token_time is not None), default=None),
             finished_time=first.finished_time if parent.finished else None,
             num_preemptions=sum(c.num_preemptions for c in parent.children),
+            cost=self.cost.cost([c.cost for c in parent.children]),
         )
         return RequestOutput(
             request_id=parent.request_id, prompt=parent.prompt,
