@@ -256,3 +256,21 @@ class CostMeter:
         joules = prompt.energy_joules + generation.energy_joules
         return RequestCost(prompt, generation, self.rates.usd(wall),
                            self.rates.grams_co2e(joules))
+
+
+def per_output_token(cpu_seconds: float, energy_joules: float, usd: float, grams_co2e: float,
+                     output_tokens: int, energy_source: str) -> dict[str, float | str | int]:
+    """A run's cost per output token (the prompts' share included), as the benchmarks
+    report it."""
+    n = max(output_tokens, 1)
+    return {"output_tokens": output_tokens, "energy_source": energy_source,
+            "joules_per_token": energy_joules / n, "cpu_seconds_per_token": cpu_seconds / n,
+            "usd_per_million_tokens": usd / n * 1e6,
+            "grams_co2e_per_million_tokens": grams_co2e / n * 1e6}
+
+
+def format_per_token(cost: dict[str, float | str | int]) -> str:
+    return (f"{cost['joules_per_token']:.4g} J/token ({cost['energy_source']}), "
+            f"{cost['cpu_seconds_per_token']:.4g} CPU-s/token, "
+            f"${cost['usd_per_million_tokens']:.4g}/Mtoken, "
+            f"{cost['grams_co2e_per_million_tokens']:.4g} gCO2e/Mtoken")
