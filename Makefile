@@ -37,6 +37,12 @@ $(STAMP): pyproject.toml constraints.txt
 	# ember's CPU kernels, compiled for this machine now rather than at the first start
 	# (~15 s; without a C++ compiler ember runs PyTorch's ops instead).
 	$(BIN)/python -m ember.kernels || echo "ember's CPU kernels did not build: PyTorch's ops will be used"
+	# Debian's Chromium for the chat page's browser tests (Playwright drives it; Playwright's
+	# own browser download is not used): installed where missing, by root, with apt-get.
+	if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium; \
+		else echo "tests/test_page.py needs Chromium: apt-get install chromium (as root)"; fi; \
+	fi
 	touch $(STAMP)
 
 install: $(STAMP)

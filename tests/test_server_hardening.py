@@ -18,6 +18,7 @@ from conftest import REL_KEY, REL_MAX_MODEL_LEN
 
 from ember.config import DEFAULT_MAX_BODY_BYTES
 from ember.sampling_params import SamplingParams
+from ember.server.page import PAGE_PATHS
 from ember.server.protocol import MAX_N
 
 COMP = "/v1/completions"
@@ -227,9 +228,11 @@ def test_prompt_of_exactly_the_context_length(server):
 
 # ---- API keys -----------------------------------------------------------------------------
 def test_every_path_but_health_needs_the_key(server):
+    """...and the chat page's static files (its API calls need the key)."""
     paths = list(send(server, "/openapi.json", "", method="GET").json()["paths"])
     assert "/metrics" in paths and "/health" in paths
-    paths += ["/openapi.json", "/docs", "/redoc", "/no/such/path"]
+    paths += ["/openapi.json", "/docs", "/redoc", "/no/such/path", "/static/none.js",
+              *PAGE_PATHS]
     http = httpx.Client(base_url=server.url, timeout=10)
     for path in paths:
         for method in ("GET", "POST"):
@@ -237,7 +240,7 @@ def test_every_path_but_health_needs_the_key(server):
                          {"Authorization": f"Basic {REL_KEY}"}, {"Authorization": REL_KEY},
                          {"Authorization": f"Bearer {REL_KEY}x"}):
                 r = http.request(method, path, headers=auth)
-                if path == "/health":
+                if path == "/health" or path in PAGE_PATHS:
                     assert r.status_code in (200, 405), (method, path)
                     continue
                 assert r.status_code == 401, (method, path, auth)

@@ -67,6 +67,15 @@ def resolve_device(device: str) -> "torch.device":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
+# Cost accounting's defaults (engine/cost.py), each from a public source:
+# Cloud Carbon Footprint's methodology: the average maximum power of an AWS vCPU, 3.5 W (from
+# SPECpower results); CPU time is counted in vCPU-seconds, so this is per hardware thread.
+DEFAULT_WATTS_PER_CORE = 3.5
+# AWS EC2 on-demand, us-east-1: c7a.large (2 vCPUs of an AMD EPYC 9R14) at $0.10264 per hour.
+DEFAULT_PRICE_PER_CPU_HOUR = 0.10264 / 2
+# Ember's Global Electricity Review 2024: the world's electricity in 2023, 480 gCO2e/kWh.
+DEFAULT_CARBON_INTENSITY = 480.0
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -232,6 +241,18 @@ class EngineConfig:
     distributed_backend: str = _opt(
         "auto", "torch.distributed backend of tensor parallelism: auto (gloo on CPU, nccl on "
         "CUDA), gloo, nccl, or another your PyTorch build has")
+    # Cost accounting (engine/cost.py): the conversion factors of its figures.
+    watts_per_core: float = _opt(
+        DEFAULT_WATTS_PER_CORE, "energy estimate where RAPL cannot be read: watts per busy CPU (per vCPU-second "
+        "of process CPU time); the default is Cloud Carbon Footprint's average maximum power "
+        "of an AWS vCPU")
+    price_per_hour: float | None = _opt(
+        None, "the machine's price in $ per hour, for the dollar cost of requests (default: "
+        f"${DEFAULT_PRICE_PER_CPU_HOUR:.5f} per available CPU, AWS's on-demand c7a.large "
+        "price per vCPU in us-east-1)")
+    carbon_intensity: float = _opt(
+        DEFAULT_CARBON_INTENSITY, "grid carbon intensity in gCO2e per kWh (default: the world's average in "
+        "2023, from Ember's Global Electricity Review 2024)")
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -255,6 +276,10 @@ class EngineConfig:
         if self.max_queued_requests is not None and self.max_queued_requests < 0:
             raise ConfigError(
                 f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+        for name in ("watts_per_core", "price_per_hour", "carbon_intensity"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:  # also refuses NaN
+                raise ConfigError(f"{name} must be >= 0, got {value}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ConfigError(f"kv_cache_memory must be > 0, got {self.kv_cache_memory}")
 

@@ -9,6 +9,10 @@ logprobs), so a step costs the same whatever a request's length, n or logprobs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ember.engine.cost import RequestCost
 
 
 @dataclass
@@ -40,6 +44,7 @@ class RequestMetrics:
     last_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0
+    cost: RequestCost | None = None  # CPU time, energy, dollars, carbon (engine/cost.py)
 
     @property
     def time_to_first_token(self) -> float | None:

@@ -2,7 +2,9 @@
 
 Each iteration sends a fresh random prompt of `--input-len` tokens (so the prefix cache
 cannot help), times the step that returns its first token (TTFT: the prefill) and each later
-step (one decode token each), after `--num-iters-warmup` untimed iterations.
+step (one decode token each), after `--num-iters-warmup` untimed iterations. The engine's
+cost accounting over the timed iterations gives what an output token costs (the prompt's
+share included): joules, CPU seconds, dollars and grams of CO2e (engine/cost.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ember.config import EngineConfig
 from ember.cpuinfo import cpu_model
+from ember.engine.cost import Usage, format_per_token, per_output_token
 from ember.sampling_params import SamplingParams
 
 
@@ -70,11 +73,17 @@ def run(args: argparse.Namespace, config: EngineConfig) -> dict[str, Any]:
     ttfts: list[float] = []
     itls: list[float] = []
     total = args.num_iters_warmup + args.num_iters
+    used = Usage()
     for i in tqdm(range(total), desc="bench latency"):
+        before = Usage()
+        before.add(engine.cost.total)
         ttft, itl = one_iteration(engine, rng, args.input_len, args.output_len)
         if i >= args.num_iters_warmup:
             ttfts.append(ttft)
             itls.extend(itl)
+            used.add(engine.cost.total)
+            used.add(before, -1.0)
+    rates = engine.cost.rates
     ms_per_token = statistics.median(itls) * 1e3
     result = {
         "model": config.model or "default (SmolLM2-135M-Instruct Q4_1 GGUF)",
@@ -85,6 +94,10 @@ def run(args: argparse.Namespace, config: EngineConfig) -> dict[str, Any]:
         "ms_per_token_median": ms_per_token,
         "ms_per_token_p90": percentile(itls, 90) * 1e3,
         "decode_tokens_per_s": 1e3 / ms_per_token,
+        "cost": per_output_token(
+            used.cpu_seconds, used.energy_joules, rates.usd(used.wall_seconds),
+            rates.grams_co2e(used.energy_joules), args.num_iters * args.output_len,
+            "+".join(sorted(used.joules))),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "cpu": cpu_model(),
@@ -98,6 +111,7 @@ def main(args: argparse.Namespace, config: EngineConfig) -> int:
           f"{result['ms_per_token_median']:.2f} ms/token median "
           f"(p90 {result['ms_per_token_p90']:.2f}), {result['decode_tokens_per_s']:.1f} tok/s, "
           f"peak RSS {result['peak_rss_mb']:.0f} MB")
+    print(f"cost per output token: {format_per_token(result['cost'])}")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)

@@ -11,6 +11,9 @@ Poisson process (`--request-rate` requests/s; `inf` sends all at once), and repo
   ITL   inter-token latency: the gap between two streamed chunks
   E2E   request latency, sent -> last byte
 with median, p90 and p99 of each, request and token throughput over the run, and failures.
+Against ember it also reports what an output token cost (the prompts' share included):
+joules, CPU seconds, dollars and grams of CO2e, from each stream's closing cost figures
+(server/cost.py); `cost` is null for a server that sends none.
 
 It works against any server that speaks /v1/completions with token-id prompts and streaming
 (ember, llama.cpp's llama-server, vLLM): `benchmarks/compare.py` drives both with it.
@@ -30,6 +33,9 @@ from typing import Any
 import httpx
 from tqdm.auto import tqdm
 
+from ember.engine.cost import format_per_token, per_output_token
+from ember.server.cost import parse_cost_comment
+
 
 @dataclass
 class RequestResult:
@@ -40,6 +46,7 @@ class RequestResult:
     e2e: float = 0.0
     itl: list[float] = field(default_factory=list)
     error: str = ""
+    cost: dict[str, float | str] | None = None  # ember's figures for the whole request
 
 
 @dataclass
@@ -109,6 +116,9 @@ async def _one(client: httpx.AsyncClient, cfg: BenchConfig, model: str,
                 res.error = f"HTTP {r.status_code}: {r.text[:200]}"
                 return res
             async for line in r.aiter_lines():
+                cost = parse_cost_comment(line)
+                if cost is not None:
+                    res.cost = cost
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
@@ -195,7 +205,18 @@ def summarize(cfg: BenchConfig, model: str, results: list[RequestResult],
         "tpot_ms": percentiles(tpot),
         "itl_ms": percentiles([x for r in ok for x in r.itl]),
         "e2e_ms": percentiles([r.e2e for r in ok]),
+        "cost": None,
     }
+    if ok and all(r.cost is not None for r in ok):
+        costs = [r.cost for r in ok]
+
+        def total(key: str) -> float:
+            return sum(float(c[key]) for c in costs)  # type: ignore[index]
+
+        summary["cost"] = per_output_token(
+            total("cpu_seconds"), total("energy_joules"), total("cost_usd"),
+            total("carbon_grams"), out_tokens,
+            "+".join(sorted({str(c["energy_source"]) for c in costs})))  # type: ignore[index]
     return summary
 
 
@@ -229,6 +250,8 @@ def format_summary(s: dict[str, Any]) -> str:
         p = s[key]
         lines.append(f"{name + ' (ms) p50/p90/p99':<28}"
                      f"{p['median']:.1f} / {p['p90']:.1f} / {p['p99']:.1f}")
+    if s["cost"] is not None:
+        lines.append(f"{'cost per output token':<28}{format_per_token(s['cost'])}")
     lines.extend(f"error: {e}" for e in s["errors"])
     return "\n".join(lines)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from ember.config import EngineConfig, resolve_device
 from ember.engine.block_manager import BlockManager
+from ember.engine.cost import CostMeter, CostRates
 from ember.engine.detokenizer import IncrementalDetokenizer, TokenBytes
 from ember.engine.input_processor import InputProcessor, ProcessedRequest
 from ember.engine.model_runner import load_runner
@@ -120,6 +121,7 @@ class LLMEngine:
             self.tokenizer, self.model_config.vocab_size, self.max_model_len, num_blocks,
             config.block_size)
         self.token_bytes = TokenBytes(self.tokenizer)
+        self.cost = CostMeter(CostRates.from_config(config), self.device)
         self._rng = engine_rng(config.seed)
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, tuple[_Parent, int]] = {}
@@ -207,9 +209,11 @@ class LLMEngine:
     # ---- the loop --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One step; a delta RequestOutput for every request that advanced or finished."""
+        cost_start = self.cost.read()  # cost accounting: the step's start (engine/cost.py)
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
+        scheduled = [(self.scheduler.requests[r], n) for r, n in sched.num_scheduled_tokens.items()]
         try:
             result = self.runner.execute(sched)
         except BaseException as e:
@@ -223,6 +227,8 @@ class LLMEngine:
                 parent.started = True
                 self._num_queued -= 1
         core_outputs = self.scheduler.update_from_output(sched, result)
+        # Cost accounting: this step's CPU time, wall time and energy to its requests.
+        self.cost.charge(cost_start, scheduled, busy=bool(self.scheduler.requests))
         return self._process_outputs(core_outputs)
 
     def _process_outputs(self, core_outputs: list[EngineCoreOutput]) -> list[RequestOutput]:
@@ -313,6 +319,7 @@ class LLMEngine:
                                  if c.last_token_time is not None), default=None),
             finished_time=max(c.finished_time or 0.0 for c in children) if finished else None,
             num_preemptions=sum(c.num_preemptions for c in children),
+            cost=self.cost.cost([c.cost for c in children]),
         )
         return RequestOutput(
             request_id=parent.request_id, prompt=parent.prompt,

@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from ember.engine.cost import RequestUsage
 from ember.sampling_params import SamplingParams
 
 
@@ -40,6 +41,7 @@ class Request:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+    cost: RequestUsage = field(default_factory=RequestUsage)  # charged by engine/cost.py
 
     @property
     def num_prompt_tokens(self) -> int:

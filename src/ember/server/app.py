@@ -39,7 +39,9 @@ from ember.engine.async_engine import AsyncLLMEngine, EngineUnavailableError, Re
 from ember.engine.input_processor import ProcessedRequest
 from ember.errors import EmberError, InvalidRequestError, QueueFullError
 from ember.outputs import RequestOutput, merge_outputs
+from ember.server.cost import cost_comment, cost_headers
 from ember.server.metrics import RequestProgress, ServerMetrics
+from ember.server.page import PAGE_PATHS, add_page
 from ember.server.protocol import (
     TOKEN_ID_MARK, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     CompletionRequest, CompletionResponse, CompletionStreamResponse, DetokenizeRequest,
@@ -177,9 +179,10 @@ class _EventStream(StreamingResponse):
     the request is aborted and the connection closed (uvicorn logs that the response was not
     completed). Either way the body is closed, which aborts an unfinished request."""
 
-    def __init__(self, body: AsyncIterator[str], request_id: str, send_timeout: float) -> None:
+    def __init__(self, body: AsyncIterator[str], request_id: str, send_timeout: float,
+                 headers: dict[str, str]) -> None:
         super().__init__(body, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache"},
+                         headers={"Cache-Control": "no-cache", **headers},
                          background=BackgroundTask(body.aclose))  # type: ignore[attr-defined]
         self.request_id = request_id
         self.send_timeout = send_timeout
@@ -272,8 +275,8 @@ def build_app(
 ) -> FastAPI:
     """The FastAPI app. Starting and stopping `engine` is the caller's job (see launch.py).
 
-    With `api_keys`, every path but /health (and /metrics, unless `metrics_require_key`)
-    needs one of them.
+    With `api_keys`, every path but /health, the chat page's static files (page.py) and
+    /metrics (unless `metrics_require_key`) needs one of them.
     """
     metrics = ServerMetrics(served_model_name)
     app = FastAPI(title="ember", version=__version__,
@@ -331,7 +334,9 @@ def build_app(
 
     # ---- hostile clients: keys first, then the body's size -------------------------------
     app.add_middleware(_BodyLimit, max_bytes=max_body_bytes, reject=error_response)
-    open_paths = {"/health"} if metrics_require_key else {"/health", "/metrics"}
+    open_paths = {"/health", *PAGE_PATHS}  # the page is static: its API calls need the key
+    if not metrics_require_key:
+        open_paths.add("/metrics")
     if api_keys:
         app.add_middleware(_KeyCheck, keys=api_keys, open_paths=open_paths,
                            reject=error_response)
@@ -386,7 +391,9 @@ def build_app(
         try:
             if not req.stream:
                 final = await _until_disconnect(raw, _whole(outputs))
-                return JSONResponse(builder.response(final).model_dump(mode="json"))
+                return JSONResponse(builder.response(final).model_dump(mode="json"),
+                                    headers=cost_headers(final.metrics and final.metrics.cost,
+                                                         "request"))
             # Wait for the first output before answering 200, so that refusals keep their code.
             first = await _until_disconnect(raw, anext(outputs))
         except _ClientGone:
@@ -403,7 +410,8 @@ def build_app(
                 async for last in outputs:
                     for event in builder.delta(last):
                         yield event
-                for event in builder.end(last):
+                *tail, done = builder.end(last)
+                for event in (*tail, cost_comment(last.metrics and last.metrics.cost), done):
                     yield event
             except Exception as e:  # the headers are sent: report it in the stream
                 err = _as_api_error(e)
@@ -417,7 +425,8 @@ def build_app(
                 await outputs.aclose()
 
         # On a disconnect Starlette cancels the body; closing it aborts the request.
-        return _EventStream(events(), request_id, send_timeout)
+        return _EventStream(events(), request_id, send_timeout,
+                            cost_headers(first.metrics and first.metrics.cost, "first-token"))
 
     @api.post("/v1/chat/completions", response_model=None,
               responses=_generation_responses(ChatCompletionResponse, ChatCompletionChunk))
@@ -476,6 +485,7 @@ def build_app(
         return DetokenizeResponse(prompt=text)
 
     app.include_router(api)
+    add_page(app)
 
     # ---- operations ----------------------------------------------------------------------
     @app.get("/health", response_class=Response, responses={

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from ember.engine.cost import RequestCost
 from ember.engine.llm_engine import EngineStats
 from ember.outputs import RequestOutput
 
@@ -18,6 +19,12 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
                7.5, 10.0, 20.0, 40.0, 80.0)
+# Per output token (the prompt's share included): from a tiny model on many cores to a large
+# one on one.
+JOULES_PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                            5.0, 10.0, 25.0, 50.0, 100.0)
+CPU_SECONDS_PER_TOKEN_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                                 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
@@ -32,6 +39,7 @@ class RequestProgress:
     num_tokens: int = 0
     first_token_time: float | None = None
     last_token_time: float | None = None
+    cost: RequestCost | None = None  # as of the latest output
 
 
 class ServerMetrics:
@@ -70,6 +78,19 @@ class ServerMetrics:
                               LATENCY_BUCKETS)
         self._queue = histogram("request_queue_time_seconds", "Time spent waiting to start.",
                                 LATENCY_BUCKETS)
+        # Cost accounting (engine/cost.py), counted when a request ends.
+        self._energy = counter("energy_joules", "Energy charged to requests, by source "
+                               "(rapl, nvml, estimate).", ("model_name", "source"))
+        self._cpu = counter("cpu_seconds", "Process CPU time charged to requests.")
+        self._usd = counter("cost_usd", "Dollars charged to requests (--price-per-hour).")
+        self._carbon = counter("carbon_grams", "Grams of CO2e charged to requests "
+                               "(--carbon-intensity).")
+        self._joules_per_token = histogram(
+            "energy_joules_per_output_token", "A request's energy per output token.",
+            JOULES_PER_TOKEN_BUCKETS)
+        self._cpu_per_token = histogram(
+            "cpu_seconds_per_output_token", "A request's CPU time per output token.",
+            CPU_SECONDS_PER_TOKEN_BUCKETS)
         self._running = gauge("num_requests_running", "Sequences running.")
         self._waiting = gauge("num_requests_waiting", "Sequences waiting to start.")
         self._kv_usage = gauge("kv_cache_usage_perc", "KV-cache usage: 1 = full.")
@@ -81,6 +102,8 @@ class ServerMetrics:
     # ---- per request ---------------------------------------------------------------------
     def record_output(self, progress: RequestProgress, out: RequestOutput) -> None:
         """Account one delta output."""
+        if out.metrics is not None and out.metrics.cost is not None:
+            progress.cost = out.metrics.cost
         new = sum(len(c.token_ids) for c in out.outputs)
         if new <= 0:
             return
@@ -109,12 +132,30 @@ class ServerMetrics:
             self._e2e.observe(total)
         ttft = (f"{progress.first_token_time - progress.arrival:.3f}s"
                 if progress.first_token_time is not None else "-")
+        cost = self._record_cost(progress)
         logger.info(
             "Finished request %s: prompt tokens %d, completion tokens %d, TTFT %s, "
-            "total %.3fs, finish reason %s",
+            "total %.3fs, finish reason %s%s",
             progress.request_id, progress.prompt_tokens, progress.num_tokens, ttft, total,
-            finish_reason,
+            finish_reason, cost,
         )
+
+    def _record_cost(self, progress: RequestProgress) -> str:
+        """Count a finished request's cost; its part of the log line."""
+        cost = progress.cost
+        if cost is None:
+            return ""
+        m, used = self.model_name, cost.total
+        for source, joules in used.joules.items():
+            self._energy.labels(m, source).inc(joules)
+        self._cpu.labels(m).inc(used.cpu_seconds)
+        self._usd.labels(m).inc(cost.usd)
+        self._carbon.labels(m).inc(cost.grams_co2e)
+        if progress.num_tokens:
+            self._joules_per_token.observe(used.energy_joules / progress.num_tokens)
+            self._cpu_per_token.observe(used.cpu_seconds / progress.num_tokens)
+        return (f", CPU {used.cpu_seconds:.3f}s, energy {used.energy_joules:.3f} J "
+                f"({cost.energy_source}), ${cost.usd:.3g}, {cost.grams_co2e:.3g} gCO2e")
 
     def record_error(self, status_code: int) -> None:
         self._errors.labels(self.model_name, str(status_code)).inc()
