@@ -164,9 +164,12 @@ class Int4Linear(nn.Module):
             packed = torch.ops.aten._convert_weight_to_int4pack(
                 (q[:, ::2] << 4 | q[:, 1::2]).contiguous(), 8)
         self.register_buffer("weight", packed)
-        # [K // group, N, 2]: (scale, zero) per group and output row, in the activation dtype.
+        # [K // group, N, 2]: (scale, zero) per group and output row, in the dtype ATen's
+        # kernel runs: on CPU bf16 always, since its float32 path is not vectorized (~10x
+        # slower; float32 activations are rounded to bf16 for it), else the activations'.
         sz = torch.stack([w.scale, w.zero], dim=-1).transpose(0, 1).contiguous()
-        self.register_buffer("scales_and_zeros", sz.to(device=device, dtype=dtype))
+        aten_dtype = torch.bfloat16 if device.type == "cpu" else dtype
+        self.register_buffer("scales_and_zeros", sz.to(device=device, dtype=aten_dtype))
         self.dense_for_many_rows = (device.type == "cpu" and w.out_features % _CPU_BLOCK_N == 0
                                     and cpu_layout_known())
         if self.dense_for_many_rows:  # a second copy of the scales (1/8 byte per weight)
@@ -181,7 +184,8 @@ class Int4Linear(nn.Module):
             y = torch.ops.ember_cpu.int4_tiled_linear(x, self.tiles, self.tile_scales,
                                                       self.tile_zeros, self.group_size,
                                                       DENSE_MIN_TOKENS_TILED)
-        elif self.dense_for_many_rows and kernels.available(x.device):
+        elif (self.dense_for_many_rows and kernels.available(x.device)
+              and x.dtype == self.scales_and_zeros.dtype):
             # ember's op picks its path by the row count inside, so under torch.compile one
             # graph serves every batch of 2 or more tokens.
             y = torch.ops.ember_cpu.int4_linear(x, self.weight, self.dense_scales,
@@ -193,7 +197,8 @@ class Int4Linear(nn.Module):
                                                    self.group_size))
         elif x.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x, self.weight, self.group_size, self.scales_and_zeros)
+                x.to(self.scales_and_zeros.dtype), self.weight, self.group_size,
+                self.scales_and_zeros).to(x.dtype)
         else:
             y = torch.ops.aten._weight_int4pack_mm(
                 x, self.weight, self.group_size, self.scales_and_zeros)
