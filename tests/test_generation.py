@@ -116,7 +116,7 @@ def test_prompt_too_long_and_bad_values(default_llm):
         default_llm.generate([[]], use_tqdm=False)
     with pytest.raises(InvalidRequestError, match=r"token id 99999 is outside the vocabulary"):
         default_llm.generate([[1, 99999]], use_tqdm=False)
-    with pytest.raises(InvalidRequestError, match="temperature must be >= 0, got -1"):
+    with pytest.raises(InvalidRequestError, match=r"temperature must be in \[0, 100\], got -1"):
         SamplingParams(temperature=-1)
     with pytest.raises(InvalidRequestError, match=r"top_p must be in \(0, 1\], got 1.5"):
         SamplingParams(top_p=1.5)
@@ -139,4 +139,4 @@ def test_cli_user_error_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ember", "generate", "hi", "--temperature",
                            "-2"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "temperature must be >= 0, got -2" in proc.stderr and "Traceback" not in proc.stderr
+    assert "temperature must be in [0, 100], got -2" in proc.stderr and "Traceback" not in proc.stderr

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import logging
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 from ember.config import (
     DEFAULT_MAX_BODY_BYTES, DEFAULT_SEND_TIMEOUT, DataParallelConfig, EngineConfig,
