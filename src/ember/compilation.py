@@ -41,8 +41,8 @@ def _cache_dir() -> None:
 
 
 # Per-call overhead matters: the layer's graph runs 30 times a decode step. A C++ wrapper
-# instead of Inductor's Python one, and no debug checks of the extern kernels' output strides:
-# each ~0.7-1 ms less per decode step of the default model (in-process A/B, 2 threads).
+# instead of Inductor's Python one, and no debug checks of the extern kernels' output strides
+# (what each saves: docs/benchmarks.md).
 INDUCTOR_OPTIONS = {"cpp_wrapper": True, "size_asserts": False}
 
 

@@ -183,7 +183,7 @@ def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 # Defined through the low-level `Library` API, not `torch.library.custom_op`: the compiled
-# graph calls the op 30 times a step, and custom_op's Python wrapper cost ~50 µs a call.
+# graph calls the op 30 times a step, and custom_op's Python wrapper costs time on each call.
 _lib = torch.library.Library("ember", "DEF")
 _lib.define("paged_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, "
             "Tensor(b!) v_cache, float scale, int window) -> Tensor")

@@ -1,8 +1,8 @@
 """Decode steps through one C++ call: `ember_cpu.decode_layers`, from token ids to final norm.
 
 A step where every sequence decodes one token spends a fifth of its time entering ~200 small
-kernels from Python, layer after layer (Dynamo guards, wrappers, thread start-ups), at ~100 µs
-a layer for the default model. `FusedDecode` hands the whole step but the head to ember's CPU
+kernels from Python, layer after layer (Dynamo guards, wrappers, thread start-ups).
+`FusedDecode` hands the whole step but the head to ember's CPU
 kernels instead (`ember.kernels`, decode.cpp): the embedding lookup, the rotary tables' rows,
 the same arithmetic as `LlamaDecoderLayer` (tested against it) with the projections' own matmul
 kernels and the paged decode attention, and the final norm. Steps with a prompt chunk keep the

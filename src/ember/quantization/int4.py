@@ -35,8 +35,8 @@ from ember.quantization.weight import QuantizedCodes
 # The packed kernels' shape rules: output rows in tiles of 16.
 _N_TILE = 16
 # From this many input rows on, dequantize + dense GEMM beats the int4 kernel: compiled, the
-# dequantization is one fused pass (~0.8 ms per layer of the default model, the crossover
-# near 16 rows); eager it takes several passes (~14 ms), worth it only for long prompts.
+# dequantization is one fused pass (the crossover measured near 16 rows); eager it takes
+# several passes, worth it only for long prompts.
 DENSE_MIN_TOKENS = 16
 DENSE_MIN_TOKENS_EAGER = 192
 # ember's GEMV (`tiled` layers) costs less per row than ATen's kernel: it stays ahead of
@@ -65,7 +65,7 @@ def _dequantize_cpu_packed(packed: torch.Tensor, scales: torch.Tensor, zeros: to
                            k: int, group_size: int) -> torch.Tensor:
     """The [K, N] transposed weight, in the scales' dtype, from ATen's CPU packing. Written as
     two nibble halves stacked (not a cat), with the scales and zeros in the blocks' order and
-    contiguous, so that Inductor vectorizes it in one pass (strided scales: 10x slower)."""
+    contiguous, so that Inductor vectorizes it in one pass (strided scales defeat that)."""
     n = packed.shape[0]
     nb, g = n // _CPU_BLOCK_N, k // group_size
     p = packed.view(nb, k, 32).permute(1, 0, 2).reshape(g, group_size, nb, 32)
@@ -165,8 +165,8 @@ class Int4Linear(nn.Module):
                 (q[:, ::2] << 4 | q[:, 1::2]).contiguous(), 8)
         self.register_buffer("weight", packed)
         # [K // group, N, 2]: (scale, zero) per group and output row, in the dtype ATen's
-        # kernel runs: on CPU bf16 always, since its float32 path is not vectorized (~10x
-        # slower; float32 activations are rounded to bf16 for it), else the activations'.
+        # kernel runs: on CPU bf16 always, since its float32 path is not vectorized (float32
+        # activations are rounded to bf16 for it), else the activations'.
         sz = torch.stack([w.scale, w.zero], dim=-1).transpose(0, 1).contiguous()
         aten_dtype = torch.bfloat16 if device.type == "cpu" else dtype
         self.register_buffer("scales_and_zeros", sz.to(device=device, dtype=aten_dtype))

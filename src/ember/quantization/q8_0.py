@@ -31,7 +31,7 @@ class Q8_0Weight(QuantizedCodes):
 
 
 # From this many rows on (a batch of decodes), a GEMM is compute-bound, and the dense tied
-# embedding, when there is one, runs it ~2-3x faster (bf16 dot-product instructions).
+# embedding, when there is one, runs it faster (bf16 dot-product instructions).
 DENSE_MIN_ROWS = 8
 
 
