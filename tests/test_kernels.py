@@ -277,3 +277,25 @@ def test_decode_attention_reads_only_the_window(window):
     out = torch.ops.ember_cpu.decode_attention(q, k_cache, v_cache, tables, lens, block_size,
                                                0.0625, window)
     torch.testing.assert_close(out, torch.stack(expected), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block", [64, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_linear_op_reads_both_atens_cpu_packings(block, dtype):
+    """ATen packs in blocks of 64 rows on AVX512, 32 on AVX2 (`cpu_block_n`): the op's
+    dequantize + GEMM path and `_dequantize_cpu_packed` read either, whichever this CPU's ATen
+    makes, from a weight packed here by the layout's definition."""
+    from ember.quantization.int4 import Int4Weight, _blocked, _dequantize_cpu_packed
+
+    g = torch.Generator().manual_seed(block)
+    w = Int4Weight.quantize(torch.randn(192, 256, generator=g), 32)
+    rows = w.q.view(192 // block, 2, block // 2, 256)  # byte j: rows j and j + block / 2
+    packed = (rows[:, 0] | rows[:, 1] << 4).transpose(1, 2).contiguous().view(192, 128)
+    scales, zeros = _blocked(w.scale, block).to(dtype), _blocked(w.zero, block).to(dtype)
+    x = torch.randn(40, 256, generator=g).to(dtype)
+    y = torch.ops.ember_cpu.int4_linear(x, packed, scales, zeros, torch.empty(0), 32, 16)
+    atol, rtol = (1e-4, 1e-5) if dtype == torch.float32 else (0.3, 0.02)
+    torch.testing.assert_close(y.float(), F.linear(x.float(), w.dequantize()), atol=atol,
+                               rtol=rtol)
+    weight = _dequantize_cpu_packed(packed, scales, zeros, 256, 32)
+    torch.testing.assert_close(weight.float().t(), w.dequantize(), atol=atol / 4, rtol=rtol)
