@@ -814,8 +814,14 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
                        int64_t group_size, int64_t dense_min_rows) {
   TORCH_CHECK(x.dim() == 2, "x: [M, K]");
   const int64_t M = x.size(0), K = x.size(1), N = scales.numel() / (K / group_size);
-  if (M < dense_min_rows)
-    return at::_weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros);
+  if (M < dense_min_rows) {  // ATen's kernel in its scales' dtype (on CPU bf16: its float32
+    // path is not vectorized), float32 activations rounded for it
+    const auto dtype = scales_and_zeros.scalar_type();
+    if (x.scalar_type() == dtype)
+      return at::_weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros);
+    return at::_weight_int4pack_mm_for_cpu(x.to(dtype), packed, group_size, scales_and_zeros)
+        .to(x.scalar_type());
+  }
   TORCH_CHECK(scales.dim() == 5 && scales.is_contiguous() && zeros.is_contiguous() &&
                   scales.sizes() == zeros.sizes() && scales.scalar_type() == zeros.scalar_type() &&
                   (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16),

@@ -199,10 +199,10 @@ class Int4Linear(nn.Module):
             y = torch.ops.ember_cpu.int4_tiled_linear(x, self.tiles, self.tile_scales,
                                                       self.tile_zeros, self.group_size,
                                                       DENSE_MIN_TOKENS_TILED)
-        elif (self.dense_for_many_rows and kernels.available(x.device)
-              and x.dtype == self.scales_and_zeros.dtype):
+        elif self.dense_for_many_rows and kernels.available(x.device):
             # ember's op picks its path by the row count inside, so under torch.compile one
-            # graph serves every batch of 2 or more tokens.
+            # graph serves every batch of 2 or more tokens (float32 activations: rounded to
+            # bf16 for ATen's kernel there, as below).
             y = torch.ops.ember_cpu.int4_linear(x, self.weight, self.dense_scales,
                                                 self.dense_zeros, self.scales_and_zeros,
                                                 self.group_size, DENSE_MIN_TOKENS)
