@@ -299,3 +299,21 @@ def test_int4_linear_op_reads_both_atens_cpu_packings(block, dtype):
                                rtol=rtol)
     weight = _dequantize_cpu_packed(packed, scales, zeros, 256, 32)
     torch.testing.assert_close(weight.float().t(), w.dequantize(), atol=atol / 4, rtol=rtol)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_int4_linear_op_serves_float32_activations(rows):
+    """float32 layers (the default where the CPU lacks AVX512-BF16) keep ATen's scales in bf16:
+    the op rounds few rows to bf16 for ATen's kernel and dequantizes in float32 for many."""
+    from ember.quantization.int4 import Int4Linear, Int4Weight
+
+    g = torch.Generator().manual_seed(rows)
+    w = Int4Weight.quantize(torch.randn(192, 256, generator=g), 32)
+    lin = Int4Linear(w, None, CPU, torch.float32)
+    assert not lin.tiled and lin.dense_for_many_rows
+    assert lin.scales_and_zeros.dtype == torch.bfloat16
+    x = torch.randn(rows, 256, generator=g)
+    y = lin(x)
+    assert y.dtype == torch.float32 and y.shape == (rows, 192)
+    atol, rtol = (0.3, 0.02) if rows < 16 else (1e-4, 1e-5)  # bf16 for ATen's kernel only
+    torch.testing.assert_close(y, F.linear(x, w.dequantize()), atol=atol, rtol=rtol)
