@@ -1,6 +1,7 @@
 """The fused decode step (`models.fused_decode`, ember_cpu.decode_layers) computes what the
-decoder layers compute, on the real model in its default mode (int4 + bf16) and in the
-exactness mode (dense float32), and steps aside where it cannot serve the model."""
+decoder layers compute, on the real model in its default mode (int4, in the activation dtype
+`resolve_precision` picks for the CPU) and in the exactness mode (dense float32), and steps
+aside where it cannot serve the model."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import pytest
 import torch
 
 from conftest import EXACT
-from ember import LLM, SamplingParams
+from ember import LLM, SamplingParams, kernels
 from ember.layers.attention import AttentionMetadata, DecodeBatch, PrefillChunk
+from ember.loading.loader import resolve_precision
 from ember.quantization.int4 import Int4Linear
 
 BLOCK = 16
+CPU = torch.device("cpu")
 # Three sequences at different context lengths (a block edge among them), blocks apart.
 CONTEXTS = (5, 16, 40)
 
@@ -112,9 +115,16 @@ def test_fused_decode_matches_the_layers_exactness_mode(exact):
 
 def test_fused_decode_matches_the_layers_default_mode(exact):
     llm = LLM(max_model_len=256, enforce_eager=True)
-    assert isinstance(llm.llm_engine.model.layers[0].mlp.down_proj, Int4Linear)
-    # bf16 activations: the eager layers round after every op, the fused step (like the
-    # compiled graph) once per fused computation: 1-ulp flips spread a little.
+    down = llm.llm_engine.model.layers[0].mlp.down_proj
+    assert isinstance(down, Int4Linear)
+    # bf16 activations where the CPU has AVX512-BF16, with ember's int4 layout where its
+    # kernels have it; float32 and ATen's packing elsewhere: the fused step serves either.
+    dtype, _ = resolve_precision(llm.llm_engine.config, CPU)
+    assert llm.llm_engine.model.embed_tokens.weight.dtype == dtype
+    assert down.tiled == (dtype == torch.bfloat16 and kernels.int4_tiles(CPU))
+    assert down.tiled or down.dense_for_many_rows
+    # bf16: the eager layers round after every op, the fused step (like the compiled graph)
+    # once per fused computation: 1-ulp flips spread a little.
     fused, layers = _check(llm, atol=0.1)
     assert (fused - layers).abs().max() < 0.1 * layers.std()
     # Over a text fed one decode step at a time, against the float32 logits of the same

@@ -213,27 +213,37 @@ def test_int4_linear_op_computes_with_the_dequantized_weight(group, rows, monkey
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 15, 16, 40])
 def test_int4_tiled_linear_computes_with_the_dequantized_weight(group, rows):
-    """ember's layout: the GEMV (rows four at a time) and the dequantize + GEMM path, against
-    the weight's own dequantization and ATen's kernel on the same weight."""
-    from ember.quantization.int4 import Int4Linear, Int4Weight, tile_codes
+    """ember's layout where the CPU has AVX512-BF16 (`kernels.int4_tiles`): the GEMV (rows four
+    at a time) and the dequantize + GEMM path; elsewhere bf16 layers keep ATen's packing and the
+    tiled op refuses to run. Either way, against the weight's own dequantization and ATen's
+    kernel on the same weight."""
+    from ember.quantization.int4 import Int4Linear, Int4Weight, cpu_layout_known, tile_codes
 
-    assert kernels.int4_tiles(CPU)  # AVX512-BF16 on this machine
     g = torch.Generator().manual_seed(rows + group)
     w = Int4Weight.quantize(torch.randn(192, 256, generator=g), group)
     lin = Int4Linear(w, None, CPU, torch.bfloat16)
-    assert lin.tiled and not hasattr(lin, "weight")  # one copy of the codes, ember's
-    assert torch.equal(lin.tiles, tile_codes(w.q))
     x = torch.randn(rows, 256, generator=g).bfloat16()
+    sz = torch.stack([w.scale, w.zero], -1).transpose(0, 1).contiguous().bfloat16()
+    tiles = tile_codes(w.q)
+    if kernels.int4_tiles(CPU):
+        assert lin.tiled and not hasattr(lin, "weight")  # one copy of the codes, ember's
+        assert torch.equal(lin.tiles, tiles)
+    else:  # the fallback: ATen's packing, its kernel or dequantize + GEMM by the row count
+        assert not lin.tiled and not hasattr(lin, "tiles")
+        assert lin.dense_for_many_rows == cpu_layout_known()
+        with pytest.raises(RuntimeError, match="AVX512-BF16"):
+            torch.ops.ember_cpu.int4_tiled_linear(x, tiles, sz[..., 0].contiguous(),
+                                                  sz[..., 1].contiguous(), group, 20)
     y = lin(x)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 192)
     torch.testing.assert_close(y.float(), F.linear(x.float(), w.dequantize()), atol=0.3,
                                rtol=0.02)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.q.int(), 1)
-    sz = torch.stack([w.scale, w.zero], -1).transpose(0, 1).contiguous().bfloat16()
     aten = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
     torch.testing.assert_close(y.float(), aten.float(), atol=0.3, rtol=0.02)
-    with pytest.raises(RuntimeError, match="bfloat16"):
-        lin(x.float())
+    if lin.tiled:  # the tiled layer's activations are bf16 only
+        with pytest.raises(RuntimeError, match="bfloat16"):
+            lin(x.float())
 
 
 @pytest.mark.parametrize("window", [1, 16, 200])
@@ -267,3 +277,43 @@ def test_decode_attention_reads_only_the_window(window):
     out = torch.ops.ember_cpu.decode_attention(q, k_cache, v_cache, tables, lens, block_size,
                                                0.0625, window)
     torch.testing.assert_close(out, torch.stack(expected), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block", [64, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_linear_op_reads_both_atens_cpu_packings(block, dtype):
+    """ATen packs in blocks of 64 rows on AVX512, 32 on AVX2 (`cpu_block_n`): the op's
+    dequantize + GEMM path and `_dequantize_cpu_packed` read either, whichever this CPU's ATen
+    makes, from a weight packed here by the layout's definition."""
+    from ember.quantization.int4 import Int4Weight, _blocked, _dequantize_cpu_packed
+
+    g = torch.Generator().manual_seed(block)
+    w = Int4Weight.quantize(torch.randn(192, 256, generator=g), 32)
+    rows = w.q.view(192 // block, 2, block // 2, 256)  # byte j: rows j and j + block / 2
+    packed = (rows[:, 0] | rows[:, 1] << 4).transpose(1, 2).contiguous().view(192, 128)
+    scales, zeros = _blocked(w.scale, block).to(dtype), _blocked(w.zero, block).to(dtype)
+    x = torch.randn(40, 256, generator=g).to(dtype)
+    y = torch.ops.ember_cpu.int4_linear(x, packed, scales, zeros, torch.empty(0), 32, 16)
+    atol, rtol = (1e-4, 1e-5) if dtype == torch.float32 else (0.3, 0.02)
+    torch.testing.assert_close(y.float(), F.linear(x.float(), w.dequantize()), atol=atol,
+                               rtol=rtol)
+    weight = _dequantize_cpu_packed(packed, scales, zeros, 256, 32)
+    torch.testing.assert_close(weight.float().t(), w.dequantize(), atol=atol / 4, rtol=rtol)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_int4_linear_op_serves_float32_activations(rows):
+    """float32 layers (the default where the CPU lacks AVX512-BF16) keep ATen's scales in bf16:
+    the op rounds few rows to bf16 for ATen's kernel and dequantizes in float32 for many."""
+    from ember.quantization.int4 import Int4Linear, Int4Weight
+
+    g = torch.Generator().manual_seed(rows)
+    w = Int4Weight.quantize(torch.randn(192, 256, generator=g), 32)
+    lin = Int4Linear(w, None, CPU, torch.float32)
+    assert not lin.tiled and lin.dense_for_many_rows
+    assert lin.scales_and_zeros.dtype == torch.bfloat16
+    x = torch.randn(rows, 256, generator=g)
+    y = lin(x)
+    assert y.dtype == torch.float32 and y.shape == (rows, 192)
+    atol, rtol = (0.3, 0.02) if rows < 16 else (1e-4, 1e-5)  # bf16 for ATen's kernel only
+    torch.testing.assert_close(y, F.linear(x, w.dequantize()), atol=atol, rtol=rtol)

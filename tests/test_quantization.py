@@ -40,6 +40,15 @@ def test_int4_linear_computes_with_its_dequantized_weight(group):
     torch.testing.assert_close(y.float(), ref, atol=0.15, rtol=0.02)  # bf16 activations
 
 
+def test_int4_cpu_packing_blocks_follow_atens_cpu_capability():
+    """ATen packs int4 weights in blocks of 64 output rows where it dispatches to AVX512, 32 to
+    AVX2: `cpu_block_n` finds the one this process's ATen uses."""
+    from ember.quantization.int4 import cpu_block_n
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert cpu_block_n() == {"AVX512": 64, "AVX2": 32}.get(capability), capability
+
+
 @pytest.mark.parametrize("group", [32, 128])
 def test_int4_linear_many_rows_dequantize_from_the_packed_weight(group, monkeypatch):
     """A prompt's many rows take the dequantize + dense GEMM path (eager and compiled): it
@@ -49,7 +58,7 @@ def test_int4_linear_many_rows_dequantize_from_the_packed_weight(group, monkeypa
     from ember.quantization.int4 import DENSE_MIN_TOKENS_EAGER, cpu_layout_known
 
     monkeypatch.setattr(int4.kernels, "int4_tiles", lambda device: False)
-    assert cpu_layout_known()  # the layout check holds on this machine's ATen
+    assert cpu_layout_known()  # the layout check holds on this machine's ATen (AVX2, AVX512)
     w = Int4Weight.quantize(_weight(192, 256), group)
     lin = Int4Linear(w, None, CPU, torch.bfloat16)
     assert lin.dense_for_many_rows

@@ -5,16 +5,32 @@
 # (LLAMA_BUILD=OFF; compare.py points it at these libraries with LLAMA_CPP_LIB_PATH).
 #
 # Why not a plain `pip install llama-cpp-python`: its default -march=native issues AMX
-# instructions, which this VM lists but does not enable (the first one crashes), so the ISA
-# is spelled out; and its wheel has no llama-server, the peer for the concurrency sweep.
+# instructions, which some VMs list but do not enable (the first one crashes), so the ISA is
+# spelled out from this CPU's flags in /proc/cpuinfo (AVX-512 and its VNNI/BF16/VBMI only where
+# listed, AMX never); and its wheel has no llama-server, the peer for the concurrency sweep.
+# The build is for this CPU: rerun the script on a CPU with other flags.
 set -euo pipefail
 VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PEERS=$ROOT/.peers
 PY=$ROOT/.venv/bin/python
 JOBS=${JOBS:-$(nproc)}
-ISA="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
- -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON"
+CPU_FLAGS=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+has() {  # ON where this CPU lists every flag named
+  for flag in "$@"; do
+    case "$CPU_FLAGS" in *" $flag "*) ;; *) echo OFF; return ;; esac
+  done
+  echo ON
+}
+# GGML_AVX512 compiles with -mavx512f/cd/vl/dq/bw; its extensions only on top of it.
+AVX512=$(has avx512f avx512cd avx512vl avx512dq avx512bw)
+has512() { [ "$AVX512" = ON ] && has "$@" || echo OFF; }
+ISA="-DGGML_NATIVE=OFF -DGGML_SSE42=$(has sse4_2) -DGGML_AVX=$(has avx) -DGGML_AVX2=$(has avx2) \
+ -DGGML_FMA=$(has fma) -DGGML_F16C=$(has f16c) -DGGML_BMI2=$(has bmi2) \
+ -DGGML_AVX_VNNI=$(has avx_vnni) -DGGML_AVX512=$AVX512 -DGGML_AVX512_VBMI=$(has512 avx512vbmi) \
+ -DGGML_AVX512_VNNI=$(has512 avx512_vnni) -DGGML_AVX512_BF16=$(has512 avx512_bf16) \
+ -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+echo "llama.cpp ISA for this CPU: $ISA"
 
 mkdir -p "$PEERS"
 SRC=$PEERS/llama_cpp_python-$VERSION

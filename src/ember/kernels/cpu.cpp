@@ -548,68 +548,78 @@ at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
 }
 
 // ---- int4 linear ----------------------------------------------------------------------------
-// ATen's CPU packing: output rows in blocks of 64; per block, K-major, 32 bytes per input
-// column, byte j holding row j (low nibble) and row j + 32 (high nibble). The scales and zeros
-// come in the same order: [K / G, N / 64, 2, 32] (rows j and j + 32 of each block).
-constexpr int64_t kInt4Block = 64;
-
-template <typename ST>
+// ATen's CPU packing: output rows in blocks of BLOCK, 64 where ATen dispatches to AVX512, 32 to
+// AVX2 (a run-time choice, `ember.quantization.int4.cpu_block_n`); per block, K-major,
+// BLOCK / 2 bytes per input column, byte j holding row j (low nibble) and row j + BLOCK / 2
+// (high nibble). The scales and zeros come in the same order: [K / G, N / BLOCK, 2, BLOCK / 2].
+template <int64_t BLOCK, typename ST>
 inline void load_block_params(const ST* p, float* out) {
-  for (int64_t i = 0; i < kInt4Block; ++i) out[i] = to_float(p[i]);
+  for (int64_t i = 0; i < BLOCK; ++i) out[i] = to_float(p[i]);
 }
 
-// W^T [K, N] in OT from the packed codes: 64 contiguous outputs per (block, input column).
-template <typename ST, typename OT>
+// W^T [K, N] in OT from the packed codes: BLOCK contiguous outputs per (block, input column).
+template <int64_t BLOCK, typename ST, typename OT>
 void int4_dequantize(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros,
                      int64_t K, int64_t N, int64_t G, at::Tensor& w) {
+  constexpr int64_t HALF = BLOCK / 2;
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const ST* scp = scales.data_ptr<ST>();
   const ST* zp = zeros.data_ptr<ST>();
   OT* wp = w.data_ptr<OT>();
-  at::parallel_for(0, N / kInt4Block, 1, [&](int64_t b0, int64_t b1) {
-    float s[kInt4Block], c[kInt4Block], row[kInt4Block];
+  at::parallel_for(0, N / BLOCK, 1, [&](int64_t b0, int64_t b1) {
+    float s[BLOCK], c[BLOCK], row[BLOCK];
     for (int64_t nb = b0; nb < b1; ++nb)
       for (int64_t g = 0; g < K / G; ++g) {
-        load_block_params(scp + (g * N + nb * kInt4Block), s);
-        load_block_params(zp + (g * N + nb * kInt4Block), c);
-        for (int64_t j = 0; j < kInt4Block; ++j) c[j] -= 8.f * s[j];
+        load_block_params<BLOCK>(scp + (g * N + nb * BLOCK), s);
+        load_block_params<BLOCK>(zp + (g * N + nb * BLOCK), c);
+        for (int64_t j = 0; j < BLOCK; ++j) c[j] -= 8.f * s[j];
 #if defined(__AVX512F__)
         __m512 sv[4], cv[4];
-        for (int i = 0; i < 4; ++i) sv[i] = _mm512_loadu_ps(s + 16 * i), cv[i] = _mm512_loadu_ps(c + 16 * i);
+        if constexpr (BLOCK == 64)
+          for (int i = 0; i < 4; ++i) sv[i] = _mm512_loadu_ps(s + 16 * i), cv[i] = _mm512_loadu_ps(c + 16 * i);
         const __m256i low4 = _mm256_set1_epi8(0x0F);
 #endif
         for (int64_t k = g * G; k < (g + 1) * G; ++k) {
-          const uint8_t* b = pp + (nb * K + k) * 32;
-          OT* dst = wp + k * N + nb * kInt4Block;
+          const uint8_t* b = pp + (nb * K + k) * HALF;
+          OT* dst = wp + k * N + nb * BLOCK;
 #if defined(__AVX512F__)
-          const __m256i bytes = _mm256_loadu_si256((const __m256i*)b);
-          const __m256i lo = _mm256_and_si256(bytes, low4);
-          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
-          const __m128i parts[4] = {_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1),
-                                    _mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)};
-          for (int i = 0; i < 4; ++i) {
-            const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(parts[i])),
-                                             sv[i], cv[i]);
-            if constexpr (std::is_same_v<OT, float>) {
-              _mm512_storeu_ps(dst + 16 * i, v);
-            } else {  // round to nearest even, as c10::BFloat16 does (no NaNs here)
-              __m512i u = _mm512_castps_si512(v);
-              u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
-                                   _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-              _mm256_storeu_si256((__m256i*)(dst + 16 * i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+          if constexpr (BLOCK == 64) {
+            const __m256i bytes = _mm256_loadu_si256((const __m256i*)b);
+            const __m256i lo = _mm256_and_si256(bytes, low4);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+            const __m128i parts[4] = {_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1),
+                                      _mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)};
+            for (int i = 0; i < 4; ++i) {
+              const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(parts[i])),
+                                               sv[i], cv[i]);
+              if constexpr (std::is_same_v<OT, float>) {
+                _mm512_storeu_ps(dst + 16 * i, v);
+              } else {  // round to nearest even, as c10::BFloat16 does (no NaNs here)
+                __m512i u = _mm512_castps_si512(v);
+                u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                     _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+                _mm256_storeu_si256((__m256i*)(dst + 16 * i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+              }
             }
+            continue;
           }
-#else
-#pragma omp simd
-          for (int j = 0; j < 32; ++j) {
-            row[j] = static_cast<float>(b[j] & 15) * s[j] + c[j];
-            row[j + 32] = static_cast<float>(b[j] >> 4) * s[j + 32] + c[j + 32];
-          }
-          for (int j = 0; j < kInt4Block; ++j) dst[j] = from_float<OT>(row[j]);
 #endif
+#pragma omp simd
+          for (int j = 0; j < HALF; ++j) {
+            row[j] = static_cast<float>(b[j] & 15) * s[j] + c[j];
+            row[j + HALF] = static_cast<float>(b[j] >> 4) * s[j + HALF] + c[j + HALF];
+          }
+          for (int j = 0; j < BLOCK; ++j) dst[j] = from_float<OT>(row[j]);
         }
       }
   });
+}
+
+template <typename ST, typename OT>
+void int4_dequantize(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros,
+                     int64_t K, int64_t N, int64_t G, int64_t block, at::Tensor& w) {
+  if (block == 64) int4_dequantize<64, ST, OT>(packed, scales, zeros, K, N, G, w);
+  else int4_dequantize<32, ST, OT>(packed, scales, zeros, K, N, G, w);
 }
 
 #if defined(__AVX512BF16__)
@@ -804,25 +814,33 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
                        int64_t group_size, int64_t dense_min_rows) {
   TORCH_CHECK(x.dim() == 2, "x: [M, K]");
   const int64_t M = x.size(0), K = x.size(1), N = scales.numel() / (K / group_size);
-  if (M < dense_min_rows)
-    return at::_weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros);
-  TORCH_CHECK(K % group_size == 0 && N % kInt4Block == 0 && packed.numel() == N * K / 2 &&
-                  packed.scalar_type() == at::kByte && packed.is_contiguous(),
-              "packed: ATen's CPU int4 packing of an [N, K] weight, N a multiple of 64");
-  TORCH_CHECK(scales.is_contiguous() && zeros.is_contiguous() && scales.sizes() == zeros.sizes() &&
-                  scales.scalar_type() == zeros.scalar_type() &&
+  if (M < dense_min_rows) {  // ATen's kernel in its scales' dtype (on CPU bf16: its float32
+    // path is not vectorized), float32 activations rounded for it
+    const auto dtype = scales_and_zeros.scalar_type();
+    if (x.scalar_type() == dtype)
+      return at::_weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros);
+    return at::_weight_int4pack_mm_for_cpu(x.to(dtype), packed, group_size, scales_and_zeros)
+        .to(x.scalar_type());
+  }
+  TORCH_CHECK(scales.dim() == 5 && scales.is_contiguous() && zeros.is_contiguous() &&
+                  scales.sizes() == zeros.sizes() && scales.scalar_type() == zeros.scalar_type() &&
                   (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16),
-              "scales, zeros: contiguous [K / G, N / 64, 2, 32], float32 or bfloat16");
+              "scales, zeros: contiguous [K / G, 1, N / block, 2, block / 2], float32 or bfloat16");
+  const int64_t block = 2 * scales.size(4);
+  TORCH_CHECK(block == 64 || block == 32, "ATen's CPU int4 packing has blocks of 64 or 32 rows");
+  TORCH_CHECK(K % group_size == 0 && N % block == 0 && packed.numel() == N * K / 2 &&
+                  packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "packed: ATen's CPU int4 packing of an [N, K] weight, N a multiple of the block");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "x: float32 or bfloat16");
   const bool bf16_params = scales.scalar_type() == at::kBFloat16;
   auto w = at::empty({K, N}, x.options());
   if (x.scalar_type() == at::kBFloat16) {
-    if (bf16_params) int4_dequantize<c10::BFloat16, c10::BFloat16>(packed, scales, zeros, K, N, group_size, w);
-    else int4_dequantize<float, c10::BFloat16>(packed, scales, zeros, K, N, group_size, w);
+    if (bf16_params) int4_dequantize<c10::BFloat16, c10::BFloat16>(packed, scales, zeros, K, N, group_size, block, w);
+    else int4_dequantize<float, c10::BFloat16>(packed, scales, zeros, K, N, group_size, block, w);
   } else {
-    if (bf16_params) int4_dequantize<c10::BFloat16, float>(packed, scales, zeros, K, N, group_size, w);
-    else int4_dequantize<float, float>(packed, scales, zeros, K, N, group_size, w);
+    if (bf16_params) int4_dequantize<c10::BFloat16, float>(packed, scales, zeros, K, N, group_size, block, w);
+    else int4_dequantize<float, float>(packed, scales, zeros, K, N, group_size, block, w);
   }
   return at::mm(x, w);
 }

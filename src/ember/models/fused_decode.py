@@ -45,7 +45,7 @@ def _projection(m: nn.Module, dtype: torch.dtype, bias_ok: bool = False
     none = torch.empty(0, dtype=dtype)
     if isinstance(m, Int4Linear) and m.tiled:
         return [m.tiles, m.tile_scales, m.tile_zeros, none]
-    if isinstance(m, Int4Linear) and m.dense_for_many_rows and m.scales_and_zeros.dtype == dtype:
+    if isinstance(m, Int4Linear) and m.dense_for_many_rows:
         return [m.weight, m.scales_and_zeros, m.dense_scales, m.dense_zeros]
     if isinstance(m, Int8Linear):
         return [m.weight, m.scales, none, none]

@@ -43,32 +43,46 @@ DENSE_MIN_TOKENS_EAGER = 192
 # dequantize + GEMM up to ~20 rows (the default model's shapes, 2 threads: at 16 rows 8-29%
 # faster, at 24 even to 40% slower, at 32 20-60% slower).
 DENSE_MIN_TOKENS_TILED = 20
-# ATen's CPU packing (AVX512 builds): per block of 64 output rows, K-major, one byte holding
-# rows j (low nibble) and j + 32 (high nibble) of the block at one input column.
-_CPU_BLOCK_N = 64
+# ATen's CPU packing, by the CPU capability ATen dispatches to: output rows in blocks of 64
+# (AVX512) or 32 (AVX2); per block, K-major, one byte holding rows j (low nibble) and
+# j + block / 2 (high nibble) of the block at one input column. Other builds pack otherwise.
+_CPU_BLOCKS_N = (64, 32)
 
 
 @functools.cache
-def cpu_layout_known() -> bool:
-    """Whether this build packs int4 weights as `_dequantize_cpu_packed` reads them (checked
-    on a small matrix: the packing depends on the CPU capability ATen was dispatched to)."""
-    q = torch.randint(0, 16, (_CPU_BLOCK_N, 32), generator=torch.Generator().manual_seed(0))
+def cpu_block_n() -> int | None:
+    """The output rows per block of this build's int4 packing, as `_dequantize_cpu_packed`
+    reads it, or None where it packs otherwise (checked on a small matrix: the packing depends
+    on the CPU capability ATen was dispatched to)."""
+    n = max(_CPU_BLOCKS_N)
+    q = torch.randint(0, 16, (n, 32), generator=torch.Generator().manual_seed(0))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
     if packed.numel() != q.numel() // 2:
-        return False
-    blocks = packed.view(1, 32, 32)  # [N / 64, K, 32]
-    return (torch.equal((blocks & 15)[0].t().int(), q[:32].int())
-            and torch.equal((blocks >> 4)[0].t().int(), q[32:].int()))
+        return None
+    for block in _CPU_BLOCKS_N:
+        half = block // 2
+        blocks = packed.view(n // block, 32, half)  # [N / block, K, block / 2]
+        rows = q.view(n // block, 2, half, 32)
+        if (torch.equal((blocks & 15).transpose(1, 2).int(), rows[:, 0].int())
+                and torch.equal((blocks >> 4).transpose(1, 2).int(), rows[:, 1].int())):
+            return block
+    return None
+
+
+def cpu_layout_known() -> bool:
+    """Whether this build packs int4 weights as `_dequantize_cpu_packed` reads them."""
+    return cpu_block_n() is not None
 
 
 def _dequantize_cpu_packed(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                            k: int, group_size: int) -> torch.Tensor:
-    """The [K, N] transposed weight, in the scales' dtype, from ATen's CPU packing. Written as
-    two nibble halves stacked (not a cat), with the scales and zeros in the blocks' order and
+    """The [K, N] transposed weight, in the scales' dtype, from ATen's CPU packing (the block
+    size read off the scales' [K / G, 1, N / block, 2, block / 2] shape). Written as two
+    nibble halves stacked (not a cat), with the scales and zeros in the blocks' order and
     contiguous, so that Inductor vectorizes it in one pass (strided scales defeat that)."""
-    n = packed.shape[0]
-    nb, g = n // _CPU_BLOCK_N, k // group_size
-    p = packed.view(nb, k, 32).permute(1, 0, 2).reshape(g, group_size, nb, 32)
+    n, half = packed.shape[0], scales.shape[-1]
+    nb, g = n // (2 * half), k // group_size
+    p = packed.view(nb, k, half).permute(1, 0, 2).reshape(g, group_size, nb, half)
     lo = ((p & 15).to(scales.dtype) - 8) * scales[:, :, :, 0] + zeros[:, :, :, 0]
     hi = ((p >> 4).to(scales.dtype) - 8) * scales[:, :, :, 1] + zeros[:, :, :, 1]
     return torch.stack([lo, hi], dim=3).view(k, n)
@@ -89,10 +103,11 @@ def tile_codes(q: torch.Tensor) -> torch.Tensor:
     return (lo | hi << 4).permute(1, 2, 0).contiguous()
 
 
-def _blocked(t: torch.Tensor) -> torch.Tensor:
-    """[N, K / G] per-row group values -> [K / G, 1, N / 64, 2, 32], the blocks' order."""
+def _blocked(t: torch.Tensor, block: int) -> torch.Tensor:
+    """[N, K / G] per-row group values -> [K / G, 1, N / block, 2, block / 2], the blocks'
+    order."""
     n, g = t.shape
-    return t.t().reshape(g, 1, n // _CPU_BLOCK_N, 2, 32).contiguous()
+    return t.t().reshape(g, 1, n // block, 2, block // 2).contiguous()
 
 
 @dataclass
@@ -170,11 +185,11 @@ class Int4Linear(nn.Module):
         sz = torch.stack([w.scale, w.zero], dim=-1).transpose(0, 1).contiguous()
         aten_dtype = torch.bfloat16 if device.type == "cpu" else dtype
         self.register_buffer("scales_and_zeros", sz.to(device=device, dtype=aten_dtype))
-        self.dense_for_many_rows = (device.type == "cpu" and w.out_features % _CPU_BLOCK_N == 0
-                                    and cpu_layout_known())
+        block = cpu_block_n() if device.type == "cpu" else None
+        self.dense_for_many_rows = block is not None and w.out_features % block == 0
         if self.dense_for_many_rows:  # a second copy of the scales (1/8 byte per weight)
-            self.register_buffer("dense_scales", _blocked(w.scale).to(dtype))
-            self.register_buffer("dense_zeros", _blocked(w.zero).to(dtype))
+            self.register_buffer("dense_scales", _blocked(w.scale, block).to(dtype))
+            self.register_buffer("dense_zeros", _blocked(w.zero, block).to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -184,10 +199,10 @@ class Int4Linear(nn.Module):
             y = torch.ops.ember_cpu.int4_tiled_linear(x, self.tiles, self.tile_scales,
                                                       self.tile_zeros, self.group_size,
                                                       DENSE_MIN_TOKENS_TILED)
-        elif (self.dense_for_many_rows and kernels.available(x.device)
-              and x.dtype == self.scales_and_zeros.dtype):
+        elif self.dense_for_many_rows and kernels.available(x.device):
             # ember's op picks its path by the row count inside, so under torch.compile one
-            # graph serves every batch of 2 or more tokens.
+            # graph serves every batch of 2 or more tokens (float32 activations: rounded to
+            # bf16 for ATen's kernel there, as below).
             y = torch.ops.ember_cpu.int4_linear(x, self.weight, self.dense_scales,
                                                 self.dense_zeros, self.scales_and_zeros,
                                                 self.group_size, DENSE_MIN_TOKENS)
