@@ -321,7 +321,7 @@ def test_disconnects_free_the_engine(server, client, model):
 
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(drop_after_two_chunks, range(8), timeout=120)) == [2] * 8
-    deadline = time.monotonic() + 2.0
+    deadline = time.monotonic() + 10.0  # a few engine steps on a slow, loaded CPU
     while True:
         m = server.metrics()
         idle = (m['ember:num_requests_running{model_name="%s"}' % model] == 0
@@ -330,7 +330,7 @@ def test_disconnects_free_the_engine(server, client, model):
         if idle or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    assert idle, "the engine still holds the dropped requests 2 s after the disconnects"
+    assert idle, "the engine still holds the dropped requests 10 s after the disconnects"
     aborted = server.metric("ember:request_aborted_total")
     assert aborted - aborted_before == 8
     # A client that leaves is no success.

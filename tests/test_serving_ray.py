@@ -100,7 +100,7 @@ def test_openai_client_chats_and_streams(replicas):
 
 
 def test_shared_prefix_stays_on_one_replica(replicas):
-    system = _text(330, seed=1)  # a ~400-token system prompt shared by a conversation's turns
+    system = _text(360, seed=1)  # a ~430-token system prompt shared by a conversation's turns
     served, usage = [], []
     for i in range(5):
         r = _chat(replicas, f"Question {i}: {_text(6, seed=100 + i)}?", system=system)

@@ -229,8 +229,10 @@ class AsyncLLMEngine:
             while True:
                 try:
                     items = await stream.get()
+                except asyncio.CancelledError:
+                    raise  # the consumer is gone: aborted below
                 except BaseException:
-                    finished = True  # the engine has already dropped it
+                    finished = True  # the engine put an error: it has already dropped it
                     raise
                 for item in items:
                     finished = item.finished
