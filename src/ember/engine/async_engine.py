@@ -27,6 +27,7 @@ from ember.errors import EmberError, InvalidRequestError, QueueFullError
 from ember.loading.tokenizer import Tokenizer
 from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
+from ember.structured_output import GrammarCompiler
 
 logger = logging.getLogger("ember")
 
@@ -167,6 +168,11 @@ class AsyncLLMEngine:
     @property
     def tokenizer(self) -> Tokenizer:
         return self._check_available().tokenizer
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Structured outputs' compiler (thread-safe: the server compiles off the loop)."""
+        return self._check_available().grammars
 
     @property
     def max_model_len(self) -> int:

@@ -27,6 +27,7 @@ from ember.errors import InvalidRequestError, QueueFullError
 from ember.loading.loader import open_model, resolve_precision
 from ember.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ember.sampling_params import SamplingParams
+from ember.structured_output import GrammarCompiler, start_step_masks
 
 logger = logging.getLogger("ember")
 
@@ -107,6 +108,7 @@ class LLMEngine:
         num_blocks = self.runner.num_blocks
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         logger.info(
             "KV cache: %d blocks = %d tokens (block size %d, %s); max_model_len %d, "
             "max_num_seqs %d, max_num_batched_tokens %d, prefix caching %s",
@@ -162,6 +164,12 @@ class LLMEngine:
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         if params.prompt_logprobs is not None:
             raise InvalidRequestError("prompt_logprobs is not supported")
+        bad = [t for t in params.logit_bias or () if t >= vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if params.structured_outputs is not None:
+            self.grammars.compile(params.structured_outputs)  # refuses a bad one; cached
         need = self.block_manager.blocks_needed(n + max_tokens)
         if need > self.block_manager.num_blocks:
             raise InvalidRequestError(
@@ -190,6 +198,8 @@ class LLMEngine:
             text, ids = None, list(prompt)
         max_tokens = self.validate_prompt(ids, params)
         eos = () if params.ignore_eos else self.tokenizer.eos_token_ids
+        grammar = (self.grammars.compile(params.structured_outputs)
+                   if params.structured_outputs is not None else None)
         children, detoks = [], []
         for i in range(params.n):
             seed = (
@@ -200,7 +210,7 @@ class LLMEngine:
             child = Request(
                 request_id=request_id if params.n == 1 else f"{request_id}#{i}",
                 prompt_token_ids=ids, params=params, seed=seed, max_tokens=max_tokens,
-                eos_token_ids=eos,
+                eos_token_ids=eos, grammar=grammar.new_matcher() if grammar else None,
             )
             children.append(child)
             detoks.append(IncrementalDetokenizer(
@@ -236,6 +246,8 @@ class LLMEngine:
         if sched.is_empty:
             return []
         self.runner.prepare_blocks(self.block_manager.num_touched_blocks)
+        # Structured outputs: the sampling sequences' grammar masks, computed during the step.
+        start_step_masks(sched.requests, sched.num_scheduled_tokens)
         try:
             result = self.runner.execute(sched)
         except BaseException as e:
@@ -272,6 +284,13 @@ class LLMEngine:
                         req.first_token_time = now
                     req.last_token_time = now
                     self._check_stop(req, parent.detokenizers[index])
+                    if req.grammar is not None:
+                        # Structured outputs: the accepted token advances the grammar (once:
+                        # the matcher counts what it has consumed), and the output ends
+                        # where the grammar does.
+                        req.grammar.advance(req.output_token_ids)
+                        if req.grammar.is_finished and not req.is_finished:
+                            self._finish(req, parent.detokenizers[index], "stop", None)
                 except Exception as e:
                     failed[parent.request_id] = e
         outputs = []

@@ -207,7 +207,8 @@ class ModelRunner:
             banned: list[int] = []
             if len(r.output_token_ids) < p.min_tokens:
                 banned = list(r.eos_token_ids) + list(p.stop_token_ids)
-            rows.append(SamplingRow(p, r.seed, r.prompt_token_ids, r.output_token_ids, banned))
+            rows.append(SamplingRow(p, r.seed, r.prompt_token_ids, r.output_token_ids, banned,
+                                    r.grammar))
         return SamplingMetadata.build(rows, self.model_config.vocab_size, self.device)
 
     # ---- one step -----------------------------------------------------------------------

@@ -38,15 +38,17 @@ from ember.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_SEND_TIMEOUT
 from ember.engine.async_engine import AsyncLLMEngine, EngineUnavailableError, RequestFailedError
 from ember.errors import EmberError, InvalidRequestError, QueueFullError
 from ember.outputs import RequestOutput
-from ember.sampling_params import SamplingParams
+from ember.sampling_params import SamplingParams, StructuredOutputsParams
+from ember.server import tools
 from ember.server.metrics import RequestProgress, ServerMetrics
 from ember.server.protocol import (
     TOKEN_ID_MARK, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     CompletionRequest, CompletionResponse, CompletionStreamResponse, DetokenizeRequest,
-    DetokenizeResponse, ErrorResponse, ModelCard, ModelList, TokenizeChatRequest,
+    DetokenizeResponse, ErrorResponse, ModelCard, ModelList, NamedToolChoice, TokenizeChatRequest,
     TokenizeCompletionRequest, TokenizeResponse,
 )
 from ember.server.serving import ResponseBuilder, sse
+from ember.server.tools import ToolPlan
 
 logger = logging.getLogger("ember.server")
 T = TypeVar("T")
@@ -305,7 +307,9 @@ def build_app(
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
             param = param or loc or None
             msg = err.get("msg")
-            if loc:
+            if err.get("type") == "extra_forbidden":  # no field is silently ignored
+                parts.append(f"unsupported parameter: {loc}")
+            elif loc:
                 parts.append(f"{loc}: {msg}")
             elif err.get("type") == "value_error":  # a check across fields
                 parts.append(str(msg).removeprefix("Value error, "))
@@ -361,11 +365,33 @@ def build_app(
                 f"requested {asked} tokens ({prompt_len} in the {where}, {max_tokens or 0} in "
                 f"the completion). Please reduce the length of the {where} or completion.")
 
-    def render_chat(req: ChatCompletionRequest | TokenizeChatRequest) -> str:
-        messages = [m.to_template_dict() for m in req.messages]
-        text = engine.tokenizer.apply_chat_template(messages, req.add_generation_prompt)
+    def render_chat(req: ChatCompletionRequest | TokenizeChatRequest,
+                    plan: ToolPlan | None = None) -> str:
+        tok = engine.tokenizer
+        fmt = tools.detect_format(tok.chat_template)
+        tool_defs = [t.model_dump(exclude_none=True) for t in getattr(req, "tools", None) or ()]
+        parallel = plan.parallel if plan is not None else True
+        messages = tools.render_messages([m.to_template_dict() for m in req.messages], fmt,
+                                         tool_defs or None, parallel)
+        text = tok.apply_chat_template(messages, req.add_generation_prompt,
+                                       tools=tool_defs if fmt != "generic" else None)
         check_text(text, "messages")
         return text
+
+    def plan_tools(req: ChatCompletionRequest) -> ToolPlan | None:
+        choice = req.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            choice = choice.model_dump()
+        return tools.plan_tools(
+            tools.detect_format(engine.tokenizer.chat_template),
+            [t.model_dump(exclude_none=True) for t in req.tools or ()], choice,
+            bool(req.parallel_tool_calls))
+
+    async def compile_constraint(params: SamplingParams) -> None:
+        """Compile a constraint off the event loop (cached; a bad one is refused here)."""
+        if params.structured_outputs is not None:
+            grammars = engine.grammars
+            await asyncio.to_thread(grammars.compile, params.structured_outputs)
 
     # ---- generation ----------------------------------------------------------------------
     async def tracked(progress: RequestProgress, outputs: AsyncIterator[RequestOutput]
@@ -392,12 +418,14 @@ def build_app(
     async def generate(
         raw: Request, kind: Literal["chat", "completion"],
         req: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int],
-        params: SamplingParams,
+        params: SamplingParams, plan: ToolPlan | None = None, echo: str | None = None,
     ) -> Response:
+        await compile_constraint(params)
         request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         builder = ResponseBuilder(
             kind, request_id, served_model_name, engine.tokenizer, params.logprobs,
-            bool(req.stream_options and req.stream_options.include_usage))
+            bool(req.stream_options and req.stream_options.include_usage),
+            tool_plan=plan, echo=echo)
         outputs = tracked(RequestProgress(request_id, len(prompt_ids)),
                           engine.generate(request_id, prompt_ids, params))
         try:
@@ -440,9 +468,13 @@ def build_app(
               responses=_generation_responses(ChatCompletionResponse, ChatCompletionChunk))
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
         check_model(req.model)
-        ids = engine.tokenizer.encode(render_chat(req), add_special_tokens=False)
+        plan = plan_tools(req)
+        ids = engine.tokenizer.encode(render_chat(req, plan), add_special_tokens=False)
         check_context(len(ids), req.requested_max_tokens(), "messages")
-        return await generate(raw, "chat", req, ids, req.to_sampling_params(None))
+        params = req.to_sampling_params(None)
+        if plan is not None and plan.grammar is not None:
+            params.structured_outputs = StructuredOutputsParams(grammar=plan.grammar)
+        return await generate(raw, "chat", req, ids, params, plan)
 
     @api.post("/v1/completions", response_model=None,
               responses=_generation_responses(CompletionResponse, CompletionStreamResponse))
@@ -453,7 +485,11 @@ def build_app(
             check_text(prompt, "prompt")
         ids = engine.tokenize(prompt)
         check_context(len(ids), req.max_tokens, "prompt")
-        return await generate(raw, "completion", req, ids, req.to_sampling_params(None))
+        echo = None
+        if req.echo:
+            echo = prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt)
+        return await generate(raw, "completion", req, ids, req.to_sampling_params(None),
+                              echo=echo)
 
     # ---- models, tokenizer ---------------------------------------------------------------
     def model_card() -> ModelCard:
