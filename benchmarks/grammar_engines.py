@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -109,7 +110,10 @@ def main() -> None:
     tok_json = tok.backend.to_str()
     doc_ids = tok.encode(json.dumps(EXAMPLE_DOCUMENT, separators=(",", ":")),
                          add_special_tokens=False) + [eos]
-    result = {"cpu": cpu_model(), "vocab_size": vocab, "document_tokens": len(doc_ids),
+    result = {"cpu": cpu_model(), "load_average_at_start": os.getloadavg()[0],
+              "command": "PYTHONPATH=src python benchmarks/grammar_engines.py "
+                         "--xgrammar-path DIR",
+              "vocab_size": vocab, "document_tokens": len(doc_ids),
               "threads": 1, "llguidance": bench_llguidance(tok_json, vocab, eos, doc_ids)}
     if args.xgrammar_path:
         sys.path.insert(0, args.xgrammar_path)
