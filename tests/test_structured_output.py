@@ -162,3 +162,27 @@ def test_engine_constraints_n_seed_and_unconstrained_neighbours(default_llm):
         out = llm.generate("Pick:", SamplingParams(temperature=1.0, seed=2, max_tokens=20,
                                                    structured_outputs=so), use_tqdm=False)
         assert re.fullmatch(pattern, out[0].outputs[0].text)
+
+
+def test_preemption_neither_skips_nor_repeats_grammar_tokens(tiny_llama_dir):
+    """A random tiny model under a KV cache small enough to preempt: each constrained
+    sequence's matcher must end where its tokens do (a token fed twice, or one missed, would
+    be rejected by the grammar), and the outputs equal those of a cache that never preempts."""
+    from ember import LLM
+    from ember.engine.model_runner import kv_bytes_per_block
+
+    so = StructuredOutputsParams(regex="(ab|cd|[0-9]{2}){1,40}")
+    prompts = [[1] + list(range(100 + 7 * i, 130 + 7 * i)) for i in range(12)]
+    params = SamplingParams(temperature=1.0, seed=4, max_tokens=40, structured_outputs=so)
+    big = LLM(model=str(tiny_llama_dir), max_model_len=256, enforce_eager=True)
+    reference = [o.outputs[0].token_ids for o in big.generate(prompts, params, use_tqdm=False)]
+    engine = big.llm_engine
+    per_block = kv_bytes_per_block(engine.model_config, 16, engine.dtype)
+    small = LLM(model=str(tiny_llama_dir), max_model_len=256, enforce_eager=True,
+                kv_cache_memory=16 * per_block)
+    outs = small.generate(prompts, params, use_tqdm=False)
+    assert small.llm_engine.get_stats().num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in outs] == reference
+    for o in outs:
+        # A valid prefix (max_tokens may cut a pair in two).
+        assert re.fullmatch("(ab|cd|[0-9]{2})*(a|c|[0-9])?", o.outputs[0].text)
