@@ -20,7 +20,8 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def server():
-    proc = ServerProcess("--max-model-len", "2048", "--kv-cache-memory", "300000000",
+    proc = ServerProcess("--served-model-name", "default", "--max-model-len", "2048",
+                         "--kv-cache-memory", "300000000",
                          "--max-num-seqs", "16", env=ONE_THREAD)
     yield proc.wait_ready(timeout=900)
     proc.stop()
@@ -104,8 +105,8 @@ def test_structured_outputs_kinds(server):
 
 def test_json_object_and_streamed_json_schema(client):
     r = client.chat.completions.create(
-        model="default", messages=[{"role": "user", "content": "Give a JSON object."}],
-        response_format={"type": "json_object"}, max_tokens=200, temperature=0)
+        model="default", response_format={"type": "json_object"}, max_tokens=200, temperature=0,
+        messages=[{"role": "user", "content": 'Reply with this JSON object: {"answer": 42}'}])
     assert isinstance(json.loads(r.choices[0].message.content), dict)
     schema = Person.model_json_schema()
     stream = client.chat.completions.create(

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ember.structured_output.matcher import prefetch_masks
+
 if TYPE_CHECKING:
     from ember.engine.request import Request
 
@@ -18,9 +20,8 @@ _BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()
 def start_step_masks(requests: list["Request"], num_scheduled_tokens: list[int]) -> None:
     """For every constrained sequence that samples this step (it reaches the end of its
     known tokens), start its mask on the worker thread: it is computed while the model runs."""
-    for req, n in zip(requests, num_scheduled_tokens):
-        if req.grammar is not None and req.num_computed_tokens + n == req.num_tokens:
-            req.grammar.prefetch_mask()
+    prefetch_masks([req.grammar for req, n in zip(requests, num_scheduled_tokens)
+                    if req.grammar is not None and req.num_computed_tokens + n == req.num_tokens])
 
 
 def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:

@@ -32,8 +32,7 @@ class RequestMatcher:
     # ---- the step's mask ---------------------------------------------------------------
     def prefetch_mask(self) -> None:
         """Start computing the next token's mask on the worker thread."""
-        if self._pending is None:
-            self._pending = self._executor.submit(self._fill)
+        prefetch_masks([self])
 
     def _fill(self) -> None:
         llguidance.torch.fill_next_token_bitmask(self._m, self._mask, 0)
@@ -80,3 +79,19 @@ class RequestMatcher:
             raise GrammarRejectedError(f"cannot roll back {num_tokens} tokens: "
                                        f"{self._m.get_error()}")
         self.num_consumed -= num_tokens
+
+
+def prefetch_masks(matchers: list[RequestMatcher]) -> None:
+    """Start the next masks of `matchers` on the worker thread, as one job (a step's
+    constrained rows: one hand-over to the worker, not one per row)."""
+    todo = [m for m in matchers if m._pending is None]
+    if not todo:
+        return
+
+    def fill_all() -> None:
+        for m in todo:
+            m._fill()
+
+    pending = todo[0]._executor.submit(fill_all)
+    for m in todo:
+        m._pending = pending
