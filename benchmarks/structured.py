@@ -39,8 +39,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/structured.json")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--exact", action="store_true",
+                    help="the exactness mode (dense float32) instead of the GGUF default")
     args = ap.parse_args()
-    llm = LLM(max_model_len=2048, max_num_seqs=16)
+    mode = {"quantization": "none", "dtype": "float32"} if args.exact else {}
+    llm = LLM(max_model_len=2048, max_num_seqs=16, **mode)
     tok = llm.get_tokenizer()
     prompts = [tok.encode(tok.apply_chat_template(
         [{"role": "user", "content": f"Describe {who} as a JSON user profile."}]),
@@ -56,6 +59,9 @@ def main() -> None:
     # Warm-up (compilation of the model's graphs, the grammar cache).
     run(llm, prompts[:2], [SamplingParams(temperature=0, max_tokens=8)] * 2)
     result = {"cpu": cpu_model(), "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+              "mode": "exact (dense float32)" if args.exact else "default (GGUF Q4_1)",
+              "command": "PYTHONPATH=src python benchmarks/structured.py"
+                         + (" --exact" if args.exact else ""),
               "load_average_at_start": os.getloadavg()[0],
               "schema_compile_ms": round(compile_ms, 2), "runs": []}
     for streams in (1, 16):
