@@ -11,7 +11,9 @@ import httpx
 import jsonschema_rs
 import openai
 import pytest
-from pydantic import BaseModel
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field
 
 from server_utils import ServerProcess
 
@@ -47,15 +49,17 @@ class Role(str, enum.Enum):
     viewer = "viewer"
 
 
+# Bounded strings and lists: a 135M model can repeat itself at temperature 0; the bounds
+# are part of the schema, so the grammar enforces them.
 class Address(BaseModel):
-    city: str
-    country: str
+    city: str = Field(max_length=40)
+    country: str = Field(max_length=40)
 
 
 class Person(BaseModel):
-    name: str
+    name: str = Field(max_length=40)
     role: Role
-    skills: list[str]
+    skills: list[Annotated[str, Field(max_length=30)]] = Field(max_length=4)
     address: Address
     rating: float
 
@@ -269,7 +273,7 @@ def test_pydantic_ai_agent_loop(server):
     agent = Agent(OpenAIChatModel("default", provider=provider), model_settings=settings)
 
     @agent.tool_plain
-    def get_weather(city: str) -> str:
+    def get_weather(city: Annotated[str, Field(max_length=40)]) -> str:
         """Get the current weather in a city."""
         calls.append(city)
         return f"It is sunny and 21 degrees in {city}."
@@ -288,7 +292,11 @@ def test_langchain_bind_tools_and_structured_output(server):
     llm = ChatOpenAI(model="default", base_url=f"{server.url}/v1", api_key="unused",
                      temperature=0, max_tokens=300, max_retries=0)
 
-    @tool
+    class WeatherArgs(BaseModel):
+        city: str = Field(max_length=40)
+        unit: Literal["celsius", "fahrenheit"]
+
+    @tool(args_schema=WeatherArgs)
     def get_weather(city: str, unit: str) -> str:
         """Get the current weather in a city, in celsius or fahrenheit."""
         return "sunny"
