@@ -80,6 +80,26 @@ def test_parallel_calls_only_when_allowed(compiler):
 
 
 @pytest.mark.parametrize("fmt", list(CALL_TEXT))
+def test_parallel_calls_are_bounded(compiler, fmt):
+    """MAX_PARALLEL_CALLS calls end the answer: one more is refused."""
+    one = CALL_TEXT[fmt]
+    if fmt == "generic":
+        call = one[len('{"tool_calls":['):-len(']}')]
+        many = lambda k: '{"tool_calls":[' + ",".join([call] * k) + "]}"  # noqa: E731
+    elif fmt == "mistral":
+        call = one[len("[TOOL_CALLS]["):-1]
+        many = lambda k: "[TOOL_CALLS][" + ",".join([call] * k) + "]"  # noqa: E731
+    elif fmt == "hermes":
+        many = lambda k: "\n".join([one] * k)  # noqa: E731
+    else:
+        many = lambda k: "; ".join([one] * k)  # noqa: E731
+    grammar = tools.tool_grammar(fmt, TOOLS, True, parallel=True)
+    assert accepts(compiler, grammar, many(2))
+    assert accepts(compiler, grammar, many(tools.MAX_PARALLEL_CALLS))
+    assert not accepts(compiler, grammar, many(tools.MAX_PARALLEL_CALLS + 1))
+
+
+@pytest.mark.parametrize("fmt", list(CALL_TEXT))
 def test_parse_whole_and_every_prefix(fmt):
     text = CALL_TEXT[fmt]
     parsed = tools.parse_output(fmt, text)

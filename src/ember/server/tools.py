@@ -105,6 +105,11 @@ def _loads_or_str(arguments: Any) -> Any:
 
 
 # ---- grammars -------------------------------------------------------------------------------
+# With parallel_tool_calls, an answer holds at most this many calls: an unbounded list lets a
+# model that repeats itself call on until max_tokens, and the answer never ends as calls.
+MAX_PARALLEL_CALLS = 8
+
+
 def _call_schema(tool: dict[str, Any], args_key: str) -> dict[str, Any]:
     fn = tool["function"]
     params = fn.get("parameters") or {"type": "object", "properties": {}}
@@ -127,9 +132,7 @@ def tool_grammar(fmt: ToolFormat, tools: list[dict[str, Any]], required: bool,
     free text that, once a call starts, must be a valid call."""
     if fmt == "generic":
         calls = {"type": "array", "items": _one_of([_call_schema(t, "arguments") for t in tools]),
-                 "minItems": 1}
-        if not parallel:
-            calls["maxItems"] = 1
+                 "minItems": 1, "maxItems": MAX_PARALLEL_CALLS if parallel else 1}
         body = _json({"type": "object", "properties": {"tool_calls": calls},
                       "required": ["tool_calls"], "additionalProperties": False})
         # Text must not start with "{": a leading brace is the start of a call.
@@ -137,9 +140,8 @@ def tool_grammar(fmt: ToolFormat, tools: list[dict[str, Any]], required: bool,
             f"start: TEXT | calls\nTEXT: /[^{{\\s](.|\\n)*/\ncalls: {body}\n"
     if fmt == "mistral":
         items = _one_of([_call_schema(t, "arguments") for t in tools])
-        array = {"type": "array", "items": items, "minItems": 1}
-        if not parallel:
-            array["maxItems"] = 1
+        array = {"type": "array", "items": items, "minItems": 1,
+                 "maxItems": MAX_PARALLEL_CALLS if parallel else 1}
         trigger, calls = '"[TOOL_CALLS]"', f"calls: {_json(array)}"
         rule = "start: trigger calls"
     else:
@@ -153,7 +155,8 @@ def tool_grammar(fmt: ToolFormat, tools: list[dict[str, Any]], required: bool,
             trigger = '"{"'  # llama3_json: a call is a bare object, text never starts with "{"
             call = f"call: {one}"
             sep = '"; "'
-        calls = f"{call}\ncalls: call ({sep} call)*" if parallel else f"{call}\ncalls: call"
+        more = f"({sep} call){{0,{MAX_PARALLEL_CALLS - 1}}}" if parallel else ""
+        calls = f"{call}\ncalls: call {more}"
         rule = "start: trigger calls" if fmt == "hermes" else "start: calls"
     if required:
         return f"{rule}\ntrigger: {trigger}\n{calls}\n"
