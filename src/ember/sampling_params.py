@@ -7,8 +7,9 @@ so the server can answer 400 with a message the client can act on.
 from __future__ import annotations
 
 import enum
+import json
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from ember.errors import InvalidRequestError
@@ -32,6 +33,54 @@ def _is_real(value: Any) -> bool:
 
 
 @dataclass
+class StructuredOutputsParams:
+    """What the output must match (vLLM's `StructuredOutputsParams`): exactly one of a JSON
+    schema (a dict or its JSON text), a regular expression, a list of choices, a grammar
+    (Lark, as llguidance extends it, or llama.cpp's GBNF), or any JSON object."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        set_ = [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
+        if len(set_) != 1:
+            raise InvalidRequestError(
+                "structured outputs need exactly one of json, regex, choice, grammar, "
+                f"json_object; got {', '.join(set_) or 'none'}")
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as e:
+                raise InvalidRequestError(f"invalid JSON schema: not JSON ({e})") from None
+        if self.json is not None and not isinstance(self.json, (dict, bool)):
+            raise InvalidRequestError(
+                f"invalid JSON schema: a schema is an object, got {type(self.json).__name__}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise InvalidRequestError(f"structured outputs' {name} must be a non-empty string")
+        if self.choice is not None and (
+                not isinstance(self.choice, (list, tuple)) or not self.choice
+                or not all(isinstance(c, str) and c for c in self.choice)):
+            raise InvalidRequestError(
+                "structured outputs' choice must be a non-empty list of non-empty strings")
+        if self.json_object is not None and not isinstance(self.json_object, bool):
+            raise InvalidRequestError("structured outputs' json_object must be a boolean")
+
+    @property
+    def kind(self) -> str:
+        return next(f.name for f in fields(self) if getattr(self, f.name) not in (None, False))
+
+    def cache_key(self) -> str:
+        """One string per distinct constraint: compiled grammars are cached under it."""
+        value = getattr(self, self.kind)
+        return self.kind + ":" + json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+@dataclass
 class SamplingParams:
     MAX_LOGPROBS: ClassVar[int] = 20
     MAX_STOP: ClassVar[int] = 64  # stop strings, and stop token ids: each is checked per token
@@ -40,6 +89,7 @@ class SamplingParams:
     MAX_TEMPERATURE: ClassVar[float] = 100.0
     MAX_REPETITION_PENALTY: ClassVar[float] = 100.0
     MAX_STOP_CHARS: ClassVar[int] = 1024
+    MAX_LOGIT_BIAS: ClassVar[int] = 300  # OpenAI's limit
 
     n: int = 1
     presence_penalty: float = 0.0
@@ -59,6 +109,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self._check_int("n", lo=1)
@@ -89,6 +141,15 @@ class SamplingParams:
                 self._check_int(name, lo=0, hi=self.MAX_LOGPROBS)
         self.stop = self._normalise_stop(self.stop)
         self.stop_token_ids = self._normalise_stop_token_ids(self.stop_token_ids)
+        self.logit_bias = self._normalise_logit_bias(self.logit_bias)
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise InvalidRequestError(
+                    "structured_outputs must be a StructuredOutputsParams, got "
+                    f"{type(self.structured_outputs).__name__}")
+            if self.min_tokens:
+                # The grammar decides where the output ends: a ban on EOS could leave no token.
+                raise InvalidRequestError("min_tokens cannot be combined with structured outputs")
         if self.is_greedy:
             # As in vLLM: the filters cannot change an argmax, so drop them (and their cost).
             self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
@@ -158,6 +219,29 @@ class SamplingParams:
                     f"stop_token_ids must be non-negative integers, got {t!r}"
                 )
         return [int(t) for t in ids]
+
+    @staticmethod
+    def _normalise_logit_bias(bias: Any) -> dict[int, float] | None:
+        if not bias:
+            return None
+        if not isinstance(bias, dict):
+            raise InvalidRequestError(f"logit_bias must map token ids to numbers, got {bias!r}")
+        if len(bias) > SamplingParams.MAX_LOGIT_BIAS:
+            raise InvalidRequestError(f"logit_bias has {len(bias)} entries; at most "
+                                      f"{SamplingParams.MAX_LOGIT_BIAS} are allowed")
+        out = {}
+        for key, value in bias.items():
+            try:
+                token = int(key)  # JSON object keys are strings
+            except (TypeError, ValueError):
+                token = -1
+            if token < 0 or (isinstance(key, str) and not key.isdigit()) or isinstance(key, bool):
+                raise InvalidRequestError(f"logit_bias keys must be token ids, got {key!r}")
+            if not _is_real(value) or not -100.0 <= float(value) <= 100.0:
+                raise InvalidRequestError(
+                    f"logit_bias values must be numbers in [-100, 100], got {value!r}")
+            out[token] = float(value)
+        return out
 
     # ---- derived ------------------------------------------------------------------------
     @property

@@ -3,7 +3,8 @@
 `InputProcessor.process` turns a prompt (text or token ids) and its `SamplingParams` into a
 `ProcessedRequest` the engine accepts without further checks: the prompt is tokenized once,
 its ids are in the vocabulary, prompt plus completion fit the context and the KV cache, and the
-output a request can ask for (n x max_tokens x (logprobs + 1) entries) is bounded. Every refusal
+output a request can ask for (n x max_tokens x (logprobs + 1) entries) is bounded, logit_bias ids
+are in the vocabulary, and a structured-outputs constraint compiles. Every refusal
 is an `InvalidRequestError` (HTTP 400) whose message says what to change.
 
 It only reads the tokenizer and fixed limits, so the server calls it from worker threads, off
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from ember.errors import InvalidRequestError
 from ember.loading.tokenizer import Tokenizer
 from ember.sampling_params import SamplingParams
+from ember.structured_output import CompiledGrammar, GrammarCompiler
 
 # n x max_tokens x (logprobs + 1): the token ids and logprob entries one request may produce.
 # It bounds a request's memory and the work of assembling its output.
@@ -29,12 +31,14 @@ class ProcessedRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     max_tokens: int  # params.max_tokens, or what is left of the context when it is None
+    grammar: CompiledGrammar | None = None  # params.structured_outputs, compiled
 
 
 class InputProcessor:
     def __init__(self, tokenizer: Tokenizer, model_vocab_size: int, max_model_len: int,
-                 num_kv_blocks: int, block_size: int) -> None:
+                 num_kv_blocks: int, block_size: int, grammars: GrammarCompiler) -> None:
         self.tokenizer = tokenizer
+        self.grammars = grammars
         # Token ids below this are valid for both the model and its tokenizer.
         self.vocab_size = min(model_vocab_size, tokenizer.vocab_size)
         self.max_model_len = max_model_len
@@ -92,4 +96,9 @@ class InputProcessor:
                 f"the request may produce n x max_tokens x (logprobs + 1) = {params.n} x "
                 f"{max_tokens} x {(params.logprobs or 0) + 1} = {entries} output entries; at "
                 f"most {MAX_OUTPUT_ENTRIES} are allowed. Lower n, max_tokens or logprobs.")
-        return ProcessedRequest(text, ids, params, max_tokens)
+        # ---- structured outputs: refused here (HTTP 400) rather than failing in the step ----
+        self.check_token_ids(list(params.logit_bias or ()), "logit_bias")
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = self.grammars.compile(params.structured_outputs)  # cached per constraint
+        return ProcessedRequest(text, ids, params, max_tokens, grammar)

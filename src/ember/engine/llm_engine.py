@@ -29,6 +29,7 @@ from ember.errors import InvalidRequestError
 from ember.loading.loader import open_model, resolve_precision
 from ember.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ember.sampling_params import SamplingParams
+from ember.structured_output import GrammarCompiler, start_step_masks
 
 logger = logging.getLogger("ember")
 
@@ -117,9 +118,10 @@ class LLMEngine:
             str(self.dtype).removeprefix("torch."), self.max_model_len, config.max_num_seqs,
             config.max_num_batched_tokens, "on" if config.enable_prefix_caching else "off",
         )
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         self.input_processor = InputProcessor(
             self.tokenizer, self.model_config.vocab_size, self.max_model_len, num_blocks,
-            config.block_size)
+            config.block_size, self.grammars)
         self.token_bytes = TokenBytes(self.tokenizer)
         self.cost = CostMeter(CostRates.from_config(config), self.device)
         self._rng = engine_rng(config.seed)
@@ -177,6 +179,7 @@ class LLMEngine:
                 request_id=request_id if params.n == 1 else f"{request_id}#{i}",
                 prompt_token_ids=ids, params=params, seed=seed, max_tokens=processed.max_tokens,
                 eos_token_ids=eos,
+                grammar=processed.grammar.new_matcher() if processed.grammar else None,
             )
             children.append(child)
             detoks.append(IncrementalDetokenizer(
@@ -214,6 +217,8 @@ class LLMEngine:
         if sched.is_empty:
             return []
         scheduled = [(self.scheduler.requests[r], n) for r, n in sched.num_scheduled_tokens.items()]
+        # Structured outputs: the sampling sequences' grammar masks, computed during the step.
+        start_step_masks(scheduled)
         try:
             result = self.runner.execute(sched)
         except BaseException as e:
@@ -261,10 +266,14 @@ class LLMEngine:
         """What this step added to one sequence: tokens, text (stop strings checked) and
         logprobs."""
         req, detok = parent.children[index], parent.detokenizers[index]
+        if co.error is not None:
+            raise co.error
         text_ids = co.new_token_ids
-        if (co.finish_reason == "stop" and not isinstance(co.stop_reason, str)
-                and not req.params.include_stop_str_in_output):
-            text_ids = text_ids[:-1]  # as vLLM: an EOS or stop token's text is not output
+        # As vLLM: an EOS or stop token's text is not output (the token that completes a
+        # structured output's grammar, also a "stop", is).
+        if (co.finish_reason == "stop" and text_ids and not req.params.include_stop_str_in_output
+                and (text_ids[-1] in req.eos_token_ids or text_ids[-1] == co.stop_reason)):
+            text_ids = text_ids[:-1]
         text, stop_str = detok.add_tokens(text_ids) if text_ids else ("", None)
         finish, stop = co.finish_reason, co.stop_reason
         if stop_str is not None:

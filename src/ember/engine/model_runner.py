@@ -31,6 +31,7 @@ from ember.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from ember.distributed.parallel_state import TensorParallelGroup
+    from ember.structured_output.matcher import RequestMatcher
 
 logger = logging.getLogger("ember")
 
@@ -49,6 +50,7 @@ class CachedRequestState:
     eos_token_ids: tuple[int, ...]
     block_table: list[int]
     num_computed_tokens: int
+    grammar: "RequestMatcher | None" = None  # structured outputs (NewRequestData.grammar)
     num_prompt_tokens: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -192,7 +194,7 @@ class ModelRunner:
         for new in sched.scheduled_new_reqs:
             self.requests[new.req_id] = CachedRequestState(
                 new.req_id, new.prompt_token_ids, new.output_token_ids, new.params, new.seed,
-                new.eos_token_ids, new.block_ids, new.num_computed_tokens)
+                new.eos_token_ids, new.block_ids, new.num_computed_tokens, new.grammar)
         for cached in sched.scheduled_cached_reqs:
             state = self.requests[cached.req_id]
             state.block_table.extend(cached.new_block_ids)
@@ -256,7 +258,8 @@ class ModelRunner:
             banned: list[int] = []
             if len(r.output_token_ids) < p.min_tokens:
                 banned = list(r.eos_token_ids) + list(p.stop_token_ids)
-            rows.append(SamplingRow(p, r.seed, r.prompt_token_ids, r.output_token_ids, banned))
+            rows.append(SamplingRow(p, r.seed, r.prompt_token_ids, r.output_token_ids, banned,
+                                    r.grammar))
         return SamplingMetadata.build(rows, self.model_config.vocab_size, self.device)
 
     # ---- one step -----------------------------------------------------------------------

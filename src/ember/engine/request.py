@@ -5,9 +5,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ember.engine.cost import RequestUsage
 from ember.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from ember.structured_output.matcher import RequestMatcher
 
 
 class RequestStatus(enum.Enum):
@@ -24,6 +28,7 @@ class Request:
     seed: int  # every request samples from its own counter-based noise stream
     max_tokens: int  # params.max_tokens, capped by the context that is left
     eos_token_ids: tuple[int, ...] = ()
+    grammar: "RequestMatcher | None" = None  # structured outputs: this sequence's matcher
     arrival_time: float = field(default_factory=time.monotonic)
 
     output_token_ids: list[int] = field(default_factory=list)

@@ -12,7 +12,8 @@ The scheduler talks to the model runner in typed messages, never live `Request` 
 request only the first time the runner sees it), the runner answers with a
 `ModelRunnerOutput` (request ids, sampled tokens, logprobs), and `update_from_output` appends
 the tokens, applies the stop rules that need no text (EOS, stop token ids, min_tokens,
-max_tokens) and frees finished requests. Stop strings need text: the engine checks them and
+max_tokens), advances a constrained sequence's grammar (finishing it where the grammar
+ends) and frees finished requests. Stop strings need text: the engine checks them and
 calls `finish_requests`.
 """
 
@@ -22,11 +23,15 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ember.config import EngineConfig
 from ember.engine.block_manager import BlockManager
 from ember.engine.request import Request, RequestStatus
 from ember.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from ember.structured_output.matcher import RequestMatcher
 
 logger = logging.getLogger("ember")
 
@@ -43,12 +48,15 @@ class NewRequestData:
     eos_token_ids: tuple[int, ...]
     block_ids: list[int]
     num_computed_tokens: int  # prefix-cache hits
+    # Structured outputs: the sequence's matcher, shared with the engine's Request (the runner
+    # that samples is in-process: rank 0); its state follows the scheduler's accepted tokens.
+    grammar: "RequestMatcher | None" = None
 
     @classmethod
     def from_request(cls, req: Request) -> "NewRequestData":
         return cls(req.request_id, req.prompt_token_ids, list(req.output_token_ids),
                    req.params, req.seed, req.eos_token_ids, list(req.block_table),
-                   req.num_computed_tokens)
+                   req.num_computed_tokens, req.grammar)
 
 
 @dataclass
@@ -102,6 +110,7 @@ class EngineCoreOutput:
     new_top_logprobs: list[tuple[list[int], list[float]]] | None  # when params.logprobs is set
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    error: Exception | None = None  # this request alone failed (the engine aborts it)
 
 
 class Scheduler:
@@ -200,11 +209,21 @@ class Scheduler:
                 accepted.append(token)
                 if self._check_stop(req, token):
                     break
+            error = None
+            if req.grammar is not None:
+                # Structured outputs: the accepted tokens advance the grammar (once: the
+                # matcher counts what it has consumed); the output ends where it does.
+                try:
+                    req.grammar.advance(req.output_token_ids)
+                    if req.grammar.is_finished and not req.is_finished:
+                        self._finish(req, "stop", None)
+                except Exception as e:
+                    error = e
             req.cumulative_logprob += sum(new_lps[: len(accepted)])
             outputs.append(EngineCoreOutput(
                 req_id, accepted, new_lps[: len(accepted)],
                 top[: len(accepted)] if top is not None else None,
-                req.finish_reason, req.stop_reason))
+                req.finish_reason, req.stop_reason, error))
         return outputs
 
     def _check_stop(self, req: Request, token: int) -> bool:

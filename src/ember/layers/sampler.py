@@ -1,6 +1,7 @@
 """A batched, vectorised sampler with per-request reproducible noise.
 
-Order of processing (vLLM's): banned ids -> repetition penalty -> frequency/presence penalties
+Order of processing (vLLM's): logit bias and grammar masks (structured outputs; before the
+fused greedy path too) -> banned ids -> repetition penalty -> frequency/presence penalties
 -> (greedy rows: argmax) -> temperature -> top-k -> top-p -> min-p -> sample.
 
 Sampling uses the exponential race `argmax(probs / E)`, E ~ Exp(1), which picks token i with
@@ -11,12 +12,17 @@ sample depends only on its own logits, seed and position: never on the batch aro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from ember import kernels
 from ember.sampling_params import SamplingParams
+from ember.structured_output.bitmask import apply_token_bitmask
+
+if TYPE_CHECKING:
+    from ember.structured_output.matcher import RequestMatcher
 
 _SAMPLING_EPS = 1e-5
 _MASK32 = 0xFFFFFFFF
@@ -29,6 +35,7 @@ class SamplingRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     banned_token_ids: list[int]  # masked this step (EOS + stop_token_ids while < min_tokens)
+    grammar: "RequestMatcher | None" = None  # structured outputs: the sequence's matcher
 
 
 @dataclass
@@ -52,6 +59,10 @@ class SamplingMetadata:
     # Every row greedy without penalties, bans or logprobs, on a device with ember's greedy
     # kernel: the sampler needs none of the tensors above, and they are left empty.
     plain_greedy: bool = False
+    # Applied to the raw logits before anything else (the greedy kernel included):
+    logit_bias: Tensor | None = None  # [B, V] float32, where some row has a logit_bias
+    grammar_rows: Tensor | None = None  # [R] int64: the constrained rows
+    grammar_bitmask: Tensor | None = None  # [R, ceil(V / 32)] int32: their allowed tokens
 
     @classmethod
     def build(
@@ -69,6 +80,7 @@ class SamplingMetadata:
             width = max(1, max(len(ids) for ids in lists))
             return ints([ids + [vocab_size] * (width - len(ids)) for ids in lists])
 
+        constraints = _constraints(rows, vocab_size, device)
         random_params = [p for p in params if not p.is_greedy]
         any_repetition = any(p.repetition_penalty != 1.0 for p in params)
         no_penalties = not any_repetition and all(
@@ -86,7 +98,7 @@ class SamplingMetadata:
                                       "presence_penalty", "seeds", "positions")},
                 prompt_token_ids=None, output_token_ids=None, banned_token_ids=None,
                 max_num_logprobs=0, all_greedy=True, no_penalties=True,
-                no_top_p_top_k_min_p=True, plain_greedy=True)
+                no_top_p_top_k_min_p=True, plain_greedy=True, **constraints)
         return cls(
             temperature=floats([0.0 if p.is_greedy else p.temperature for p in params]),
             top_p=floats([p.top_p for p in params]),
@@ -111,7 +123,29 @@ class SamplingMetadata:
                 p.top_p == 1.0 and (p.top_k == 0 or p.top_k >= vocab_size) and p.min_p == 0.0
                 for p in random_params
             ),
+            **constraints,
         )
+
+
+def _constraints(rows: list[SamplingRow], vocab_size: int,
+                 device: torch.device | str) -> dict[str, Tensor | None]:
+    """The logit bias and grammar fields of SamplingMetadata. Waiting for the constrained
+    rows' masks happens here: they were started before the forward pass."""
+    out: dict[str, Tensor | None] = {}
+    biased = [(i, r.params.logit_bias) for i, r in enumerate(rows) if r.params.logit_bias]
+    if biased:
+        bias = torch.zeros(len(rows), vocab_size, dtype=torch.float32)
+        for i, entries in biased:
+            ids = torch.tensor([t for t in entries if t < vocab_size], dtype=torch.long)
+            vals = torch.tensor([v for t, v in entries.items() if t < vocab_size])
+            bias[i, ids] = vals
+        out["logit_bias"] = bias.to(device)
+    constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
+    if constrained:
+        out["grammar_rows"] = torch.tensor(constrained, dtype=torch.long, device=device)
+        out["grammar_bitmask"] = torch.stack(
+            [rows[i].grammar.mask() for i in constrained])  # type: ignore[union-attr]
+    return out
 
 
 @dataclass
@@ -230,8 +264,21 @@ def _argmax(x: Tensor) -> Tensor:
 
 
 # ---- the sampler --------------------------------------------------------------------------
+def apply_logit_constraints(logits: Tensor, meta: SamplingMetadata) -> Tensor:
+    """Logit bias, then the grammar masks of the constrained rows (unconstrained rows are
+    untouched, so they sample as they would alone)."""
+    if meta.logit_bias is not None:
+        logits = logits.float() + meta.logit_bias
+    if meta.grammar_rows is not None:
+        assert meta.grammar_bitmask is not None
+        apply_token_bitmask(logits, meta.grammar_rows, meta.grammar_bitmask)
+    return logits
+
+
 class Sampler(nn.Module):
     def forward(self, logits: Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        # ---- structured outputs: the step's grammar masks are applied here --------------
+        logits = apply_logit_constraints(logits, meta)
         if meta.plain_greedy:
             # Plain greedy (a benchmark's, a deterministic client's): the argmax and its
             # logprob in one kernel, ~20 µs a row instead of ~300 µs of the general path.

@@ -95,8 +95,10 @@ class Tokenizer:
 
     # ---- chat ---------------------------------------------------------------------------
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
+        """`tools`: OpenAI tool definitions, for templates that render them."""
         if not self.chat_template:
             raise InvalidRequestError("this model has no chat template; use a plain prompt")
         if not messages:
@@ -115,6 +117,7 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=bos or "",
                 eos_token=eos or "",
+                **({"tools": tools} if tools else {}),
             )
         except jinja2.TemplateError as e:
             raise InvalidRequestError(f"chat template failed: {e}") from e

@@ -39,16 +39,19 @@ from ember.engine.async_engine import AsyncLLMEngine, EngineUnavailableError, Re
 from ember.engine.input_processor import ProcessedRequest
 from ember.errors import EmberError, InvalidRequestError, QueueFullError
 from ember.outputs import RequestOutput, merge_outputs
+from ember.sampling_params import StructuredOutputsParams
+from ember.server import tools
 from ember.server.cost import cost_comment, cost_headers
 from ember.server.metrics import RequestProgress, ServerMetrics
 from ember.server.page import PAGE_PATHS, add_page
 from ember.server.protocol import (
     TOKEN_ID_MARK, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     CompletionRequest, CompletionResponse, CompletionStreamResponse, DetokenizeRequest,
-    DetokenizeResponse, ErrorResponse, ModelCard, ModelList, TokenizeChatRequest,
+    DetokenizeResponse, ErrorResponse, ModelCard, ModelList, NamedToolChoice, TokenizeChatRequest,
     TokenizeCompletionRequest, TokenizeResponse,
 )
 from ember.server.serving import ResponseBuilder, sse
+from ember.server.tools import ToolPlan
 
 logger = logging.getLogger("ember.server")
 T = TypeVar("T")
@@ -308,7 +311,9 @@ def build_app(
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
             param = param or loc or None
             msg = err.get("msg")
-            if loc:
+            if err.get("type") == "extra_forbidden":  # no field is silently ignored
+                parts.append(f"unsupported parameter: {loc}")
+            elif loc:
                 parts.append(f"{loc}: {msg}")
             elif err.get("type") == "value_error":  # a check across fields
                 parts.append(str(msg).removeprefix("Value error, "))
@@ -348,12 +353,29 @@ def build_app(
         if name is not None and name != served_model_name:
             raise APIError(404, f"The model `{name}` does not exist.", "model_not_found", "model")
 
-    def render_chat(req: ChatCompletionRequest | TokenizeChatRequest) -> str:
-        """The conversation as the prompt text (call it off the event loop)."""
-        messages = [m.to_template_dict() for m in req.messages]
-        text = engine.tokenizer.apply_chat_template(messages, req.add_generation_prompt)
+    def render_chat(req: ChatCompletionRequest | TokenizeChatRequest,
+                    plan: ToolPlan | None = None) -> str:
+        """The conversation as the prompt text, its tools rendered (call it off the event
+        loop)."""
+        tok = engine.tokenizer
+        fmt = tools.detect_format(tok.chat_template)
+        tool_defs = [t.model_dump(exclude_none=True) for t in getattr(req, "tools", None) or ()]
+        parallel = plan.parallel if plan is not None else True
+        messages = tools.render_messages([m.to_template_dict() for m in req.messages], fmt,
+                                         tool_defs or None, parallel)
+        text = tok.apply_chat_template(messages, req.add_generation_prompt,
+                                       tools=tool_defs if fmt != "generic" else None)
         engine.input_processor.check_text(text, "messages")
         return text
+
+    def plan_tools(req: ChatCompletionRequest) -> ToolPlan | None:
+        choice = req.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            choice = choice.model_dump()
+        return tools.plan_tools(
+            tools.detect_format(engine.tokenizer.chat_template),
+            [t.model_dump(exclude_none=True) for t in req.tools or ()], choice,
+            bool(req.parallel_tool_calls))
 
     # ---- generation ----------------------------------------------------------------------
     async def tracked(progress: RequestProgress, outputs: AsyncIterator[RequestOutput]
@@ -380,12 +402,14 @@ def build_app(
     async def generate(
         raw: Request, kind: Literal["chat", "completion"],
         req: ChatCompletionRequest | CompletionRequest, request: ProcessedRequest,
+        plan: ToolPlan | None = None, echo: str | None = None,
     ) -> Response:
         request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         params = request.params
         builder = ResponseBuilder(
             kind, request_id, served_model_name, engine.token_bytes, params.logprobs,
-            bool(req.stream_options and req.stream_options.include_usage))
+            bool(req.stream_options and req.stream_options.include_usage),
+            tool_plan=plan, echo=echo)
         outputs = tracked(RequestProgress(request_id, len(request.prompt_token_ids)),
                           engine.generate(request_id, request))
         try:
@@ -432,21 +456,28 @@ def build_app(
               responses=_generation_responses(ChatCompletionResponse, ChatCompletionChunk))
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
         check_model(req.model)
+        plan = plan_tools(req)
         params = req.to_sampling_params(None)
+        if plan is not None and plan.grammar is not None:
+            params.structured_outputs = StructuredOutputsParams(grammar=plan.grammar)
 
         def process() -> ProcessedRequest:
-            ids = engine.tokenizer.encode(render_chat(req), add_special_tokens=False)
+            ids = engine.tokenizer.encode(render_chat(req, plan), add_special_tokens=False)
             return engine.input_processor.process(ids, params, "messages")
 
-        return await generate(raw, "chat", req, await asyncio.to_thread(process))
+        return await generate(raw, "chat", req, await asyncio.to_thread(process), plan)
 
     @api.post("/v1/completions", response_model=None,
               responses=_generation_responses(CompletionResponse, CompletionStreamResponse))
     async def completions(req: CompletionRequest, raw: Request) -> Response:
         check_model(req.model)
-        request = await asyncio.to_thread(engine.input_processor.process, req.prompt_input(),
+        prompt = req.prompt_input()
+        request = await asyncio.to_thread(engine.input_processor.process, prompt,
                                           req.to_sampling_params(None))
-        return await generate(raw, "completion", req, request)
+        echo = None
+        if req.echo:
+            echo = prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt)
+        return await generate(raw, "completion", req, request, echo=echo)
 
     # ---- models, tokenizer ---------------------------------------------------------------
     def model_card() -> ModelCard:

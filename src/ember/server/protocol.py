@@ -1,6 +1,10 @@
 """The OpenAI API's request and response bodies (plus vLLM's sampling extras), as pydantic
 models. The constraints mirror `SamplingParams`' checks, so the OpenAPI schema says exactly
-what the server accepts."""
+what the server accepts.
+
+No field is silently ignored: a field the models do not declare is refused (HTTP 400
+`unsupported parameter: <name>`), except those of `IGNORED_FIELDS`, which change nothing
+about the answer."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from ember.sampling_params import SamplingParams
+from ember.sampling_params import SamplingParams, StructuredOutputsParams
 
 MAX_N = 128  # OpenAI's limit on choices per request
 MAX_STOP = SamplingParams.MAX_STOP
@@ -53,7 +57,9 @@ def _has_lone_surrogate(value: Any) -> bool:
 class _Request(BaseModel):
     # NaN and infinity are not JSON, but Python's json module accepts them.
     # Strict: "1" is not an integer, nor "true" a boolean, as the schema says.
-    model_config = ConfigDict(allow_inf_nan=False, strict=True)
+    # Forbid: a field ember does not implement is refused by name, never dropped.
+    model_config = ConfigDict(allow_inf_nan=False, strict=True, extra="forbid",
+                              populate_by_name=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -65,6 +71,26 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+
+
+class StructuredOutputsRequest(_Request):
+    """vLLM's `structured_outputs`: exactly one constraint."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="a JSON schema")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = Field(None, description="Lark (llguidance's dialect) or GBNF")
+    json_object: bool | None = None
+
+    def to_params(self) -> StructuredOutputsParams:
+        return StructuredOutputsParams(json=self.json_, regex=self.regex, choice=self.choice,
+                                       grammar=self.grammar, json_object=self.json_object)
+
+
+# Fields accepted and ignored because they change nothing about the answer (OpenAI's
+# bookkeeping and routing hints). `store` only when false: ember stores nothing.
+IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "prompt_cache_key",
+                  "safety_identifier")
 
 
 class _SamplingRequest(_Request):
@@ -81,7 +107,17 @@ class _SamplingRequest(_Request):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
+                     Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="token id (as a string) -> bias added to its logit")
+    structured_outputs: StructuredOutputsRequest | None = None
+    # Ignored (IGNORED_FIELDS): they change nothing about the answer.
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: Literal[False] | None = Field(None, description="ember stores nothing: false only")
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     # vLLM's extras
     top_k: Int(ge=-1) | None = Field(None, description="0 or -1 disables")
     min_p: float | None = Field(None, ge=0.0, le=1.0)
@@ -104,6 +140,9 @@ class _SamplingRequest(_Request):
     def requested_logprobs(self) -> int | None:
         raise NotImplementedError
 
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        return self.structured_outputs.to_params() if self.structured_outputs else None
+
     def to_sampling_params(self, default_max_tokens: int | None) -> SamplingParams:
         max_tokens = self.requested_max_tokens()
         opt = {
@@ -120,8 +159,15 @@ class _SamplingRequest(_Request):
             max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
             min_tokens=self.min_tokens, ignore_eos=self.ignore_eos,
             logprobs=self.requested_logprobs(), skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output, **opt,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            logit_bias=self.logit_bias_ids(), structured_outputs=self.structured_outputs_params(),
+            **opt,
         )
+
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        return {int(k): v for k, v in self.logit_bias.items()}
 
 
 # ---- chat -------------------------------------------------------------------------------
@@ -130,10 +176,38 @@ class TextContentPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str = Field(..., description="the arguments, as a JSON text")
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant's calls")
+    tool_call_id: str | None = Field(None, description="the call a tool message answers")
+    # What an SDK echoes back of an assistant message: accepted only when empty.
+    refusal: None = None
+    annotations: list[Any] | None = Field(None, max_length=0)
+    audio: None = None
+    function_call: None = None
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> "ChatMessage":
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("only tool messages have tool_call_id")
+        return self
 
     def to_template_dict(self) -> dict[str, Any]:
         content = self.content
@@ -142,7 +216,51 @@ class ChatMessage(_Request):
         msg: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name is not None:
             msg["name"] = self.name
+        if self.tool_calls:
+            msg["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
         return msg
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(..., pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema (an object)")
+    strict: bool | None = Field(None, description="calls always follow the schema")
+
+
+class ChatTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Request):
+    name: str = Field(..., pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = Field(None, description="the output always follows the schema")
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_for_json_schema(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format.json_schema is set with (and only with) "
+                             "type json_schema")
+        return self
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -152,12 +270,41 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool | None = False
     top_logprobs: Int(ge=0, le=SamplingParams.MAX_LOGPROBS) | None = None
     add_generation_prompt: bool = True
+    response_format: ResponseFormat | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = True
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> "ChatCompletionRequest":
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs can only be set when logprobs is true")
         return self
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> "ChatCompletionRequest":
+        constrained = [name for name, on in (
+            ("response_format", self.response_format is not None
+             and self.response_format.type != "text"),
+            ("structured_outputs", self.structured_outputs is not None),
+            ("tool_choice", self.tools and self.tool_choice != "none"),
+        ) if on]
+        if len(constrained) > 1:
+            raise ValueError(f"{' and '.join(constrained)} cannot be combined: each "
+                             "constrains the whole answer")
+        return self
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if fmt is not None and fmt.type == "json_schema":
+            assert fmt.json_schema is not None
+            schema = fmt.json_schema.schema_
+            if schema is None:  # OpenAI: no schema means any JSON object
+                return StructuredOutputsParams(json_object=True)
+            return StructuredOutputsParams(json=schema)
+        return super().structured_outputs_params()
 
     def requested_max_tokens(self) -> int | None:
         if self.max_completion_tokens is not None:
@@ -177,6 +324,13 @@ class CompletionRequest(_SamplingRequest):
     ) = Field(..., description="a string, a list of one string, or a list of token ids")
     max_tokens: Int(ge=1) | None = 16
     logprobs: Int(ge=0, le=SamplingParams.MAX_LOGPROBS) | None = None
+    echo: bool = Field(False, description="the prompt's text before the completion's")
+
+    @model_validator(mode="after")
+    def _echo_without_logprobs(self) -> "CompletionRequest":
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs (the prompt's logprobs) is not supported")
+        return self
 
     def requested_logprobs(self) -> int | None:
         return self.logprobs
@@ -218,12 +372,24 @@ class ChatChoiceLogprobs(BaseModel):
     refusal: list[ChatLogprob] | None = None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    tool_calls: list[ToolCallOut] = Field(default_factory=list)
 
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 class ChatCompletionChoice(BaseModel):
@@ -243,9 +409,24 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """One call's piece: index, id, type and name first, then argument fragments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionStreamChoice(BaseModel):

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from ember.engine.detokenizer import TokenBytes
 from ember.outputs import CompletionOutput, Logprob, RequestOutput
 from ember.server.protocol import (
     ChatChoiceLogprobs, ChatCompletionChoice, ChatCompletionChunk, ChatCompletionResponse,
     ChatCompletionStreamChoice, ChatLogprob, ChatResponseMessage, CompletionChoice,
-    CompletionLogprobs, CompletionResponse, CompletionStreamResponse, DeltaMessage,
-    PromptTokensDetails, TopLogprob, UsageInfo,
+    CompletionLogprobs, CompletionResponse, CompletionStreamResponse, DeltaFunctionCall,
+    DeltaMessage, DeltaToolCall, FunctionCallOut, PromptTokensDetails, ToolCallOut, TopLogprob,
+    UsageInfo,
 )
+from ember.server.tools import ToolPlan, new_call_id, parse_output
 
 LOGPROB_FLOOR = -9999.0  # OpenAI's stand-in for -inf, which JSON cannot carry
 DONE = "data: [DONE]\n\n"
@@ -51,25 +53,46 @@ def _ranked(entry: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
     return top[:k]
 
 
+def _set_only(value: Any) -> Any:
+    """`value` without its None entries, at every depth."""
+    if isinstance(value, dict):
+        return {k: _set_only(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_set_only(v) for v in value]
+    return value
+
+
 @dataclass
 class _Sent:
     """What a stream has sent of one choice."""
 
     offset: int = 0  # text_offset of the next token (completion logprobs)
     finished: bool = False
+    echoed: bool = False  # echo: the prompt's text went out before the first token
+    # With tools: the answer so far (calls are parsed from all of it), the content sent, and
+    # per call its id and the argument characters sent.
+    answer: str = ""
+    content: int = 0
+    call_ids: list[str] = field(default_factory=list)
+    call_args: list[int] = field(default_factory=list)
 
 
 class ResponseBuilder:
     def __init__(
         self, kind: Literal["chat", "completion"], request_id: str, model: str,
         token_bytes: TokenBytes, logprobs: int | None, include_usage: bool = False,
+        tool_plan: ToolPlan | None = None, echo: str | None = None,
     ) -> None:
+        """`tool_plan`: parse the answers for tool calls; `echo`: the prompt's text, sent
+        before each completion's (`echo: true`)."""
         self.kind = kind
         self.id = request_id
         self.model = model
         self.token_bytes = token_bytes
         self.logprobs = logprobs  # top-k per token, or None: no logprobs
         self.include_usage = include_usage
+        self.tool_plan = tool_plan if tool_plan is not None and tool_plan.parses_calls else None
+        self.echo = echo
         self.created = int(time.time())
         self._sent: dict[int, _Sent] = {}
         self._completion_tokens = 0
@@ -110,20 +133,33 @@ class ResponseBuilder:
         return lp
 
     # ---- whole responses -----------------------------------------------------------------
+    def _message(self, c: CompletionOutput) -> tuple[ChatResponseMessage, str | None]:
+        """The answer as a message, and its finish reason ("tool_calls" for calls)."""
+        if self.tool_plan is None:
+            return ChatResponseMessage(content=c.text), c.finish_reason
+        parsed = parse_output(self.tool_plan.fmt, c.text)
+        calls = [ToolCallOut(id=new_call_id(), function=FunctionCallOut(
+            name=call.name, arguments=call.arguments))
+            for call in parsed.calls if call.name is not None and call.complete]
+        if not parsed.in_call:
+            return ChatResponseMessage(content=c.text), c.finish_reason
+        reason = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
+        return ChatResponseMessage(content=parsed.content or None, tool_calls=calls), reason
+
     def response(self, out: RequestOutput) -> ChatCompletionResponse | CompletionResponse:
         if self.kind == "chat":
-            return ChatCompletionResponse(
-                id=self.id, created=self.created, model=self.model, usage=usage(out),
-                choices=[ChatCompletionChoice(
-                    index=c.index, message=ChatResponseMessage(content=c.text),
-                    logprobs=self._chat_logprobs(c), finish_reason=c.finish_reason,
-                    stop_reason=c.stop_reason,
-                ) for c in out.outputs],
-            )
+            choices = []
+            for c in out.outputs:
+                message, reason = self._message(c)
+                choices.append(ChatCompletionChoice(
+                    index=c.index, message=message, logprobs=self._chat_logprobs(c),
+                    finish_reason=reason, stop_reason=c.stop_reason))
+            return ChatCompletionResponse(id=self.id, created=self.created, model=self.model,
+                                          usage=usage(out), choices=choices)
         return CompletionResponse(
             id=self.id, created=self.created, model=self.model, usage=usage(out),
             choices=[CompletionChoice(
-                index=c.index, text=c.text, finish_reason=c.finish_reason,
+                index=c.index, text=(self.echo or "") + c.text, finish_reason=c.finish_reason,
                 logprobs=self._completion_logprobs(c, _Sent()), stop_reason=c.stop_reason,
             ) for c in out.outputs],
         )
@@ -136,7 +172,7 @@ class ResponseBuilder:
         payload = chunk.model_dump(mode="json")
         if self.kind == "chat":
             for choice in payload["choices"]:  # OpenAI's deltas carry only what they set
-                choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+                choice["delta"] = _set_only(choice["delta"])
         if not self.include_usage:
             payload.pop("usage")
         return sse(payload)
@@ -158,20 +194,61 @@ class ResponseBuilder:
             self._completion_tokens += len(c.token_ids)
             if not c.text and not c.token_ids and c.finish_reason is None:
                 continue
-            if self.kind == "chat":
+            if self.kind == "chat" and self.tool_plan is not None:
+                choice = self._tool_delta(c, sent)
+            elif self.kind == "chat":
                 choice = ChatCompletionStreamChoice(
                     index=c.index, delta=DeltaMessage(content=c.text),
                     logprobs=self._chat_logprobs(c), finish_reason=c.finish_reason,
                     stop_reason=c.stop_reason,
                 )
             else:
+                text = c.text
+                if self.echo and not sent.echoed:
+                    text, sent.echoed = self.echo + text, True
                 choice = CompletionChoice(
-                    index=c.index, text=c.text, finish_reason=c.finish_reason,
+                    index=c.index, text=text, finish_reason=c.finish_reason,
                     logprobs=self._completion_logprobs(c, sent), stop_reason=c.stop_reason,
                 )
             sent.finished = c.finish_reason is not None
             events.append(self._chunk([choice]))
         return events
+
+    def _tool_delta(self, c: CompletionOutput, sent: _Sent) -> ChatCompletionStreamChoice:
+        """OpenAI's tool-call deltas: content while the answer is text; for each call, its
+        index, id, type and name once the name is complete, then argument fragments. `c` is
+        a delta: the calls are parsed from the whole answer so far."""
+        assert self.tool_plan is not None
+        sent.answer += c.text
+        parsed = parse_output(self.tool_plan.fmt, sent.answer)
+        content = parsed.content
+        if c.finish_reason is not None and not parsed.in_call:
+            content = sent.answer  # the held-back tail was not a call's start after all
+        deltas = []
+        for i, call in enumerate(parsed.calls):
+            if call.name is None:
+                break
+            if i == len(sent.call_ids):
+                sent.call_ids.append(new_call_id())
+                sent.call_args.append(0)
+                deltas.append(DeltaToolCall(index=i, id=sent.call_ids[i], type="function",
+                                            function=DeltaFunctionCall(name=call.name,
+                                                                       arguments="")))
+            fragment = call.arguments[sent.call_args[i]:]
+            if fragment:
+                deltas.append(DeltaToolCall(index=i, function=DeltaFunctionCall(
+                    arguments=fragment)))
+                sent.call_args[i] = len(call.arguments)
+        reason = c.finish_reason
+        if reason == "stop" and sent.call_ids:
+            reason = "tool_calls"
+        new_content = content[sent.content:]
+        sent.content = max(sent.content, len(content))
+        return ChatCompletionStreamChoice(
+            index=c.index, delta=DeltaMessage(content=new_content or None,
+                                              tool_calls=deltas or None),
+            logprobs=self._chat_logprobs(c), finish_reason=reason,
+            stop_reason=c.stop_reason)
 
     def end(self, out: RequestOutput) -> list[str]:
         """The chunks that close a stream whose last delta was `out`."""
