@@ -3,18 +3,14 @@ replicas of the default model behind `ember serve --data-parallel-size 2`, real 
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 from openai import OpenAI
 
@@ -99,6 +95,14 @@ def test_openai_client_chats_and_streams(replicas):
     assert bad.status_code == 400 and "error" in bad.json()
 
 
+def test_distinct_prompts_use_both_replicas(replicas):
+    # Before any conversation fills one replica's share of the prefix tree: prompts with no
+    # shared prefix go to the replica that has served the fewest characters, so they alternate.
+    served = {_chat(replicas, f"{WORDS[i]} {_text(40, seed=200 + i)}").headers["x-ember-replica"]
+              for i in range(8)}
+    assert len(served) == 2, served
+
+
 def test_shared_prefix_stays_on_one_replica(replicas):
     system = _text(360, seed=1)  # a ~430-token system prompt shared by a conversation's turns
     served, usage = [], []
@@ -110,12 +114,6 @@ def test_shared_prefix_stays_on_one_replica(replicas):
     assert usage[0]["prompt_tokens"] >= 400
     for u in usage[1:]:  # the replica's prefix cache holds the shared part
         assert u["prompt_tokens_details"]["cached_tokens"] >= 0.8 * u["prompt_tokens"], usage
-
-
-def test_distinct_prompts_use_both_replicas(replicas):
-    served = {_chat(replicas, f"{WORDS[i]} {_text(40, seed=200 + i)}").headers["x-ember-replica"]
-              for i in range(8)}
-    assert len(served) == 2, served
 
 
 def test_metrics_carry_each_replica_and_the_router(replicas):
@@ -130,90 +128,3 @@ def test_metrics_carry_each_replica_and_the_router(replicas):
                  for line in text.splitlines()
                  if line.startswith("ember:router_decisions_total{")}
     assert decisions.get("cache_affine", 0) >= 1  # the shared-prefix conversation
-
-
-def test_disconnect_aborts_the_request_on_its_replica(replicas):
-    with httpx.Client(timeout=120) as client:
-        with client.stream("POST", f"{replicas.url}/v1/completions", json={
-                "prompt": _text(20, seed=7), "max_tokens": 1500, "ignore_eos": True,
-                "stream": True}) as r:
-            assert r.status_code == 200
-            next(r.iter_lines())  # it runs on its replica: then the client leaves
-    deadline = time.monotonic() + 60
-    running = None
-    while time.monotonic() < deadline:
-        time.sleep(1)
-        running = sum(v for samples in _replica_metrics(replicas).values()
-                      for k, v in samples.items() if k.startswith("ember:num_requests_running"))
-        if running == 0:
-            break
-    assert running == 0  # 1500 tokens take far longer: the request was aborted
-
-
-def _stream(url: str, seed: int, results: dict, started: threading.Event) -> None:
-    outcome = {"replica": None, "done": False, "error": None}
-    results[seed] = outcome
-    try:
-        with httpx.stream("POST", f"{url}/v1/completions", timeout=600, json={
-                "prompt": f"{WORDS[seed % len(WORDS)]} {_text(30, seed=300 + seed)}",
-                "max_tokens": 600, "ignore_eos": True, "stream": True}) as r:
-            outcome["replica"] = r.headers.get("x-ember-replica")
-            outcome["status"] = r.status_code
-            for line in r.iter_lines():
-                started.set()
-                if line.startswith("data: {") and '"error"' in line:
-                    outcome["error"] = json.loads(line[6:])["error"]
-                elif line == "data: [DONE]":
-                    outcome["done"] = outcome["error"] is None
-    except httpx.HTTPError as e:
-        outcome["error"] = repr(e)
-
-
-def test_killed_replica_fails_its_streams_and_is_restored(replicas):
-    """Kill one replica's process under load: its streams end with a 503 error, the others
-    complete, the endpoint keeps answering and Ray brings the replica back."""
-    before = set(_replica_metrics(replicas))
-    results: dict[int, dict] = {}
-    started = threading.Event()
-    threads = [threading.Thread(target=_stream, args=(replicas.url, i, results, started))
-               for i in range(6)]
-    for t in threads:
-        t.start()
-    assert started.wait(300)
-    time.sleep(2)
-    engines = [p for p in psutil.process_iter(["cmdline"])
-               if "EngineReplica" in " ".join(p.info["cmdline"] or [])]
-    assert len(engines) == 2, [p.info["cmdline"] for p in engines]
-    victim = engines[0]
-    victim.send_signal(signal.SIGKILL)
-    killed_at = time.monotonic()
-    for t in threads:
-        t.join(600)
-    served = {r["replica"] for r in results.values()}
-    failed = [r for r in results.values() if not r["done"]]
-    completed = [r for r in results.values() if r["done"]]
-    assert len(served) == 2, results  # both replicas had streams
-    assert failed, results  # the victim's streams failed, and said so
-    (dead,) = {r["replica"] for r in failed}
-    assert all(r["replica"] != dead for r in completed)
-    for r in failed:
-        assert r["error"]["code"] == 503, r
-    # the endpoint answers again within 60 s, on the replica left
-    while True:
-        try:
-            r = httpx.post(f"{replicas.url}/v1/completions", timeout=60,
-                           json={"prompt": "Hello", "max_tokens": 4})
-            if r.status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() - killed_at < 60
-        time.sleep(1)
-    # Ray replaces the replica: two replicas report again, one of them new
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        now = set(_replica_metrics(replicas))
-        if len(now) == 2 and now - before:
-            break
-        time.sleep(2)
-    assert len(now) == 2 and dead not in now and now - before, (before, now)
