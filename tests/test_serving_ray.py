@@ -116,15 +116,10 @@ def test_shared_prefix_stays_on_one_replica(replicas):
         assert u["prompt_tokens_details"]["cached_tokens"] >= 0.8 * u["prompt_tokens"], usage
 
 
-def test_metrics_carry_each_replica_and_the_router(replicas):
+def test_metrics_carry_each_replica(replicas):
     deadline = time.monotonic() + 60
     while len(by_replica := _replica_metrics(replicas)) < 2 and time.monotonic() < deadline:
         time.sleep(1)
     assert len(by_replica) == 2
     for samples in by_replica.values():
         assert any(name.startswith("ember:num_requests_running") for name in samples)
-    text = httpx.get(f"{replicas.url}/metrics", timeout=30).text
-    decisions = {line.split('decision="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
-                 for line in text.splitlines()
-                 if line.startswith("ember:router_decisions_total{")}
-    assert decisions.get("cache_affine", 0) >= 1  # the shared-prefix conversation
