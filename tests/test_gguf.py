@@ -361,7 +361,7 @@ def test_unsupported_tokenizer_model(tmp_path):
 
 def test_special_token_id_outside_the_vocabulary(tmp_path):
     path = write_gguf(tmp_path / "bad_eos.gguf", {}, eos_token_id=10**6)
-    with pytest.raises(ModelLoadError, match=r"eos_token_id = 1000000 is outside the vocabulary"):
+    with pytest.raises(ModelLoadError, match=r"eos_token_id=1000000 is outside the vocabulary"):
         load_gguf(path, torch.float32)
 
 
