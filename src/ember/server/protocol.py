@@ -11,7 +11,9 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator,
+)
 
 from ember.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -87,6 +89,13 @@ class StructuredOutputsRequest(_Request):
                                        grammar=self.grammar, json_object=self.json_object)
 
 
+
+
+def _false_only(value: bool | None) -> bool | None:
+    if value:
+        raise ValueError("ember stores nothing: store must be false")
+    return value
+
 # Fields accepted and ignored because they change nothing about the answer (OpenAI's
 # bookkeeping and routing hints). `store` only when false: ember stores nothing.
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "prompt_cache_key",
@@ -114,7 +123,8 @@ class _SamplingRequest(_Request):
     # Ignored (IGNORED_FIELDS): they change nothing about the answer.
     user: str | None = None
     metadata: dict[str, str] | None = None
-    store: Literal[False] | None = Field(None, description="ember stores nothing: false only")
+    store: Annotated[StrictBool | None, AfterValidator(_false_only)] = Field(
+        None, description="ember stores nothing: false only")
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
