@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# own browser download is not used): installed where missing, by root, with apt-get.
 	if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium; \
-		else echo "tests/test_page.py needs Chromium: apt-get install chromium (as root)"; fi; \
+		else echo "tests/server/test_page.py needs Chromium: apt-get install chromium (as root)"; fi; \
 	fi
 	touch $(STAMP)
 
@@ -52,7 +52,7 @@ test: $(STAMP)
 
 fuzz: $(STAMP)
 	EMBER_FUZZ_MAX_TIME=$(FUZZ_TIME) EMBER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
-	EMBER_FUZZ_SEED=$(FUZZ_SEED) $(BIN)/python -m pytest -q -s tests/test_server_fuzz.py
+	EMBER_FUZZ_SEED=$(FUZZ_SEED) $(BIN)/python -m pytest -q -s tests/server/test_server_fuzz.py
 
 soak: $(STAMP)
 	$(BIN)/python benchmarks/soak.py $(SOAK_ARGS)

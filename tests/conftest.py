@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -93,3 +92,28 @@ def rel_server():
                            api_key=REL_KEY, key_in_env=True, env=ONE_THREAD)
     yield server.wait_ready()
     server.stop()
+
+
+def engine_prefill_logits(engine, ids: list[int]) -> torch.Tensor:
+    """Logits at every prompt position, through ember's own model and paged attention."""
+    from ember import SamplingParams
+    from ember.engine.request import Request
+    from ember.engine.scheduler import NewRequestData, SchedulerOutput
+
+    req = Request("logits", ids, SamplingParams(), seed=0, max_tokens=1)
+    assert engine.block_manager.allocate(req, len(ids))
+    runner = engine.runner
+    sched = SchedulerOutput(
+        scheduled_new_reqs=[NewRequestData.from_request(req)],
+        num_scheduled_tokens={req.request_id: len(ids)},
+        num_touched_blocks=engine.block_manager.num_touched_blocks)
+    try:
+        runner._update_states(sched)
+        runner.prepare_blocks(sched.num_touched_blocks)
+        step, _ = runner._prepare(sched)
+        with torch.inference_mode():
+            hidden = runner.model(step.input_ids, step.positions, runner.kv_caches, step.attn)
+            return runner.model.compute_logits(hidden)
+    finally:
+        runner.requests.pop(req.request_id, None)
+        engine.block_manager.free_request(req)

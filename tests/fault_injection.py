@@ -1,5 +1,5 @@
 """`python -m fault_injection serve ...`: `ember serve` with two faults planted in the engine,
-each set off by a prompt that starts with its marker token ids (tests/test_server_faults.py).
+each set off by a prompt that starts with its marker token ids (tests/server/test_server_faults.py).
 
 - REQUEST_FAULT: processing that request's sampled token raises (a bug of that request alone).
 - STEP_FAULT: the model step of any batch holding that request raises (a lost device, say).

@@ -21,7 +21,7 @@ from ember.loading.gguf import dequantize, unpack_q4_0, unpack_q4_1
 from ember.loading.loader import cpu_has_native_bf16, load_model_from_config
 from ember.quantization import Int4Linear, Int4Weight, Int8Linear, Int8Weight
 
-TEXT = (Path(__file__).parent / "data" / "perplexity.txt").read_text()
+TEXT = (Path(__file__).parents[1] / "data" / "perplexity.txt").read_text()
 CPU = torch.device("cpu")
 
 
@@ -53,7 +53,7 @@ def test_int4_cpu_packing_blocks_follow_atens_cpu_capability():
 def test_int4_linear_many_rows_dequantize_from_the_packed_weight(group, monkeypatch):
     """A prompt's many rows take the dequantize + dense GEMM path (eager and compiled): it
     reads ATen's packed layout correctly, and agrees with the int4 kernel's result. (ATen's
-    layout: where ember's own is not used, see tests/test_kernels.py.)"""
+    layout: where ember's own is not used, see tests/kernels/test_kernels.py.)"""
     from ember.quantization import int4
     from ember.quantization.int4 import DENSE_MIN_TOKENS_EAGER, cpu_layout_known
 

@@ -16,7 +16,7 @@ from ember.cli import build_parser
 from ember.server.launch import API_KEY_ENV
 from ember.server.metrics import ServerMetrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 KUBERNETES_VERSION = "1.37.0"
 

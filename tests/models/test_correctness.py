@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import engine_prefill_logits
+
 from ember import SamplingParams
 
 CHATS = [
@@ -66,30 +68,6 @@ def test_greedy_tokens_match(default_llm, hf_model, prompt_ids):
             ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW,
                                     do_sample=False, eos_token_id=eos, pad_token_id=eos)
         assert out.outputs[0].token_ids == ref[0, len(ids):].tolist()
-
-
-def engine_prefill_logits(engine, ids: list[int]) -> torch.Tensor:
-    """Logits at every prompt position, through ember's own model and paged attention."""
-    from ember.engine.request import Request
-    from ember.engine.scheduler import NewRequestData, SchedulerOutput
-
-    req = Request("logits", ids, SamplingParams(), seed=0, max_tokens=1)
-    assert engine.block_manager.allocate(req, len(ids))
-    runner = engine.runner
-    sched = SchedulerOutput(
-        scheduled_new_reqs=[NewRequestData.from_request(req)],
-        num_scheduled_tokens={req.request_id: len(ids)},
-        num_touched_blocks=engine.block_manager.num_touched_blocks)
-    try:
-        runner._update_states(sched)
-        runner.prepare_blocks(sched.num_touched_blocks)
-        step, _ = runner._prepare(sched)
-        with torch.inference_mode():
-            hidden = runner.model(step.input_ids, step.positions, runner.kv_caches, step.attn)
-            return runner.model.compute_logits(hidden)
-    finally:
-        runner.requests.pop(req.request_id, None)
-        engine.block_manager.free_request(req)
 
 
 def test_cli_chat_answers_paris(gguf_path):

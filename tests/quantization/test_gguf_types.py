@@ -21,7 +21,7 @@ from ember.loading import gguf as ember_gguf
 from ember.loading.gguf import dequantize, load_gguf, quantized_tensor
 from ember.quantization import kquant
 from ember.quantization.kquant import FORMATS, KQuantLinear, KQuantWeight
-from test_gguf import BYTE_CHARS, write_gguf
+from gguf_files import BYTE_CHARS, write_gguf
 
 CPU = torch.device("cpu")
 # Byte offsets of the float16 fields (d, dmin / m) within a block, per type.

@@ -4,11 +4,10 @@ and ids, min_tokens, ignore_eos, validation errors."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from ember import SamplingParams
 from ember.errors import InvalidRequestError
-from test_correctness import engine_prefill_logits
+from conftest import engine_prefill_logits
 
 PROMPT = "The history of the printing press"
 
