@@ -12,6 +12,9 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# make test: test files run on this many worker processes (pytest-xdist), a file's tests in one
+# process; most tests wait on a server or on single-threaded compilation, so 2 beat 1 on 2 cores.
+TEST_WORKERS ?= 2
 # make fuzz: fuzzing passes for FUZZ_TIME seconds, FUZZ_EXAMPLES cases per operation and pass,
 # from a new seed each run (printed; pass FUZZ_SEED=... to replay one).
 FUZZ_TIME ?= 600
@@ -48,7 +51,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 fuzz: $(STAMP)
 	EMBER_FUZZ_MAX_TIME=$(FUZZ_TIME) EMBER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
