@@ -172,6 +172,26 @@ def test_metrics_carry_each_replica_and_the_router(replicas):
         decisions
 
 
+def test_bench_conversations_stay_on_the_replica_caching_them(replicas, tmp_path, capsys):
+    """`ember bench serve --workload multi-turn` against the replicas: each conversation's
+    turns resend its history, so the router keeps it on one replica, whose cache holds it."""
+    from ember.cli import main
+
+    out = tmp_path / "multi_turn.json"
+    rc = main(["bench", "serve", "--base-url", replicas.url, "--workload", "multi-turn",
+               "--conversations", "2", "--turns", "3", "--system-words", "150",
+               "--turn-words", "10", "--output-len", "4", "--output-json", str(out)])
+    assert rc == 0, capsys.readouterr()
+    s = json.loads(out.read_text())
+    assert (s["completed"], s["failed"], s["num_prompts"]) == (6, 0, 6)
+    assert s["total_output_tokens"] == 6 * 4
+    assert s["replicas_per_conversation"] == [1, 1]
+    # turns 2 and 3 of each find all but their newest question and answer cached
+    assert s["cached_token_share"] >= 0.5, s
+    assert s["ttft_later_turns_ms"]["median"] > 0
+    assert "prompt tokens cached" in capsys.readouterr().out
+
+
 def _prompt_on_each_replica(server: ServerProcess) -> dict[str, str]:
     """replica -> a prompt it has served (its prefix cache, and the router, know it). Prompts
     with no shared prefix go to the replica whose cache holds least, so new ones reach both."""
