@@ -39,7 +39,8 @@ from ray import serve
 from ray._private.state import state
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 if sys.argv[2] == "pids":
-    print(json.dumps({a["Name"].rsplit("#", 1)[1]: a["Pid"] for a in state.actor_table(None).values()
+    print(json.dumps({a["Name"].rsplit("#", 1)[1]: a["Pid"]
+                      for a in state.actor_table(None).values()
                       if a["Name"].startswith("SERVE_REPLICA::ember#EngineReplica#")
                       and a["State"] == "ALIVE"}))
 else:

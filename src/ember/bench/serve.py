@@ -19,22 +19,24 @@ It works against any server that speaks /v1/completions with token-id prompts an
 (ember, llama.cpp's llama-server, vLLM): `benchmarks/compare.py` drives both with it.
 
 `--workload multi-turn` is a shared-prefix chat workload instead, for prefix caches and the
-routers that keep a conversation where its prefix is cached (`ember serve
---data-parallel-size N --router prefix|pow2`): `--conversations` conversations, each of
-`--turns` streaming chat requests sent one after another, every turn resending the whole
-history (a system prompt of `--system-words` words, then each earlier question and answer)
-plus a new question of `--turn-words` words; `--output-len` tokens per answer. Conversations
-run side by side (arriving at `--request-rate`, at most `--max-concurrency` requests in
-flight). It reports the same figures over all turns, plus the share of prompt tokens the server
-found cached (`usage.prompt_tokens_details.cached_tokens`), TTFT of the turns after the first
-(those a prefix cache can serve), and, from ember's `x-ember-replica` header, how many replicas
-each conversation visited.
+routers that keep a conversation where its prefix is cached (`ember serve --data-parallel-size
+N --router prefix|pow2`): `--conversations` conversations, each of `--turns` streaming chat
+requests sent one after another, every turn resending the whole history (a system prompt of
+`--system-words` words, then each earlier question and answer) plus a new question of
+`--turn-words` words, `--think-time` seconds (on average) after the previous answer;
+`--output-len` tokens per answer. Conversations run side by side (arriving at `--request-rate`,
+at most `--max-concurrency` requests in flight). It reports the same figures over all turns,
+plus the share of prompt tokens the server found cached
+(`usage.prompt_tokens_details.cached_tokens`), TTFT of the turns after the first (those a
+prefix cache can serve), and, from ember's `x-ember-replica` header, how many replicas each
+conversation visited.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import random
 import statistics
@@ -84,6 +86,7 @@ class BenchConfig:
     turns: int = 4
     system_words: int = 300
     turn_words: int = 30
+    think_time: float = 0.0  # multi-turn: mean seconds between an answer and the next turn
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -120,6 +123,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    "prefix (default: %(default)s)")
     m.add_argument("--turn-words", type=int, default=30,
                    help="multi-turn: words of each new question (default: %(default)s)")
+    m.add_argument("--think-time", type=float, default=0.0,
+                   help="multi-turn: mean seconds a user takes to send the next turn after an "
+                   "answer, exponentially distributed (default: %(default)s: at once)")
 
 
 def percentiles(xs: list[float], scale: float = 1e3) -> dict[str, float]:
@@ -255,15 +261,18 @@ async def _multi_turn(client: httpx.AsyncClient, cfg: BenchConfig, model: str,
     gate = asyncio.Semaphore(cfg.max_concurrency or cfg.conversations)
     bar = tqdm(total=cfg.conversations * cfg.turns, desc="bench serve", disable=not progress)
     # every conversation's words drawn up front: the same workload whatever the timing
-    scripts = [(_words(rng, cfg.system_words), [_words(rng, cfg.turn_words)
-                                                for _ in range(cfg.turns)])
+    scripts = [(_words(rng, cfg.system_words),
+                [(_words(rng, cfg.turn_words),
+                  rng.expovariate(1 / cfg.think_time) if cfg.think_time > 0 and t else 0.0)
+                 for t in range(cfg.turns)])
                for _ in range(cfg.conversations)]
 
     async def conversation(c: int) -> list[RequestResult]:
         system, questions = scripts[c]
         messages = [{"role": "system", "content": f"Conversation {c}. {system}"}]
         results = []
-        for turn, question in enumerate(questions):
+        for turn, (question, think) in enumerate(questions):
+            await asyncio.sleep(think)
             messages.append({"role": "user", "content": question})
             async with gate:
                 r = await _chat_turn(client, cfg, model, messages, turn)
@@ -363,11 +372,14 @@ def summarize(cfg: BenchConfig, model: str, results: list[RequestResult],
         summary.update({
             "workload": "multi-turn", "conversations": cfg.conversations, "turns": cfg.turns,
             "system_words": cfg.system_words, "turn_words": cfg.turn_words,
+            "think_time": cfg.think_time,
             "num_prompts": len(results), "input_len": None,
             "total_cached_tokens": sum(r.cached_tokens for r in ok),
             "cached_token_share": sum(r.cached_tokens for r in ok) / max(1, in_tokens),
             "ttft_later_turns_ms": percentiles([r.ttft for r in later]),
             "replicas_per_conversation": replicas if any(replicas) else None,
+            "requests_per_replica": dict(sorted(collections.Counter(
+                r.replica for r in ok if r.replica).items())) or None,
         })
     if ok and all(r.cost is not None for r in ok):
         costs = [r.cost for r in ok]
@@ -390,9 +402,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
         raise SystemExit("ember bench serve: --num-prompts, --input-len and --output-len "
                          "must be >= 1")
-    if min(args.conversations, args.turns, args.turn_words) < 1 or args.system_words < 0:
+    if min(args.conversations, args.turns, args.turn_words) < 1 or args.system_words < 0 \
+            or args.think_time < 0:
         raise SystemExit("ember bench serve: --conversations, --turns and --turn-words must "
-                         "be >= 1, --system-words >= 0")
+                         "be >= 1, --system-words and --think-time >= 0")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise SystemExit("ember bench serve: --max-concurrency must be >= 1")
     if not args.request_rate > 0:
@@ -403,7 +416,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                        request_rate=args.request_rate, seed=args.seed, api_key=args.api_key,
                        vocab_high=args.vocab_size, workload=args.workload,
                        conversations=args.conversations, turns=args.turns,
-                       system_words=args.system_words, turn_words=args.turn_words)
+                       system_words=args.system_words, turn_words=args.turn_words,
+                       think_time=args.think_time)
 
 
 def format_summary(s: dict[str, Any]) -> str:

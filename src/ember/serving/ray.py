@@ -129,7 +129,6 @@ class PrefixRouter(PrefixCacheAffinityRouter):
             super().on_request_routed(pending_request, replica_id, result)
 
 
-
 def _prompt_of(pending_request) -> str:
     return next((a.prompt for a in pending_request.args if isinstance(a, ForwardedRequest)), "")
 
