@@ -10,6 +10,8 @@ BIN := $(VENV)/bin
 # use e.g. `make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# `make install`: also Chromium, for the chat page's browser tests (no: skip it).
+CHROMIUM ?= yes
 HOST ?= 127.0.0.1
 PORT ?= 8000
 # make test: test files run on this many worker processes (pytest-xdist), a file's tests in one
@@ -41,8 +43,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# (~15 s; without a C++ compiler ember runs PyTorch's ops instead).
 	$(BIN)/python -m ember.kernels || echo "ember's CPU kernels did not build: PyTorch's ops will be used"
 	# Debian's Chromium for the chat page's browser tests (Playwright drives it; Playwright's
-	# own browser download is not used): installed where missing, by root, with apt-get.
-	if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then \
+	# own browser download is not used): installed where missing, by root, with apt-get, unless
+	# CHROMIUM=no (deploy/Dockerfile: a server image needs no browser).
+	if [ "$(CHROMIUM)" != no ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium; \
 		else echo "tests/server/test_page.py needs Chromium: apt-get install chromium (as root)"; fi; \
 	fi

@@ -129,9 +129,23 @@ def _dockerfile_instructions() -> list[tuple[str, str]]:
 def test_dockerfile_installs_with_the_makefile_and_serves():
     instructions = _dockerfile_instructions()
     runs = [rest for word, rest in instructions if word == "RUN"]
-    # the Makefile's own install target, not a second copy of its steps
-    assert any(re.match(r"make install\b", r) for r in runs)
-    assert re.search(r"^install:", (ROOT / "Makefile").read_text(), re.M)
+    makefile = (ROOT / "Makefile").read_text()
+    # the Makefile's own install target, not a second copy of its steps: no pip of its own,
+    # and what it sets on make's command line are the Makefile's settings
+    assert re.search(r"^install:", makefile, re.M)
+    (install,) = [r for r in runs if r.startswith("make install")]
+    assert not any("pip" in r for r in runs)
+    settings = dict(a.split("=", 1) for a in shlex.split(install.split("&&")[0])[2:])
+    assert {"PYTHON", "TORCH_SPEC", "CHROMIUM"} <= set(settings)
+    for name in settings:
+        assert re.search(rf"^{name} \?=", makefile, re.M), name
+    assert settings["CHROMIUM"] == "no"  # a server image needs no browser
+    assert '"$(CHROMIUM)" != no' in makefile
+    # the caches `make install` fills as root belong to the user the server runs as
+    env = dict(re.findall(r"(\w+)=(\S+)", dict(instructions)["ENV"]))
+    owned = re.search(r"chown -R ember (\S+)", install).group(1)
+    for cache in ("EMBER_KERNELS_CACHE", "EMBER_MODELS_CACHE", "TORCHINDUCTOR_CACHE_DIR"):
+        assert env[cache].startswith(owned + "/"), cache
     entry = json.loads(dict(instructions)["ENTRYPOINT"])
     cmd = json.loads(dict(instructions)["CMD"])
     assert entry == ["ember"]

@@ -17,12 +17,26 @@ joules, CPU seconds, dollars and grams of CO2e, from each stream's closing cost 
 
 It works against any server that speaks /v1/completions with token-id prompts and streaming
 (ember, llama.cpp's llama-server, vLLM): `benchmarks/compare.py` drives both with it.
+
+`--workload multi-turn` is a shared-prefix chat workload instead, for prefix caches and the
+routers that keep a conversation where its prefix is cached (`ember serve --data-parallel-size
+N --router prefix|pow2`): `--conversations` conversations, each of `--turns` streaming chat
+requests sent one after another, every turn resending the whole history (a system prompt of
+`--system-words` words, then each earlier question and answer) plus a new question of
+`--turn-words` words, `--think-time` seconds (on average) after the previous answer;
+`--output-len` tokens per answer. Conversations run side by side (arriving at `--request-rate`,
+at most `--max-concurrency` requests in flight). It reports the same figures over all turns,
+plus the share of prompt tokens the server found cached
+(`usage.prompt_tokens_details.cached_tokens`), TTFT of the turns after the first (those a
+prefix cache can serve), and, from ember's `x-ember-replica` header, how many replicas each
+conversation visited.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import random
 import statistics
@@ -47,6 +61,10 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)
     error: str = ""
     cost: dict[str, float | str] | None = None  # ember's figures for the whole request
+    cached_tokens: int = 0  # of the prompt, found in the server's prefix cache
+    turn: int = 0  # multi-turn: which turn of its conversation (0 = the first)
+    replica: str | None = None  # ember's x-ember-replica header (engine replicas)
+    text: str = ""  # multi-turn: the answer, for the next turn's history
 
 
 @dataclass
@@ -63,6 +81,12 @@ class BenchConfig:
     vocab_low: int = 100  # random ids from here up: skips special and control tokens
     vocab_high: int = 32000
     timeout: float = 600.0
+    workload: str = "random"  # or "multi-turn"
+    conversations: int = 4
+    turns: int = 4
+    system_words: int = 300
+    turn_words: int = 30
+    think_time: float = 0.0  # multi-turn: mean seconds between an answer and the next turn
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -86,6 +110,22 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=32000,
                    help="random prompt ids are drawn below this (default: %(default)s)")
     p.add_argument("--output-json", default=None, help="write the results here as JSON")
+    m = p.add_argument_group("multi-turn workload")
+    m.add_argument("--workload", choices=("random", "multi-turn"), default="random",
+                   help="random: --num-prompts completions of random ids; multi-turn: chat "
+                   "conversations resending their growing history (default: %(default)s)")
+    m.add_argument("--conversations", type=int, default=4,
+                   help="multi-turn: conversations (default: %(default)s)")
+    m.add_argument("--turns", type=int, default=4,
+                   help="multi-turn: requests per conversation (default: %(default)s)")
+    m.add_argument("--system-words", type=int, default=300,
+                   help="multi-turn: words of each conversation's system prompt, its shared "
+                   "prefix (default: %(default)s)")
+    m.add_argument("--turn-words", type=int, default=30,
+                   help="multi-turn: words of each new question (default: %(default)s)")
+    m.add_argument("--think-time", type=float, default=0.0,
+                   help="multi-turn: mean seconds a user takes to send the next turn after an "
+                   "answer, exponentially distributed (default: %(default)s: at once)")
 
 
 def percentiles(xs: list[float], scale: float = 1e3) -> dict[str, float]:
@@ -147,6 +187,119 @@ async def _one(client: httpx.AsyncClient, cfg: BenchConfig, model: str,
     return res
 
 
+# Multi-turn prompts are words drawn from these: plain English tokenizes alike everywhere.
+WORDS = ("river stone lantern meadow copper whistle orchard harbor velvet thunder maple garden "
+         "silver candle forest bridge falcon winter quartz amber valley cloud window basket "
+         "engine pepper marble island shadow ladder mirror rocket violet canyon").split()
+
+
+def _words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+async def _chat_turn(client: httpx.AsyncClient, cfg: BenchConfig, model: str,
+                     messages: list[dict[str, str]], turn: int) -> RequestResult:
+    """One streaming chat request of a conversation; its answer's text kept for the next."""
+    body = {"model": model, "messages": messages, "max_tokens": cfg.output_len,
+            "temperature": 0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    res = RequestResult(ok=False, prompt_len=0, turn=turn)
+    chunks = 0
+    usage: dict[str, Any] | None = None
+    parts: list[str] = []
+    start = last = time.perf_counter()
+    try:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            res.replica = r.headers.get("x-ember-replica")
+            if r.status_code != 200:
+                await r.aread()
+                res.error = f"HTTP {r.status_code}: {r.text[:200]}"
+                return res
+            async for line in r.aiter_lines():
+                cost = parse_cost_comment(line)
+                if cost is not None:
+                    res.cost = cost
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    res.error = f"stream error: {str(event['error'])[:200]}"
+                    return res
+                usage = event.get("usage") or usage
+                choices = event.get("choices") or []
+                text = choices[0].get("delta", {}).get("content") if choices else None
+                if not text:
+                    continue
+                now = time.perf_counter()
+                if chunks == 0:
+                    res.ttft = now - start
+                else:
+                    res.itl.append(now - last)
+                last = now
+                chunks += 1
+                parts.append(text)
+        res.e2e = time.perf_counter() - start
+        res.text = "".join(parts)
+        res.output_tokens = usage["completion_tokens"] if usage else chunks
+        res.prompt_len = usage["prompt_tokens"] if usage else 0
+        res.cached_tokens = ((usage or {}).get("prompt_tokens_details") or {}).get(
+            "cached_tokens") or 0
+        res.ok = chunks > 0
+        if not res.ok:
+            res.error = "no tokens streamed"
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError, TypeError) as e:
+        res.error = f"{type(e).__name__}: {e}"
+    return res
+
+
+async def _multi_turn(client: httpx.AsyncClient, cfg: BenchConfig, model: str,
+                      rng: random.Random, progress: bool) -> tuple[list[RequestResult], float]:
+    """The conversations side by side, each turn after the previous one's answer."""
+    gate = asyncio.Semaphore(cfg.max_concurrency or cfg.conversations)
+    bar = tqdm(total=cfg.conversations * cfg.turns, desc="bench serve", disable=not progress)
+    # every conversation's words drawn up front: the same workload whatever the timing
+    scripts = [(_words(rng, cfg.system_words),
+                [(_words(rng, cfg.turn_words),
+                  rng.expovariate(1 / cfg.think_time) if cfg.think_time > 0 and t else 0.0)
+                 for t in range(cfg.turns)])
+               for _ in range(cfg.conversations)]
+
+    async def conversation(c: int) -> list[RequestResult]:
+        system, questions = scripts[c]
+        messages = [{"role": "system", "content": f"Conversation {c}. {system}"}]
+        results = []
+        for turn, (question, think) in enumerate(questions):
+            await asyncio.sleep(think)
+            messages.append({"role": "user", "content": question})
+            async with gate:
+                r = await _chat_turn(client, cfg, model, messages, turn)
+            bar.update(1)
+            results.append(r)
+            if not r.ok:
+                break  # the rest of the conversation has no history to send
+            messages.append({"role": "assistant", "content": r.text})
+        return results
+
+    tasks = []
+    start = time.perf_counter()
+    for c in range(cfg.conversations):
+        tasks.append(asyncio.create_task(conversation(c)))
+        if cfg.request_rate != float("inf"):
+            await asyncio.sleep(rng.expovariate(cfg.request_rate))
+    per_conversation = await asyncio.gather(*tasks)
+    duration = time.perf_counter() - start
+    bar.close()
+    # by conversation, `turns` each: a conversation cut short counts its unsent turns failed
+    results = [r for rs in per_conversation
+               for r in rs + [RequestResult(ok=False, prompt_len=0, turn=t,
+                                            error="an earlier turn failed")
+                              for t in range(len(rs), cfg.turns)]]
+    return results, duration
+
+
 async def _resolve_model(client: httpx.AsyncClient) -> str:
     r = await client.get("/v1/models")
     r.raise_for_status()
@@ -155,13 +308,16 @@ async def _resolve_model(client: httpx.AsyncClient) -> str:
 
 async def run_async(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     rng = random.Random(cfg.seed)
-    prompts = [[rng.randrange(cfg.vocab_low, cfg.vocab_high) for _ in range(cfg.input_len)]
-               for _ in range(cfg.num_prompts)]
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=cfg.base_url, headers=headers, limits=limits,
                                  timeout=cfg.timeout) as client:
         model = cfg.model or await _resolve_model(client)
+        if cfg.workload == "multi-turn":
+            results, duration = await _multi_turn(client, cfg, model, rng, progress)
+            return summarize(cfg, model, results, duration)
+        prompts = [[rng.randrange(cfg.vocab_low, cfg.vocab_high) for _ in range(cfg.input_len)]
+                   for _ in range(cfg.num_prompts)]
         gate = asyncio.Semaphore(cfg.max_concurrency or cfg.num_prompts)
         bar = tqdm(total=cfg.num_prompts, desc="bench serve", disable=not progress)
 
@@ -207,6 +363,24 @@ def summarize(cfg: BenchConfig, model: str, results: list[RequestResult],
         "e2e_ms": percentiles([r.e2e for r in ok]),
         "cost": None,
     }
+    if cfg.workload == "multi-turn":
+        later = [r for r in ok if r.turn > 0]
+        by_conversation = [results[i:i + cfg.turns]
+                           for i in range(0, cfg.conversations * cfg.turns, cfg.turns)]
+        replicas = [len({r.replica for r in rs if r.ok and r.replica})
+                    for rs in by_conversation]
+        summary.update({
+            "workload": "multi-turn", "conversations": cfg.conversations, "turns": cfg.turns,
+            "system_words": cfg.system_words, "turn_words": cfg.turn_words,
+            "think_time": cfg.think_time,
+            "num_prompts": len(results), "input_len": None,
+            "total_cached_tokens": sum(r.cached_tokens for r in ok),
+            "cached_token_share": sum(r.cached_tokens for r in ok) / max(1, in_tokens),
+            "ttft_later_turns_ms": percentiles([r.ttft for r in later]),
+            "replicas_per_conversation": replicas if any(replicas) else None,
+            "requests_per_replica": dict(sorted(collections.Counter(
+                r.replica for r in ok if r.replica).items())) or None,
+        })
     if ok and all(r.cost is not None for r in ok):
         costs = [r.cost for r in ok]
 
@@ -228,6 +402,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
         raise SystemExit("ember bench serve: --num-prompts, --input-len and --output-len "
                          "must be >= 1")
+    if min(args.conversations, args.turns, args.turn_words) < 1 or args.system_words < 0 \
+            or args.think_time < 0:
+        raise SystemExit("ember bench serve: --conversations, --turns and --turn-words must "
+                         "be >= 1, --system-words and --think-time >= 0")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise SystemExit("ember bench serve: --max-concurrency must be >= 1")
     if not args.request_rate > 0:
@@ -236,7 +414,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                        num_prompts=args.num_prompts, input_len=args.input_len,
                        output_len=args.output_len, max_concurrency=args.max_concurrency,
                        request_rate=args.request_rate, seed=args.seed, api_key=args.api_key,
-                       vocab_high=args.vocab_size)
+                       vocab_high=args.vocab_size, workload=args.workload,
+                       conversations=args.conversations, turns=args.turns,
+                       system_words=args.system_words, turn_words=args.turn_words,
+                       think_time=args.think_time)
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -250,6 +431,14 @@ def format_summary(s: dict[str, Any]) -> str:
         p = s[key]
         lines.append(f"{name + ' (ms) p50/p90/p99':<28}"
                      f"{p['median']:.1f} / {p['p90']:.1f} / {p['p99']:.1f}")
+    if s.get("workload") == "multi-turn":
+        p = s["ttft_later_turns_ms"]
+        lines.append(f"{'TTFT turns 2+ p50/p90/p99':<28}"
+                     f"{p['median']:.1f} / {p['p90']:.1f} / {p['p99']:.1f}")
+        lines.append(f"{'prompt tokens cached':<28}{100 * s['cached_token_share']:.1f}%")
+        if s["replicas_per_conversation"] is not None:
+            lines.append(f"{'replicas per conversation':<28}"
+                         f"{' '.join(map(str, s['replicas_per_conversation']))}")
     if s["cost"] is not None:
         lines.append(f"{'cost per output token':<28}{format_per_token(s['cost'])}")
     lines.extend(f"error: {e}" for e in s["errors"])

@@ -12,9 +12,9 @@ Two deployments make the application:
   `PrefixRouter`: Ray Serve's PrefixCacheAffinityRouter (while the replicas' loads differ by
   at most --router-imbalanced-threshold, the replica that served the longest shared prefix, so
   that its prefix cache hits) falling back to power of two choices. A replica that dies before
-  a response starts has its request retried on another; one that dies mid-stream ends the
-  stream with a 503 error event. `/metrics` is every replica's metrics with a `replica` label,
-  plus the router's decisions.
+  it accepts a request has the request retried on another; one that dies while running it
+  answers 503, or, when its event stream has begun, ends the stream with a 503 error event.
+  `/metrics` is every replica's metrics with a `replica` label, plus the router's decisions.
 """
 
 import argparse
@@ -33,7 +33,7 @@ from typing import Any
 import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
@@ -51,6 +51,7 @@ from ember.config import (
     DEFAULT_MAX_BODY_BYTES, DEFAULT_SEND_TIMEOUT, DataParallelConfig, EngineConfig,
 )
 from ember.errors import ConfigError
+from ember.serving import decisions
 from ember.serving.proxy import ForwardedRequest, run_asgi
 
 logger = logging.getLogger("ember.serving")
@@ -63,6 +64,9 @@ METRICS_MAX_AGE_S = 15.0  # a replica silent this long (dead, or gone) is left o
 # (each failure a replica that died or left): then 503.
 MAX_ATTEMPTS = 3
 HEALTH_TIMEOUT_S = 5.0
+# The first message of every replica's response: the replica has the request. Before it, a
+# replica lost never ran the request (another may); after it, the request dies with it.
+ACCEPTED = {"type": "ember.request.accepted"}
 _RETRYABLE = (ray.exceptions.RayActorError, DeploymentUnavailableError)
 
 
@@ -85,17 +89,19 @@ def _plain_logs(level: str = "INFO") -> None:
         ember_logger.propagate = False
 
 
-# ---- routing ---------------------------------------------------------------------------------
-_ROUTER_REGISTRY = CollectorRegistry()  # in the ingress's process, where its router runs
-ROUTER_DECISIONS = Counter(
-    "ember:router_decisions", "Requests routed, by how the replica was chosen: cache_affine (by "
-    "the prefixes replicas served) or load_balanced (power of two choices).", ["decision"],
-    registry=_ROUTER_REGISTRY)
-
-
+# ---- routing ----------------------------------------------------------------------------------
 class PrefixRouter(PrefixCacheAffinityRouter):
     """Ray Serve's prefix-cache affinity router, for ember's forwarded requests: requests with
-    no prompt (models, tokenizer, health) go by load alone, and every decision is counted."""
+    no prompt (models, tokenizer, health) go by load alone, and every decision is counted.
+
+    Ray Serve pickles a router's module by value into the process that routes (the ingress's):
+    the counters it increments therefore live in another module (`decisions`), and its own
+    state on the instance."""
+
+    def initialize_state(self, **kwargs: Any) -> None:
+        super().initialize_state(**kwargs)
+        # each request's decision, from choosing its replica until it is sent there
+        self._ember_decisions: dict[int, str] = {}
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):
         if pending_request is None or not _prompt_of(pending_request):
@@ -105,16 +111,22 @@ class PrefixRouter(PrefixCacheAffinityRouter):
 
     async def _prefix_match_best_replicas(self, pending_request, candidate_replicas):
         chosen = await super()._prefix_match_best_replicas(pending_request, candidate_replicas)
-        _decisions[id(pending_request)] = "cache_affine" if chosen[0] else "load_balanced"
+        decision = decisions.LOAD_BALANCED
+        if chosen[0]:
+            # The prefix tree chose: by a shared prefix, or, when no replica served one, the
+            # replica whose cache holds least (a balancing choice). Which, only the match says.
+            text = self._extract_text_from_request(pending_request)
+            matched, _ = ray.get(self._tree_actor.prefix_match.remote(
+                text, [r.replica_id.to_full_id_str() for r in chosen[0]]))
+            if text and len(matched) >= self._match_rate_threshold * len(text):
+                decision = decisions.CACHE_AFFINE
+        self._ember_decisions[id(pending_request)] = decision
         return chosen
 
     def on_request_routed(self, pending_request, replica_id, result):
-        ROUTER_DECISIONS.labels(_decisions.pop(id(pending_request), "load_balanced")).inc()
+        decisions.count(self._ember_decisions.pop(id(pending_request), decisions.LOAD_BALANCED))
         if _prompt_of(pending_request):  # the prefix tree learns only real prompts
             super().on_request_routed(pending_request, replica_id, result)
-
-
-_decisions: dict[int, str] = {}
 
 
 def _prompt_of(pending_request) -> str:
@@ -126,7 +138,7 @@ class PowerOfTwoRouter(PowerOfTwoChoicesRequestRouter):
 
     def on_request_routed(self, pending_request, replica_id, result):
         super().on_request_routed(pending_request, replica_id, result)
-        ROUTER_DECISIONS.labels("load_balanced").inc()
+        decisions.count(decisions.LOAD_BALANCED)
 
 
 # ---- metrics: each replica publishes, the ingress merges ------------------------------------
@@ -197,6 +209,7 @@ class EngineReplica:
                     threads)
 
     async def forward(self, req: ForwardedRequest) -> AsyncIterator[dict[str, Any]]:
+        yield ACCEPTED
         async for message in run_asgi(self.app, req):
             if message["type"] == "http.response.start":  # which replica answered
                 message = {**message, "headers": [*message.get("headers", []),
@@ -252,7 +265,7 @@ class Ingress:
         gen.cancel()
         registry = CollectorRegistry()
         registry.register(_Labelled(await self.board.get.remote(METRICS_MAX_AGE_S)))
-        body = generate_latest(registry) + generate_latest(_ROUTER_REGISTRY)
+        body = generate_latest(registry) + decisions.render()
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @_ingress_app.api_route("/{path:path}", methods=_METHODS)
@@ -287,24 +300,31 @@ class Ingress:
             [(k.lower(), v) for k, v in request.headers.raw], body,
             (request.client.host, request.client.port) if request.client else None)
         detail = "no replica answered"
-        for _ in range(MAX_ATTEMPTS):
-            gen = self.engines.forward.remote(req)
-            try:
-                async with asyncio.timeout(timeout):
-                    start = await anext(gen)
-            except TimeoutError:
-                gen.cancel()
-                detail = f"no replica answered within {timeout:.0f} s"
-                break
-            except _RETRYABLE as e:
-                detail = f"{type(e).__name__}"
-                logger.warning("a replica failed before answering %s %s (%s): trying another",
-                               request.method, path, detail)
-                continue
-            except BaseException:
-                gen.cancel()
-                raise
-            return start, gen
+        try:
+            async with asyncio.timeout(timeout):
+                for _ in range(MAX_ATTEMPTS):
+                    gen = self.engines.forward.remote(req)
+                    accepted = False
+                    try:
+                        accepted = await anext(gen) == ACCEPTED
+                        start = await anext(gen)
+                    except _RETRYABLE as e:
+                        gen.cancel()
+                        if accepted:  # it was running the request: that is lost
+                            logger.warning("a replica failed running %s %s (%s)",
+                                           request.method, path, type(e).__name__)
+                            detail = f"the replica serving it failed ({type(e).__name__})"
+                            break
+                        detail = type(e).__name__
+                        logger.warning("a replica failed before accepting %s %s (%s): trying "
+                                       "another", request.method, path, detail)
+                        continue
+                    except BaseException:
+                        gen.cancel()
+                        raise
+                    return start, gen
+        except TimeoutError:
+            detail = f"no replica answered within {timeout:.0f} s"
         return JSONResponse(_replica_unavailable(detail), status_code=503)
 
     async def _relay(self, gen, start: dict[str, Any]) -> AsyncIterator[bytes]:
