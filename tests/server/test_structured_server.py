@@ -11,9 +11,9 @@ import httpx
 import jsonschema_rs
 import openai
 import pytest
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from server_utils import ServerProcess
 
@@ -49,11 +49,11 @@ class Role(str, enum.Enum):
     viewer = "viewer"
 
 
-# Bounded strings, lists and numbers, and no extra properties: a 135M model can repeat
-# itself at temperature 0 (a float's digits, a made-up property's string); the bounds are
-# part of the schema, so the grammar enforces them.
+# Bounded strings, lists and numbers: a 135M model can repeat itself (a string's words, a
+# float's digits) until max_tokens; the bounds are part of the schema, so the grammar enforces
+# them (`multipleOf` bounds a number's decimals). Unlisted properties need no `extra="forbid"`:
+# the grammar generates only the listed ones (ember.structured_output.schema).
 class Address(BaseModel):
-    model_config = ConfigDict(extra="forbid")
     city: str = Field(max_length=40)
     country: str = Field(max_length=40)
 
@@ -63,8 +63,7 @@ class Person(BaseModel):
     role: Role
     skills: list[Annotated[str, Field(max_length=30)]] = Field(max_length=4)
     address: Address
-    rating: float = Field(ge=0, le=10)
-    model_config = ConfigDict(extra="forbid")
+    rating: float = Field(ge=0, le=10, multiple_of=0.01)
 
 
 PEOPLE = ["a chef in Lyon", "a pilot from Oslo", "a teacher in Lima", "a nurse in Cairo",
@@ -72,11 +71,13 @@ PEOPLE = ["a chef in Lyon", "a pilot from Oslo", "a teacher in Lima", "a nurse i
           "a baker in Turin", "a diver in Perth"]
 
 
-def test_parse_nested_model(client):
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_parse_nested_model(client, temperature):
     def ask(who: str):
+        # max_tokens: room for the longest strings the schema allows.
         return client.chat.completions.parse(
-            model="default", response_format=Person, temperature=0, seed=1,
-            max_tokens=400,
+            model="default", response_format=Person, temperature=temperature, seed=1,
+            max_tokens=600,
             messages=[{"role": "user", "content": f"Describe {who} as a user profile."}])
 
     with ThreadPoolExecutor(10) as pool:
@@ -175,11 +176,32 @@ def test_logit_bias_echo_and_usage(server, client):
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
     "parameters": {"type": "object", "properties": {
-        "city": {"type": "string", "description": "the city"},
+        "city": {"type": "string", "description": "the city", "maxLength": 40},
         "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
         "required": ["city", "unit"], "additionalProperties": False}}}
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
 ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
 VALIDATOR = jsonschema_rs.validator_for(WEATHER["function"]["parameters"])
+
+
+def test_required_and_named_100_calls_at_temperature_1(client):
+    # max_tokens: room for MAX_PARALLEL_CALLS (8) calls, which a "required" answer may hold.
+    def ask(i: int):
+        return client.chat.completions.create(
+            model="default", messages=ASK, tools=[WEATHER], temperature=1.0, seed=i,
+            tool_choice="required" if i % 2 else NAMED, max_tokens=400)
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(ask, range(100)))
+    for i, r in enumerate(results):
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        calls = choice.message.tool_calls
+        assert calls and all(c.function.name == "get_weather" for c in calls)
+        assert i % 2 or len(calls) == 1  # a named function: one call
+        for c in calls:
+            assert c.id.startswith("call_") and c.type == "function"
+            VALIDATOR.validate(json.loads(c.function.arguments))
 
 
 def test_streamed_call_assembles_into_the_non_streamed_one(client):
@@ -233,3 +255,73 @@ def test_auto_is_text_or_a_valid_call(client):
                 VALIDATOR.validate(json.loads(c.function.arguments))
         else:
             assert not (choice.message.content or "").lstrip().startswith("{")
+
+
+# ---- agent frameworks (acceptance 3) ------------------------------------------------------
+# Temperature 0 and bounded schemas throughout; each framework's own client talks to the server.
+class CityWeather(BaseModel):
+    city: str = Field(max_length=40)
+    unit: Literal["celsius", "fahrenheit"]
+
+
+def test_pydantic_ai_agent_loop(server):
+    """A tool call, its result, then the final answer in text: the first step must call the
+    tool (forced by the grammar), the later ones may not call any."""
+    from pydantic_ai import Agent, RunContext
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    provider = OpenAIProvider(base_url=f"{server.url}/v1", api_key="unused")
+    calls: list[str] = []
+
+    def settings(ctx: RunContext) -> dict:
+        first = ctx.run_step <= 1  # the first model request of the run
+        return {"temperature": 0.0, "max_tokens": 120, "parallel_tool_calls": False,
+                "tool_choice": ["get_weather"] if first else "none"}
+
+    agent = Agent(OpenAIChatModel("default", provider=provider), model_settings=settings)
+
+    @agent.tool_plain
+    def get_weather(city: Annotated[str, Field(max_length=40)]) -> str:
+        """Get the current weather in a city."""
+        calls.append(city)
+        return f"It is sunny and 21 degrees in {city}."
+
+    result = agent.run_sync("What is the weather like in Paris?")
+    assert len(calls) == 1 and calls[0]
+    assert isinstance(result.output, str) and result.output
+    kinds = [type(p).__name__ for m in result.all_messages() for p in m.parts]
+    assert kinds == ["UserPromptPart", "ToolCallPart", "ToolReturnPart", "TextPart"], kinds
+
+
+def test_instructor_extraction(server):
+    import instructor
+
+    client = instructor.from_openai(openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused",
+                                                  max_retries=0, timeout=600))
+    weather = client.chat.completions.create(
+        model="default", response_model=CityWeather, temperature=0, max_tokens=120,
+        max_retries=0,
+        messages=[{"role": "user", "content": "Paris is sunny today, 21 degrees Celsius."}])
+    assert isinstance(weather, CityWeather) and weather.city
+
+
+def test_langchain_bind_tools_and_structured_output(server):
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model="default", base_url=f"{server.url}/v1", api_key="unused",
+                     temperature=0, max_tokens=300, max_retries=0)
+
+    @tool(args_schema=CityWeather)
+    def get_weather(city: str, unit: str) -> str:
+        """Get the current weather in a city, in celsius or fahrenheit."""
+        return "sunny"
+
+    msg = llm.bind_tools([get_weather], tool_choice="get_weather").invoke(
+        "What is the weather like in Paris?")
+    assert [c["name"] for c in msg.tool_calls] == ["get_weather"]
+    CityWeather.model_validate(msg.tool_calls[0]["args"])
+
+    person = llm.with_structured_output(Person).invoke("Describe a chef from Lyon.")
+    assert isinstance(person, Person)

@@ -16,6 +16,7 @@ from ember import SamplingParams, StructuredOutputsParams
 from ember.errors import InvalidRequestError
 from ember.layers.sampler import Sampler, SamplingMetadata, SamplingRow
 from ember.structured_output import GrammarCompiler
+from ember.structured_output.schema import closed_schema
 
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 20},
@@ -68,6 +69,49 @@ def test_params_need_exactly_one_constraint():
         StructuredOutputsParams(regex="a", choice=["b"])
     with pytest.raises(InvalidRequestError, match="min_tokens"):
         SamplingParams(min_tokens=2, structured_outputs=StructuredOutputsParams(regex="a"))
+
+
+def test_closed_schema_closes_listed_properties_only():
+    inner = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    schema = {"type": "object", "properties": {
+        "a": inner, "b": {"type": "array", "items": inner},
+        "c": {"anyOf": [inner, {"type": "null"}]},
+        "d": {"type": "object", "properties": {"y": {}}, "additionalProperties": True},
+        "e": {"type": "object", "properties": {"z": {}}, "patternProperties": {"^k": {}}},
+        "f": {"type": "object"},  # no properties listed: any object
+        "g": {"prefixItems": [{"type": "string"}]},
+        "h": {"allOf": [inner, {"properties": {"w": {}}}]},  # merged: both stay open
+    }, "$defs": {"D": inner}}
+    before = json.dumps(schema)
+    out = closed_schema(schema)
+    assert json.dumps(schema) == before  # a copy: the caller's schema is unchanged
+    props = out["properties"]
+    assert out["additionalProperties"] is False
+    assert props["a"]["additionalProperties"] is False
+    assert props["b"]["items"]["additionalProperties"] is False
+    assert props["c"]["anyOf"][0]["additionalProperties"] is False
+    assert out["$defs"]["D"]["additionalProperties"] is False
+    assert props["d"]["additionalProperties"] is True
+    assert "additionalProperties" not in props["e"] and "additionalProperties" not in props["f"]
+    assert props["g"]["items"] is False
+    assert all("additionalProperties" not in s for s in [props["h"], *props["h"]["allOf"]])
+
+
+def test_unlisted_properties_are_not_generated(setup):
+    """A schema silent about other properties: after the listed ones the object must close
+    (a model that invents properties would otherwise run on until max_tokens)."""
+    comp, tok = setup
+    schema = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 5}},
+              "required": ["a"]}
+    m = comp.compile(StructuredOutputsParams(json=schema)).new_matcher()
+    m.advance(ids(tok, '{"a":"x"'))
+    mask = m.mask()
+    assert allowed(mask, ids(tok, "}")[0]) and not allowed(mask, ids(tok, ",")[0])
+    # Asked for, other properties are generated.
+    open_ = comp.compile(StructuredOutputsParams(json={**schema, "additionalProperties": True}))
+    m = open_.new_matcher()
+    m.advance(ids(tok, '{"a":"x"'))
+    assert allowed(m.mask(), ids(tok, ",")[0])
 
 
 def test_matcher_follows_accepted_tokens_once(setup):

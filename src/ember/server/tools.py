@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ember.errors import InvalidRequestError
+from ember.structured_output.schema import closed_schema
 
 ToolFormat = Literal["hermes", "llama3_json", "mistral", "generic"]
 
@@ -123,7 +124,7 @@ def _one_of(schemas: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _json(schema: dict[str, Any]) -> str:
     options = {"x-guidance": {"whitespace_flexible": False, "coerce_one_of": True}}
-    return "%json " + json.dumps({**schema, **options})
+    return "%json " + json.dumps({**closed_schema(schema), **options})
 
 
 def tool_grammar(fmt: ToolFormat, tools: list[dict[str, Any]], required: bool,

@@ -19,6 +19,7 @@ from ember.errors import InvalidRequestError
 from ember.loading.tokenizer import Tokenizer
 from ember.sampling_params import StructuredOutputsParams
 from ember.structured_output.matcher import RequestMatcher
+from ember.structured_output.schema import closed_schema
 
 # JSON schemas compile to compact JSON: a small model given free whitespace can spend its
 # tokens on newlines. oneOf is read as anyOf (pydantic emits oneOf for unions), as vLLM does.
@@ -94,7 +95,7 @@ class GrammarCompiler:
     def grammar_text(params: StructuredOutputsParams) -> str:
         """The llguidance grammar for a constraint (not validated yet)."""
         if params.json is not None:
-            return llguidance.LLMatcher.grammar_from_json_schema(params.json,
+            return llguidance.LLMatcher.grammar_from_json_schema(closed_schema(params.json),
                                                                  defaults=JSON_OPTIONS)
         if params.json_object:
             return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"},
