@@ -195,7 +195,8 @@ def test_fused_decode_steps_aside_where_it_cannot_serve(tiny_llama_dir):
 def test_the_layer_schema_names_a_misaligned_tensor(tiny_llama_dir):
     """decode_schema.h describes each layer's tensors for both sides: a wrong dtype, a wrong
     shape, swapped entries or a wrong count fail with the tensor's name, in Python when the
-    list is built and in C++ when it is called (hidden 64, q_size 64, kv_size 32, inter 128)."""
+    list is built and in C++ when it is called (hidden 64, q_size 64, kv_size 32, inter 128;
+    layer 1 is the one broken)."""
     llm = LLM(model=str(tiny_llama_dir), max_model_len=128, enforce_eager=True)
     model = llm.llm_engine.model
     fused = model.fused_decode
@@ -267,6 +268,7 @@ def test_the_layer_schema_names_a_misaligned_tensor(tiny_llama_dir):
     with pytest.raises(RuntimeError, match=r"layer 1's q_norm must be empty or a contiguous "
                                            r"\[head_dim = 16\] vector"):
         call(wrong_shape)
-    with pytest.raises(RuntimeError, match=f"{len(p) - 1} params for 3 layers, where the "
+    with pytest.raises(RuntimeError, match=f"{len(p) - 1} params for {len(model.layers)} "
+                                           "layers, where the "
                                            f"schema \\(decode_schema.h\\) has {PER_LAYER}"):
         call(p[:-1])
