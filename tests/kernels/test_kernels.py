@@ -318,3 +318,43 @@ def test_int4_linear_op_serves_float32_activations(rows):
     assert y.dtype == torch.float32 and y.shape == (rows, 192)
     atol, rtol = (0.3, 0.02) if rows < 16 else (1e-4, 1e-5)  # bf16 for ATen's kernel only
     torch.testing.assert_close(y, F.linear(x, w.dequantize()), atol=atol, rtol=rtol)
+
+
+def test_every_op_has_its_fake_for_torch_compile():
+    """ops.py registers a fake for each op (shapes and dtypes without running it): under
+    FakeTensorMode an op without one raises."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, k_cache = torch.empty(3, 64), torch.empty(32, 2, 16)
+        tables, lens = torch.zeros(3, 2, dtype=torch.long), torch.ones(3, dtype=torch.long)
+        q = torch.empty(3, 4, 16, dtype=torch.bfloat16)
+        out = ops.decode_attention(q, k_cache, k_cache, tables, lens, 16, 0.25)
+        assert out.shape == (3, 4, 16) and out.dtype == torch.bfloat16
+        assert ops.write_kv(k_cache[:3], k_cache[:3], k_cache, k_cache,
+                            torch.zeros(3, dtype=torch.long)) is None
+        y = ops.q8_0_linear(x, torch.empty(32, 64, dtype=torch.int8), torch.empty(32, 2))
+        assert y.shape == (3, 32) and y.dtype == torch.float32
+        y = ops.int4_tiled_linear(x.bfloat16(), torch.empty(2, 8, 64, dtype=torch.uint8),
+                                  torch.empty(2, 32), torch.empty(2, 32), 32, 20)
+        assert y.shape == (3, 32)
+        y = ops.kquant_linear(x, [torch.empty(2, 1, 144, dtype=torch.uint8)], [0], 64, 20, True)
+        assert y.shape == (3, 32) and y.dtype == torch.float32
+        rows = ops.kquant_rows(torch.empty(2, 1, 144, dtype=torch.uint8),
+                               torch.zeros(5, dtype=torch.long), 0, 256)
+        assert rows.shape == (5, 256) and rows.dtype == torch.float32
+        sz = torch.empty(2, 1, 1, 2, 16)  # [K / G, 1, N / block, 2, block / 2]
+        y = ops.int4_linear(x, torch.empty(32, 32, dtype=torch.uint8), sz, sz,
+                            torch.empty(2, 32, 2), 32, 16)
+        assert y.shape == (3, 32)
+        step = torch.zeros(3, dtype=torch.long)
+        hidden = ops.decode_layers(step, step, torch.empty(100, 64), torch.empty(8, 16),
+                                   torch.empty(8, 16), [], torch.empty(64), [], [], step,
+                                   tables, lens, 16, 4, 2, 32, 20, 1e-6, 0.25, -1, 128, [],
+                                   torch.empty(0), torch.empty(0), 0.0, 0, 1.0)
+        assert hidden.shape == (3, 64)
+        ids, logprobs = ops.greedy_sample(torch.empty(3, 100))
+        assert ids.shape == logprobs.shape == (3,) and ids.dtype == torch.int64
+        qkv = torch.empty(3, 4, 16)
+        assert ops.paged_attention(qkv, qkv[:, :2], qkv[:, :2], k_cache, k_cache, 0.25,
+                                   0).shape == (3, 64)
