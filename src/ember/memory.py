@@ -7,8 +7,7 @@ middle of every stream; Linux serves 2 MiB pages to memory that asks for them
 allocator asks only when THP_MEM_ALLOC_ENABLE is set, and a model's tensors are mostly
 smaller than a huge page anyway. So the tensors a decode step reads are packed into one
 2 MiB-aligned block (`pack`), in the order the step reads them, and the KV cache is one
-block (`empty`). Measured on this machine: the int4 GEMVs over packed weights ~10-20% faster
-(docs/benchmarks.md).
+block (`empty`): the int4 GEMVs run faster over packed weights (docs/benchmarks.md).
 
 On CUDA nothing moves; on other systems, or where the kernel refuses, the blocks are plain
 allocations.

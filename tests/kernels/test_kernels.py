@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ember import kernels
+from ember.kernels import ops
 from ember.layers import attention
 from ember.layers.attention import (AttentionMetadata, DecodeBatch, PrefillChunk,
                                     attention_metadata, paged_attention_impl)
@@ -48,8 +49,8 @@ def test_decode_attention_matches_sdpa(dtype, heads, kv_heads, dim):
     width = -(-int(lens.max()) // block_size)
     tables = torch.stack([torch.randperm(num_blocks, generator=g)[:width] for _ in range(batch)])
     q = torch.randn(batch, heads, dim, generator=g).to(dtype)
-    out = torch.ops.ember_cpu.decode_attention(q, k_cache, v_cache, tables, lens, block_size,
-                                               dim**-0.5)
+    out = ops.decode_attention(q, k_cache, v_cache, tables, lens, block_size,
+                               dim**-0.5)
     ref = _sdpa_decode(q, k_cache, v_cache, tables, lens, block_size, dim**-0.5)
     assert out.dtype == dtype and out.shape == q.shape
     tol = 1e-5 if dtype == torch.float32 else 1e-2
@@ -61,14 +62,14 @@ def test_decode_attention_reads_a_strided_query_and_refuses_bad_input():
     qkv = torch.randn(2, 8 * 64)  # q as a view into a fused projection's output
     q = qkv.view(2, 8, 64)[:, :4]
     tables, lens = torch.tensor([[1], [0]]), torch.tensor([3, 16])
-    out = torch.ops.ember_cpu.decode_attention(q, k_cache, k_cache, tables, lens, 16, 0.125)
+    out = ops.decode_attention(q, k_cache, k_cache, tables, lens, 16, 0.125)
     torch.testing.assert_close(out, _sdpa_decode(q, k_cache, k_cache, tables, lens, 16, 0.125),
                                atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="int64"):
-        torch.ops.ember_cpu.decode_attention(q, k_cache, k_cache, tables.int(), lens, 16, 0.1)
+        ops.decode_attention(q, k_cache, k_cache, tables.int(), lens, 16, 0.1)
     with pytest.raises(RuntimeError, match="multiple|heads"):
-        torch.ops.ember_cpu.decode_attention(torch.randn(2, 3, 64), k_cache, k_cache, tables,
-                                             lens, 16, 0.1)
+        ops.decode_attention(torch.randn(2, 3, 64), k_cache, k_cache, tables,
+                             lens, 16, 0.1)
 
 
 @pytest.mark.parametrize("src,cache", [(torch.float32, torch.float32),
@@ -79,7 +80,7 @@ def test_write_kv_fills_the_slots(src, cache):
     v = torch.randn(3, 2, 16).to(src)
     k_cache, v_cache = torch.zeros(10, 2, 16, dtype=cache), torch.zeros(10, 2, 16, dtype=cache)
     slots = torch.tensor([7, 0, 4])
-    torch.ops.ember_cpu.write_kv(k, v, k_cache, v_cache, slots)
+    ops.write_kv(k, v, k_cache, v_cache, slots)
     ref_k, ref_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
     ref_k.index_copy_(0, slots, k.to(cache))
     ref_v.index_copy_(0, slots, v.to(cache))
@@ -91,18 +92,18 @@ def test_kernels_refuse_slots_and_block_tables_outside_the_cache():
     q = torch.randn(1, 2, 16)
     lens = torch.tensor([20])
     with pytest.raises(RuntimeError, match="block id 2 of sequence 0 is outside the cache"):
-        torch.ops.ember_cpu.decode_attention(q, k_cache, k_cache, torch.tensor([[0, 2]]), lens,
-                                             16, 0.25)
+        ops.decode_attention(q, k_cache, k_cache, torch.tensor([[0, 2]]), lens,
+                             16, 0.25)
     with pytest.raises(RuntimeError, match="block id -1"):
-        torch.ops.ember_cpu.decode_attention(q, k_cache, k_cache, torch.tensor([[-1, 0]]), lens,
-                                             16, 0.25)
+        ops.decode_attention(q, k_cache, k_cache, torch.tensor([[-1, 0]]), lens,
+                             16, 0.25)
     with pytest.raises(RuntimeError, match="context length 40 of sequence 0 is beyond"):
-        torch.ops.ember_cpu.decode_attention(q, k_cache, k_cache, torch.tensor([[0, 1]]),
-                                             torch.tensor([40]), 16, 0.25)
+        ops.decode_attention(q, k_cache, k_cache, torch.tensor([[0, 1]]),
+                             torch.tensor([40]), 16, 0.25)
     k = torch.randn(2, 2, 16)
     for bad in (32, -1):
         with pytest.raises(RuntimeError, match=f"slot {bad} is outside the cache"):
-            torch.ops.ember_cpu.write_kv(k, k, k_cache, k_cache.clone(), torch.tensor([0, bad]))
+            ops.write_kv(k, k, k_cache, k_cache.clone(), torch.tensor([0, bad]))
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 17])
@@ -114,7 +115,7 @@ def test_q8_0_linear_computes_with_the_files_values(rows):
     w = Q8_0Weight(torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8),
                    torch.rand(n, k // 32, generator=g) * 0.02)
     x = torch.randn(rows, k, generator=g).bfloat16()
-    y = torch.ops.ember_cpu.q8_0_linear(x, w.q, w.scale)
+    y = ops.q8_0_linear(x, w.q, w.scale)
     ref = x.double() @ w.dequantize().double().t()
     assert y.dtype == torch.float32 and y.shape == (rows, n)
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
@@ -200,8 +201,8 @@ def test_int4_linear_op_computes_with_the_dequantized_weight(group, rows, monkey
     lin = Int4Linear(w, None, CPU, torch.bfloat16)
     assert not lin.tiled and lin.dense_for_many_rows
     x = torch.randn(rows, 256, generator=g).bfloat16()
-    y = torch.ops.ember_cpu.int4_linear(x, lin.weight, lin.dense_scales, lin.dense_zeros,
-                                        lin.scales_and_zeros, group, 16)
+    y = ops.int4_linear(x, lin.weight, lin.dense_scales, lin.dense_zeros,
+                        lin.scales_and_zeros, group, 16)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 192)
     torch.testing.assert_close(y.float(), F.linear(x.float(), w.dequantize()), atol=0.3,
                                rtol=0.02)
@@ -232,8 +233,8 @@ def test_int4_tiled_linear_computes_with_the_dequantized_weight(group, rows):
         assert not lin.tiled and not hasattr(lin, "tiles")
         assert lin.dense_for_many_rows == cpu_layout_known()
         with pytest.raises(RuntimeError, match="AVX512-BF16"):
-            torch.ops.ember_cpu.int4_tiled_linear(x, tiles, sz[..., 0].contiguous(),
-                                                  sz[..., 1].contiguous(), group, 20)
+            ops.int4_tiled_linear(x, tiles, sz[..., 0].contiguous(),
+                                  sz[..., 1].contiguous(), group, 20)
     y = lin(x)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 192)
     torch.testing.assert_close(y.float(), F.linear(x.float(), w.dequantize()), atol=0.3,
@@ -274,8 +275,8 @@ def test_decode_attention_reads_only_the_window(window):
         before = slots(b, 0, max(0, n - window))
         k_cache[before] = float("nan")
         v_cache[before] = float("nan")
-    out = torch.ops.ember_cpu.decode_attention(q, k_cache, v_cache, tables, lens, block_size,
-                                               0.0625, window)
+    out = ops.decode_attention(q, k_cache, v_cache, tables, lens, block_size,
+                               0.0625, window)
     torch.testing.assert_close(out, torch.stack(expected), atol=1e-5, rtol=1e-5)
 
 
@@ -293,7 +294,7 @@ def test_int4_linear_op_reads_both_atens_cpu_packings(block, dtype):
     packed = (rows[:, 0] | rows[:, 1] << 4).transpose(1, 2).contiguous().view(192, 128)
     scales, zeros = _blocked(w.scale, block).to(dtype), _blocked(w.zero, block).to(dtype)
     x = torch.randn(40, 256, generator=g).to(dtype)
-    y = torch.ops.ember_cpu.int4_linear(x, packed, scales, zeros, torch.empty(0), 32, 16)
+    y = ops.int4_linear(x, packed, scales, zeros, torch.empty(0), 32, 16)
     atol, rtol = (1e-4, 1e-5) if dtype == torch.float32 else (0.3, 0.02)
     torch.testing.assert_close(y.float(), F.linear(x.float(), w.dequantize()), atol=atol,
                                rtol=rtol)
@@ -317,3 +318,43 @@ def test_int4_linear_op_serves_float32_activations(rows):
     assert y.dtype == torch.float32 and y.shape == (rows, 192)
     atol, rtol = (0.3, 0.02) if rows < 16 else (1e-4, 1e-5)  # bf16 for ATen's kernel only
     torch.testing.assert_close(y, F.linear(x, w.dequantize()), atol=atol, rtol=rtol)
+
+
+def test_every_op_has_its_fake_for_torch_compile():
+    """ops.py registers a fake for each op (shapes and dtypes without running it): under
+    FakeTensorMode an op without one raises."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, k_cache = torch.empty(3, 64), torch.empty(32, 2, 16)
+        tables, lens = torch.zeros(3, 2, dtype=torch.long), torch.ones(3, dtype=torch.long)
+        q = torch.empty(3, 4, 16, dtype=torch.bfloat16)
+        out = ops.decode_attention(q, k_cache, k_cache, tables, lens, 16, 0.25)
+        assert out.shape == (3, 4, 16) and out.dtype == torch.bfloat16
+        assert ops.write_kv(k_cache[:3], k_cache[:3], k_cache, k_cache,
+                            torch.zeros(3, dtype=torch.long)) is None
+        y = ops.q8_0_linear(x, torch.empty(32, 64, dtype=torch.int8), torch.empty(32, 2))
+        assert y.shape == (3, 32) and y.dtype == torch.float32
+        y = ops.int4_tiled_linear(x.bfloat16(), torch.empty(2, 8, 64, dtype=torch.uint8),
+                                  torch.empty(2, 32), torch.empty(2, 32), 32, 20)
+        assert y.shape == (3, 32)
+        y = ops.kquant_linear(x, [torch.empty(2, 1, 144, dtype=torch.uint8)], [0], 64, 20, True)
+        assert y.shape == (3, 32) and y.dtype == torch.float32
+        rows = ops.kquant_rows(torch.empty(2, 1, 144, dtype=torch.uint8),
+                               torch.zeros(5, dtype=torch.long), 0, 256)
+        assert rows.shape == (5, 256) and rows.dtype == torch.float32
+        sz = torch.empty(2, 1, 1, 2, 16)  # [K / G, 1, N / block, 2, block / 2]
+        y = ops.int4_linear(x, torch.empty(32, 32, dtype=torch.uint8), sz, sz,
+                            torch.empty(2, 32, 2), 32, 16)
+        assert y.shape == (3, 32)
+        step = torch.zeros(3, dtype=torch.long)
+        hidden = ops.decode_layers(step, step, torch.empty(100, 64), torch.empty(8, 16),
+                                   torch.empty(8, 16), [], torch.empty(64), [], [], step,
+                                   tables, lens, 16, 4, 2, 32, 20, 1e-6, 0.25, -1, 128, [],
+                                   torch.empty(0), torch.empty(0), 0.0, 0, 1.0)
+        assert hidden.shape == (3, 64)
+        ids, logprobs = ops.greedy_sample(torch.empty(3, 100))
+        assert ids.shape == logprobs.shape == (3,) and ids.dtype == torch.int64
+        qkv = torch.empty(3, 4, 16)
+        assert ops.paged_attention(qkv, qkv[:, :2], qkv[:, :2], k_cache, k_cache, 0.25,
+                                   0).shape == (3, 64)

@@ -5,13 +5,18 @@ aside where it cannot serve the model."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from conftest import EXACT
 from ember import LLM, SamplingParams, kernels
+from ember.kernels.decode_schema import (LAYER_SCHEMA, PER_LAYER, LayerTensors, ModelDims,
+                                         SchemaError)
 from ember.layers.attention import AttentionMetadata, DecodeBatch, PrefillChunk
 from ember.loading.loader import resolve_precision
+from ember.models.fused_decode import _projection
 from ember.quantization.int4 import Int4Linear
 
 BLOCK = 16
@@ -185,3 +190,85 @@ def test_fused_decode_steps_aside_where_it_cannot_serve(tiny_llama_dir):
         torch.zeros(model.layers[0].self_attn.o_proj.out_features), requires_grad=False)
     assert not model.fuse_decode()  # no family has an output projection bias
     assert model.fused_decode is None
+
+
+def test_the_layer_schema_names_a_misaligned_tensor(tiny_llama_dir):
+    """decode_schema.h describes each layer's tensors for both sides: a wrong dtype, a wrong
+    shape, swapped entries or a wrong count fail with the tensor's name, in Python when the
+    list is built and in C++ when it is called (hidden 64, q_size 64, kv_size 32, inter 128;
+    layer 1 is the one broken)."""
+    llm = LLM(model=str(tiny_llama_dir), max_model_len=128, enforce_eager=True)
+    model = llm.llm_engine.model
+    fused = model.fused_decode
+    assert fused is not None
+    assert len(fused.params) == len(model.layers) * PER_LAYER
+    assert [e.name for e in LAYER_SCHEMA][:6] == [
+        "input_norm", "qkv_proj", "o_proj", "mlp_norm", "gate_up_proj", "down_proj"]
+    dims = ModelDims(hidden=64, heads=4, kv_heads=2, head_dim=16, inter=128)
+    layer = model.layers[1]
+
+    def parts(**changes):
+        attn, mlp = layer.self_attn, layer.mlp
+        base = {"input_norm": layer.input_layernorm.weight,
+                "qkv_proj": _projection(attn.qkv_proj, torch.float32),
+                "o_proj": _projection(attn.o_proj, torch.float32),
+                "mlp_norm": layer.post_attention_layernorm.weight,
+                "gate_up_proj": _projection(mlp.gate_up_proj, torch.float32),
+                "down_proj": _projection(mlp.down_proj, torch.float32),
+                **{name: torch.empty(0) for name in (
+                    "qkv_bias", "q_norm", "k_norm", "post_attention_norm",
+                    "post_feedforward_norm")}}
+        return LayerTensors({**base, **changes})
+
+    assert len(parts().flat(1, dims, torch.float32)) == PER_LAYER
+    # Python, building the list:
+    with pytest.raises(SchemaError, match="layer 1's input_norm must be a contiguous "
+                                          r"\[hidden\] = \[64\] vector of torch.float32, got "
+                                          "torch.bfloat16"):
+        parts(input_norm=layer.input_layernorm.weight.bfloat16()).flat(1, dims, torch.float32)
+    with pytest.raises(SchemaError, match=r"layer 1's o_proj must be a \[hidden, q_size\] = "
+                                          r"\[64, 64\] projection, got \[64, 128\]"):
+        parts(o_proj=parts().parts["down_proj"], down_proj=parts().parts["o_proj"]).flat(
+            1, dims, torch.float32)
+    with pytest.raises(SchemaError, match="layer 1's q_norm must be empty or a contiguous "
+                                          r"\[head_dim\] = \[16\] vector"):
+        parts(q_norm=torch.ones(64)).flat(1, dims, torch.float32)
+    with pytest.raises(SchemaError, match="layer 1's k_norm is missing"):
+        LayerTensors({k: v for k, v in parts().parts.items() if k != "k_norm"}).flat(
+            1, dims, torch.float32)
+
+    # C++, on each call (a list that bypassed the Python side):
+    caches = llm.llm_engine.runner.kv_caches
+    meta = AttentionMetadata(torch.tensor([16]), DecodeBatch(
+        torch.arange(1), torch.tensor([[1]]), BLOCK, torch.tensor([1]), 1, None))
+    step = (torch.tensor([3]), torch.tensor([0]), caches, meta)
+
+    def call(params):
+        broken = copy.copy(fused)
+        broken.params = params
+        with torch.inference_mode():
+            return broken(*step)
+
+    p, base = list(fused.params), PER_LAYER  # layer 1's tensors start at `base`
+    with torch.inference_mode():
+        torch.testing.assert_close(call(p), fused(*step))  # the list as built: fine
+    wrong_dtype = p[:base] + [p[base].bfloat16()] + p[base + 1:]
+    with pytest.raises(RuntimeError, match="layer 1's input_norm must be a contiguous "
+                                           r"\[hidden = 64\] vector of Float, got BFloat16"):
+        call(wrong_dtype)
+    qkv, gate_up = base + 1, base + 1 + 4 + 4 + 1  # the first tensor of each projection
+    swapped = list(p)
+    swapped[qkv], swapped[gate_up] = p[gate_up], p[qkv]
+    with pytest.raises(RuntimeError, match=r"layer 1's qkv_proj must be a "
+                                           r"\[q_size \+ 2 \* kv_size, hidden\] = \[128, 64\] "
+                                           r"projection, got a \[256, 64\] one"):
+        call(swapped)
+    wrong_shape = list(p)
+    wrong_shape[base + PER_LAYER - 4] = torch.ones(64)  # layer 1's q_norm, hidden-sized
+    with pytest.raises(RuntimeError, match=r"layer 1's q_norm must be empty or a contiguous "
+                                           r"\[head_dim = 16\] vector"):
+        call(wrong_shape)
+    with pytest.raises(RuntimeError, match=f"{len(p) - 1} params for {len(model.layers)} "
+                                           "layers, where the "
+                                           f"schema \\(decode_schema.h\\) has {PER_LAYER}"):
+        call(p[:-1])

@@ -1,4 +1,8 @@
-"""ember's own CPU kernels (cpu.cpp, decode.cpp, kquant.cpp), where PyTorch's generic ops leave speed on the table.
+"""ember's own CPU kernels, where PyTorch's generic ops leave speed on the table.
+
+One C++ source per kernel family (attention.cpp, cache.cpp, int4.cpp, q8_0.cpp, kquant.cpp,
+sampling.cpp, decode.cpp; common.h their shared helpers), linked into one library. Each op's
+Python call and its fake (for torch.compile) live in `ember.kernels.ops`.
 
 They are compiled once per machine, for its own instruction set (like llama.cpp's native
 build), by the system C++ compiler against the installed torch, and cached under
@@ -10,6 +14,7 @@ make it faster, never able to run.
 
 from __future__ import annotations
 
+import concurrent.futures
 import fcntl
 import functools
 import hashlib
@@ -23,12 +28,15 @@ from pathlib import Path
 import torch
 
 from ember.cpuinfo import cpu_flags, cpu_model
+from ember.kernels import ops
 
 logger = logging.getLogger("ember")
 
 _HERE = Path(__file__).parent
-SOURCES = [_HERE / "cpu.cpp", _HERE / "decode.cpp", _HERE / "kquant.cpp"]
-HEADERS = [_HERE / "common.h"]
+# Every source and header of the folder: each one is compiled (or included) and hashed into
+# the cache key, so a new file cannot be left out of either.
+SOURCES = sorted(_HERE.glob("*.cpp"))
+HEADERS = sorted(_HERE.glob("*.h"))
 # -march=native: this machine's vector units (AVX-512, its bf16 and VNNI extensions, ...); the
 # kernels issue no AMX. Reassociation (vectorized reductions) but not -ffast-math, which,
 # linked into a shared library, sets flush-to-zero for the whole process (crtfastmath).
@@ -48,7 +56,8 @@ def _compiler() -> str | None:
 def _cache_path(cxx: str) -> Path:
     # The CPU too: -march=native code built on one CPU can crash on another sharing the folder.
     key = hashlib.sha256()
-    for part in (*(p.read_bytes() for p in SOURCES + HEADERS), torch.__version__.encode(),
+    for part in (*(p.name.encode() + p.read_bytes() for p in SOURCES + HEADERS),
+                 torch.__version__.encode(),
                  " ".join(FLAGS).encode(), cxx.encode(), cpu_model().encode(),
                  cpu_flags().encode()):
         key.update(part)
@@ -57,19 +66,19 @@ def _cache_path(cxx: str) -> Path:
 
 
 def _build(cxx: str, target: Path) -> None:
-    """Compile each source to an object file, all at once (a core each), then link them."""
+    """Compile the sources to object files, a core each, then link them."""
     torch_dir = Path(torch.__file__).parent
     compile_flags = [f for f in FLAGS if f != "-shared"]
     include = [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include/torch/csrc/api/include'}"]
     objects = [target.with_name(f"{src.stem}.o") for src in SOURCES]
-    jobs = [subprocess.Popen([cxx, *compile_flags, *include, "-c", str(src), "-o", str(obj)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for src, obj in zip(SOURCES, objects)]
-    for job in jobs:
-        _, err = job.communicate()
-        if job.returncode:
-            raise subprocess.CalledProcessError(job.returncode, job.args, stderr=err)
+
+    def compile_one(src: Path, obj: Path) -> None:
+        subprocess.run([cxx, *compile_flags, *include, "-c", str(src), "-o", str(obj)],
+                       check=True, capture_output=True, text=True)
+
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        list(pool.map(compile_one, SOURCES, objects))  # list(): raises the first failure
     subprocess.run([cxx, *FLAGS, *map(str, objects), "-o", str(target) + ".tmp",
                     f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10",
                     f"-Wl,-rpath,{torch_dir / 'lib'}"], check=True, capture_output=True, text=True)
@@ -107,31 +116,10 @@ def load() -> bool:
         logger.warning("ember's CPU kernels are off: their build failed (%s)",
                        detail.strip().splitlines()[-1] if detail.strip() else type(e).__name__)
         return False
-    _register_fakes()
+    ops.register_fakes()
     global _loaded
     _loaded = True
     return True
-
-
-def _register_fakes() -> None:
-    """Output shapes for torch.compile of the ops a compiled graph calls directly."""
-
-    @torch.library.register_fake("ember_cpu::int4_linear")
-    def _(x, packed, scales, zeros, scales_and_zeros, group_size, dense_min_rows):
-        return x.new_empty(x.shape[0], scales.numel() * group_size // x.shape[1])
-
-    @torch.library.register_fake("ember_cpu::int4_tiled_linear")
-    def _(x, codes, scales, zeros, group_size, dense_min_rows):
-        return x.new_empty(x.shape[0], codes.shape[0] * 16)
-
-    @torch.library.register_fake("ember_cpu::kquant_linear")
-    def _(x, tiles, kinds, k, dense_min_rows, float_out):
-        return x.new_empty(x.shape[0], sum(t.shape[0] for t in tiles) * 16,
-                           dtype=torch.float32 if float_out else x.dtype)
-
-    @torch.library.register_fake("ember_cpu::kquant_rows")
-    def _(tiles, ids, kind, k):
-        return ids.new_empty(*ids.shape, k, dtype=torch.float32)
 
 
 def available(device: torch.device) -> bool:
@@ -147,4 +135,4 @@ def int4_tiles(device: torch.device) -> bool:
 
 @functools.cache
 def _tiles_supported() -> bool:
-    return bool(torch.ops.ember_cpu.int4_tiles_supported())
+    return ops.int4_tiles_supported()

@@ -19,6 +19,12 @@ inline float to_float(c10::BFloat16 x) {
 }
 template <typename T> inline T from_float(float x) { return static_cast<T>(x); }
 
+// Software prefetch distance in the GEMVs that stream weights (the int4 and K-quant tiles; the
+// Q8_0 head reads whole rows ahead, q8_0.cpp): the hardware prefetchers stop at every 4 KiB
+// page and ramp up again, which costs little while the weights sit in the (shared) L3 but much
+// when other processes have evicted them and every step streams from DRAM (docs/benchmarks.md).
+constexpr int64_t kPrefetchBytes = 2048;
+
 // e^x for x <= 0 (softmax's shifted scores) without a libm call, so the loop vectorizes:
 // 2^(x log2 e) = 2^i * 2^f, 2^f by a degree-5 minimax polynomial (relative error < 1e-7).
 inline float exp_nonpositive(float x) {
@@ -56,5 +62,7 @@ at::Tensor kquant_linear(const at::Tensor& x, at::TensorList tiles, at::IntArray
 // Rows `ids` [T] of a K-quant weight's tiles (see kquant.cpp) into out [T, k] float32.
 void kquant_rows_into(const at::Tensor& tiles, const int64_t* ids, int64_t T, int64_t kind,
                       int64_t k, float* out);
+// The inputs per block of a K-quant kind (its tiles hold K / block blocks a row).
+int64_t kquant_block(int64_t kind);
 
 }  // namespace ember

@@ -12,29 +12,42 @@
 // The arithmetic is the model's (`models/llama.py`): the residual stream in float32, the norms'
 // outputs rounded to the activation dtype before and after the weight, rotary and SiLU * up
 // computed in float32 from activation-dtype inputs and rounded once, as the compiled graph
-// does. The families' choices (`config.Family`) come as `FamilyArgs`: QKV bias, QK-norm,
-// Gemma's norms after attention and MLP and its (1 + w) weights, GELU-tanh, the embedding
-// scale, per-layer sliding windows and the sliding layers' own rotary tables.
+// does. Each layer's tensors come in one list, in the order of the layer schema
+// (decode_schema.h), checked against it on every call. The families' choices (`config.Family`)
+// are entries of that schema where they are tensors (QKV bias, QK-norm, Gemma's norms after
+// attention and MLP), the rest come as `FamilyArgs`: Gemma's (1 + w) weights, GELU-tanh, the
+// embedding scale, per-layer sliding windows and the sliding layers' own rotary tables.
 #include "common.h"
 
 #include <torch/library.h>
 
 #include <cmath>
+#include <string>
+#include <utility>
 #include <vector>
 
 namespace ember {
 namespace {
 
-// Per layer: input norm weight, 4 tensors per projection (qkv, o), post-attention norm
-// weight, 4 per projection (gate_up, down). A projection's 4: int4 in ember's layout (the
-// tiles [N / 16, K / 8, 64], scales, zeros, -: see int4_tiled_linear) or in ATen's CPU
-// packing (codes, its scales_and_zeros, the dense path's scales and zeros: see int4_linear);
-// int8 (int8 codes, per-row scales, -, -); dense ([N, K] weight, -, -, -); GGUF K-quant / Q5
-// (see kquant_linear): the first segment's tiles, the segments' kinds (int64 [1..3]), the
-// second and third segments' tiles (or empty).
-constexpr int64_t kProjection = 4;
-constexpr int64_t kPerLayer = 2 + 4 * kProjection;
+// Tensors per entry of the layer schema (decode_schema.h), by kind.
+constexpr int64_t kWidthNORM = 1, kWidthPROJ = 4, kWidthEXTRA = 1;
 
+// Each layer's tensors, at these offsets in `params` (kPerLayer a layer): the schema's entries
+// in order, a projection's 4 from k_<name> on.
+enum LayerSlot : int64_t {
+#define EMBER_LAYER_TENSOR(name, kind, rows, cols) \
+  k_##name, k_##name##_last = k_##name + kWidth##kind - 1,
+#include "decode_schema.h"
+#undef EMBER_LAYER_TENSOR
+  kPerLayer
+};
+
+// A projection's 4 tensors: int4 in ember's layout (the tiles [N / 16, K / 8, 64], scales,
+// zeros, -: see int4_tiled_linear) or in ATen's CPU packing (codes [N, K / 2], its
+// scales_and_zeros, the dense path's scales and zeros: see int4_linear); int8 (int8 codes
+// [N, K], per-row scales, -, -); dense ([N, K] weight, -, -, -); GGUF K-quant / Q5 (see
+// kquant_linear): the first segment's tiles, the segments' kinds (int64 [1..3]), the second
+// and third segments' tiles (or empty).
 at::Tensor project(const at::Tensor& x, const at::Tensor* p, int64_t group_size,
                    int64_t dense_min_rows) {
   switch (p[0].scalar_type()) {
@@ -51,6 +64,80 @@ at::Tensor project(const at::Tensor& x, const at::Tensor* p, int64_t group_size,
     case at::kChar: return at::_weight_int8pack_mm(x, p[0], p[1]);
     default: return at::mm(x, p[0].t());
   }
+}
+
+// The [rows, cols] of the weight a projection's 4 tensors hold, read from its layout as
+// `project` reads it; {-1, -1} for no layout it knows.
+std::pair<int64_t, int64_t> projection_shape(const at::Tensor* p) {
+  switch (p[0].scalar_type()) {
+    case at::kByte:
+      if (p[1].scalar_type() == at::kLong) {  // K-quant segments
+        if (p[0].dim() != 3 || p[1].numel() < 1 || p[1].numel() > 3) break;
+        int64_t rows = 0;
+        for (int64_t i = 0; i < p[1].numel(); ++i) {
+          const at::Tensor& t = i == 0 ? p[0] : p[1 + i];
+          if (t.dim() != 3) return {-1, -1};
+          rows += t.size(0) * 16;
+        }
+        return {rows, p[0].size(1) * kquant_block(p[1].data_ptr<int64_t>()[0])};
+      }
+      if (p[0].dim() == 3) return {p[0].size(0) * 16, p[0].size(1) * 8};  // int4 tiles
+      if (p[0].dim() == 2) return {p[0].size(0), p[0].size(1) * 2};       // ATen's int4
+      break;
+    case at::kChar:
+    case at::kFloat:
+    case at::kBFloat16:
+      if (p[0].dim() == 2) return {p[0].size(0), p[0].size(1)};
+      break;
+    default:
+      break;
+  }
+  return {-1, -1};
+}
+
+// The model's dims the schema's shapes are written in (decode_schema.h).
+struct Dims {
+  int64_t hidden, head_dim, q_size, kv_size, inter;
+};
+
+// Layer `l`'s tensors p[0, kPerLayer) against the schema: each entry's dtype, shape and
+// layout, the error naming the entry.
+void check_layer(int64_t l, const at::Tensor* p, const Dims& dims, at::ScalarType dtype) {
+  const auto [hidden, head_dim, q_size, kv_size, inter] = dims;
+  auto vector_ok = [&](const at::Tensor& t, int64_t n) {
+    return t.scalar_type() == dtype && t.dim() == 1 && t.numel() == n && t.is_contiguous();
+  };
+#define EMBER_CHECK_NORM(name, rows, cols)                                                     \
+  TORCH_CHECK(vector_ok(p[k_##name], rows), "decode_layers: layer ", l, "'s " #name            \
+              " must be a contiguous [" #rows " = ", rows, "] vector of ", dtype, ", got ",   \
+              p[k_##name].scalar_type(), " ", p[k_##name].sizes());
+#define EMBER_CHECK_EXTRA(name, rows, cols)                                                    \
+  TORCH_CHECK(p[k_##name].numel() == 0 || vector_ok(p[k_##name], rows), "decode_layers: layer ", \
+              l, "'s " #name " must be empty or a contiguous [" #rows " = ", rows,            \
+              "] vector of ", dtype, ", got ", p[k_##name].scalar_type(), " ",                \
+              p[k_##name].sizes());
+#define EMBER_CHECK_PROJ(name, rows, cols)                                                     \
+  {                                                                                            \
+    const at::Tensor* q = p + k_##name;                                                        \
+    const auto [n, k] = projection_shape(q);                                                   \
+    TORCH_CHECK(n == (rows) && k == (cols), "decode_layers: layer ", l, "'s " #name            \
+                " must be a [" #rows ", " #cols "] = [", rows, ", ", cols, "] projection, got ", \
+                n < 0 ? std::string("no layout decode_layers runs") :                          \
+                        "a [" + std::to_string(n) + ", " + std::to_string(k) + "] one",        \
+                " (first tensor ", q[0].scalar_type(), " ", q[0].sizes(), ")");               \
+    TORCH_CHECK(!c10::isFloatingType(q[0].scalar_type()) || q[0].scalar_type() == dtype,        \
+                "decode_layers: layer ", l, "'s " #name " is dense in ", q[0].scalar_type(),    \
+                ", the activations in ", dtype);                                              \
+    for (int i = 0; i < kWidthPROJ; ++i)                                                       \
+      TORCH_CHECK(q[i].is_contiguous(), "decode_layers: layer ", l, "'s " #name " tensor ", i,  \
+                  " must be contiguous");                                                      \
+  }
+#define EMBER_LAYER_TENSOR(name, kind, rows, cols) EMBER_CHECK_##kind(name, rows, cols)
+#include "decode_schema.h"
+#undef EMBER_LAYER_TENSOR
+#undef EMBER_CHECK_NORM
+#undef EMBER_CHECK_EXTRA
+#undef EMBER_CHECK_PROJ
 }
 
 // x * rsqrt(mean(x^2) + eps), rounded to AT, times the weight, rounded: RMSNorm's two casts.
@@ -93,13 +180,8 @@ void rotate(const AT* x, const AT* cos, const AT* sin, int64_t dim, OT* out) {
   }
 }
 
-// Per layer in `extras`: QKV bias, q norm, k norm, norm after attention, norm after the MLP
-// (Gemma's); an empty tensor where the family has none.
-constexpr int64_t kExtras = 5;
-
 // What a family does differently from Llama (see `config.Family`).
 struct FamilyArgs {
-  at::TensorList extras;                  // kExtras per layer
   c10::ArrayRef<int64_t> windows;         // per layer: sliding window (0: global)
   const at::Tensor &local_cos, &local_sin;  // the sliding layers' rotary tables (or empty)
   float norm_offset;                      // RMSNorm weights are (offset + w)
@@ -178,9 +260,9 @@ at::Tensor run_layers(const StepArgs& args, const FamilyArgs& fam) {
   };
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* p = params.data() + l * kPerLayer;
-    const at::Tensor* e = fam.extras.data() + l * kExtras;
-    const AT* norm1 = p[0].data_ptr<AT>();
-    const AT* norm2 = p[1 + 2 * kProjection].data_ptr<AT>();
+    const AT* norm1 = p[k_input_norm].data_ptr<AT>();
+    const AT* norm2 = p[k_mlp_norm].data_ptr<AT>();
+    const at::Tensor& bias = p[k_qkv_bias];
     AT* kc = k_caches[l].data_ptr<AT>();
     AT* vc = v_caches[l].data_ptr<AT>();
     const int64_t window = fam.windows[l];
@@ -189,20 +271,22 @@ at::Tensor run_layers(const StepArgs& args, const FamilyArgs& fam) {
 
     for (int64_t t = 0; t < T; ++t) rms_norm(xp + t * D, norm1, D, eps, hp + t * D, offset);
     at::Tensor qkv;
-    if (e[0].numel() > 0 && (p[1].scalar_type() == at::kFloat ||
-                             p[1].scalar_type() == at::kBFloat16)) {
-      qkv = at::addmm(e[0], h, p[1].t());  // a dense biased projection, as nn.Linear runs it
+    if (bias.numel() > 0 && (p[k_qkv_proj].scalar_type() == at::kFloat ||
+                             p[k_qkv_proj].scalar_type() == at::kBFloat16)) {
+      // a dense biased projection, as nn.Linear runs it
+      qkv = at::addmm(bias, h, p[k_qkv_proj].t());
     } else {
-      qkv = project(h, p + 1, group_size, dense_min_rows);
-      if (e[0].numel() > 0) qkv.add_(e[0]);
+      qkv = project(h, p + k_qkv_proj, group_size, dense_min_rows);
+      if (bias.numel() > 0) qkv.add_(bias);
     }
     AT* qkvp = qkv.data_ptr<AT>();
     const int64_t row = qkv.size(1);
-    if (e[1].numel() > 0)  // QK-norm: each head of q and k, before rotary
+    if (p[k_q_norm].numel() > 0)  // QK-norm: each head of q and k, before rotary
       for (int64_t t = 0; t < T; ++t)
         for (int64_t hd = 0; hd < heads + kv_heads; ++hd) {
           AT* r = qkvp + t * row + hd * dim;
-          rms_norm_row(r, e[hd < heads ? 1 : 2].data_ptr<AT>(), dim, eps, offset, r);
+          rms_norm_row(r, p[hd < heads ? k_q_norm : k_k_norm].data_ptr<AT>(), dim, eps, offset,
+                       r);
         }
     for (int64_t t = 0; t < T; ++t) {  // rotate q; rotate k and write it and v to their slot
       const AT* r = qkvp + t * row;
@@ -218,11 +302,11 @@ at::Tensor run_layers(const StepArgs& args, const FamilyArgs& fam) {
     }
     const at::Tensor o = decode_attention(q, k_caches[l], v_caches[l], block_tables,
                                           context_lens, block_size, scale, window);
-    add_block(project(o.view({T, q_size}), p + 1 + kProjection, group_size, dense_min_rows),
-              e[3]);
+    add_block(project(o.view({T, q_size}), p + k_o_proj, group_size, dense_min_rows),
+              p[k_post_attention_norm]);
 
     for (int64_t t = 0; t < T; ++t) rms_norm(xp + t * D, norm2, D, eps, hp + t * D, offset);
-    const at::Tensor gate_up = project(h, p + 2 + 2 * kProjection, group_size, dense_min_rows);
+    const at::Tensor gate_up = project(h, p + k_gate_up_proj, group_size, dense_min_rows);
     const int64_t inter = gate_up.size(1) / 2;
     const AT* gp = gate_up.data_ptr<AT>();
     at::Tensor act = at::empty({T, inter}, h.options());
@@ -240,7 +324,8 @@ at::Tensor run_layers(const StepArgs& args, const FamilyArgs& fam) {
         actp[t * inter + i] = from_float<AT>(a * sigmoid(a) * to_float(g[inter + i]));
       }
     }
-    add_block(project(act, p + 2 + 3 * kProjection, group_size, dense_min_rows), e[4]);
+    add_block(project(act, p + k_down_proj, group_size, dense_min_rows),
+              p[k_post_feedforward_norm]);
   }
   at::Tensor out = at::empty({T, D}, act);
   for (int64_t t = 0; t < T; ++t)
@@ -256,7 +341,7 @@ at::Tensor decode_layers(const at::Tensor& ids, const at::Tensor& positions,
                          const at::Tensor& block_tables, const at::Tensor& context_lens,
                          int64_t block_size, int64_t heads, int64_t kv_heads, int64_t group_size,
                          int64_t dense_min_rows, double eps, double scale,
-                         int64_t embedding_kind, at::TensorList extras,
+                         int64_t embedding_kind, int64_t intermediate_size,
                          at::IntArrayRef windows, const at::Tensor& local_cos,
                          const at::Tensor& local_sin, double norm_offset, int64_t activation,
                          double embed_scale) {
@@ -266,10 +351,12 @@ at::Tensor decode_layers(const at::Tensor& ids, const at::Tensor& positions,
                   positions.sizes() == ids.sizes() && positions.scalar_type() == at::kLong &&
                   positions.is_contiguous(),
               "ids, positions: [T] int64");
-  TORCH_CHECK(layers > 0 && v_caches.size() == k_caches.size() &&
-                  static_cast<int64_t>(params.size()) == layers * kPerLayer,
-              "params: ", kPerLayer, " tensors per layer; one K and one V cache per layer");
-  const auto dtype = params[0].scalar_type();
+  TORCH_CHECK(layers > 0 && v_caches.size() == k_caches.size(),
+              "decode_layers: one K and one V cache per layer");
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == layers * kPerLayer, "decode_layers: ",
+              params.size(), " params for ", layers, " layers, where the schema "
+              "(decode_schema.h) has ", kPerLayer, " tensors a layer");
+  const auto dtype = params[k_input_norm].scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "activations: float32 or bfloat16");
   TORCH_CHECK(final_norm.scalar_type() == dtype && final_norm.is_contiguous() &&
                   embedding.is_contiguous() &&
@@ -300,20 +387,12 @@ at::Tensor decode_layers(const at::Tensor& ids, const at::Tensor& positions,
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK(slots.data_ptr<int64_t>()[t] >= 0 && slots.data_ptr<int64_t>()[t] < k_caches[0].size(0),
                 "slot ", slots.data_ptr<int64_t>()[t], " is outside the cache");
-  const int64_t D = final_norm.numel();
-  TORCH_CHECK(static_cast<int64_t>(extras.size()) == layers * kExtras &&
-                  static_cast<int64_t>(windows.size()) == layers,
-              "extras: ", kExtras, " tensors per layer; windows: one per layer");
+  const int64_t D = final_norm.numel(), head_dim = cos_table.size(1);
+  TORCH_CHECK(static_cast<int64_t>(windows.size()) == layers, "windows: one per layer");
+  const Dims dims{D, head_dim, heads * head_dim, kv_heads * head_dim, intermediate_size};
   for (int64_t l = 0; l < layers; ++l) {
     TORCH_CHECK(windows[l] >= 0, "windows: >= 0");
-    const int64_t sizes[kExtras] = {heads * cos_table.size(1) + 2 * kv_heads * cos_table.size(1),
-                                    cos_table.size(1), cos_table.size(1), D, D};
-    for (int64_t i = 0; i < kExtras; ++i) {
-      const at::Tensor& e = extras[l * kExtras + i];
-      TORCH_CHECK(e.numel() == 0 || (e.scalar_type() == dtype && e.is_contiguous() &&
-                                     e.numel() == sizes[i]),
-                  "extras: empty, or contiguous activation-dtype vectors of their sizes");
-    }
+    check_layer(l, params.data() + l * kPerLayer, dims, dtype);
   }
   TORCH_CHECK(local_cos.numel() == 0 || (local_cos.sizes() == cos_table.sizes() &&
                                          local_sin.sizes() == cos_table.sizes() &&
@@ -327,7 +406,7 @@ at::Tensor decode_layers(const at::Tensor& ids, const at::Tensor& positions,
                       k_caches, v_caches, slots, block_tables, context_lens, block_size, heads,
                       kv_heads, group_size, dense_min_rows, static_cast<float>(eps),
                       static_cast<float>(scale), embedding_kind};
-  const FamilyArgs fam{extras, windows, local_cos, local_sin, static_cast<float>(norm_offset),
+  const FamilyArgs fam{windows, local_cos, local_sin, static_cast<float>(norm_offset),
                        activation, static_cast<float>(embed_scale)};
   return dtype == at::kBFloat16 ? run_layers<c10::BFloat16>(args, fam)
                                 : run_layers<float>(args, fam);
@@ -341,7 +420,7 @@ TORCH_LIBRARY_FRAGMENT(ember_cpu, m) {
         "Tensor sin_table, Tensor[] params, Tensor final_norm, Tensor(a!)[] k_caches, "
         "Tensor(b!)[] v_caches, Tensor slots, Tensor block_tables, Tensor context_lens, "
         "int block_size, int heads, int kv_heads, int group_size, int dense_min_rows, "
-        "float eps, float scale, int embedding_kind, Tensor[] extras, int[] windows, "
+        "float eps, float scale, int embedding_kind, int intermediate_size, int[] windows, "
         "Tensor local_cos, Tensor local_sin, float norm_offset, int activation, "
         "float embed_scale) -> Tensor");
 }

@@ -184,10 +184,6 @@ void rows_kernel(const uint8_t* tiles, const int64_t* ids, int64_t T, int64_t K,
   }
 }
 
-// Software prefetch distance in the tiles' stream: the hardware prefetchers stop at every
-// 4 KiB page (see cpu.cpp's int4 GEMV).
-constexpr int64_t kPrefetchBytes = 2048;
-
 // y[m, 16 t .. 16 t + 16) for MC rows of x (float32 [MC, K], row stride K): per sub-block,
 // the 16 rows' sums of x q in float32 (two inputs a step, 16 rows in two AVX2 registers),
 // then y += s * sum(x q) + o * sum(x).
@@ -411,6 +407,10 @@ void kquant_rows_into(const at::Tensor& tiles, const int64_t* ids, int64_t T, in
     rows_kernel<decltype(tag)::value>(tiles.data_ptr<uint8_t>(), ids, T, K, out);
     return 0;
   });
+}
+
+int64_t kquant_block(int64_t kind) {
+  return dispatch(kind, [](auto tag) { return Format<decltype(tag)::value>::block; });
 }
 
 }  // namespace ember

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember import kernels
+from ember.kernels import ops
 
 
 @dataclass
@@ -131,7 +132,7 @@ def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     own_kernels = kernels.available(q.device)
     # Write first, then read: the new tokens attend to themselves through the cache.
     if own_kernels:
-        torch.ops.ember_cpu.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     else:
         k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
@@ -141,9 +142,8 @@ def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         only_decodes = not meta.prefills  # then the rows are the batch, in order
         qd = q if only_decodes else q[d_batch.token_idx]
         if own_kernels:  # reads the blocks in place (of a window: only its keys)
-            o = torch.ops.ember_cpu.decode_attention(
-                qd, k_cache, v_cache, d_batch.block_tables, d_batch.context_lens,
-                d_batch.block_size, scale, window)
+            o = ops.decode_attention(qd, k_cache, v_cache, d_batch.block_tables,
+                                     d_batch.context_lens, d_batch.block_size, scale, window)
         else:  # a batch of SDPA's [1, Kmax] problems over gathered blocks
             keys = _gather_blocks(k_cache, d_batch).to(q.dtype)  # [B, Kmax, Hkv, D]
             values = _gather_blocks(v_cache, d_batch).to(q.dtype)
@@ -182,17 +182,7 @@ def paged_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.view(t, h * d)
 
 
-# Defined through the low-level `Library` API, not `torch.library.custom_op`: the compiled
-# graph calls the op 30 times a step, and custom_op's Python wrapper costs time on each call.
-_lib = torch.library.Library("ember", "DEF")
-_lib.define("paged_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, "
-            "Tensor(b!) v_cache, float scale, int window) -> Tensor")
-_lib.impl("paged_attention", paged_attention_impl, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("ember::paged_attention", lib=_lib)
-def _(q, k, v, k_cache, v_cache, scale, window):
-    return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+ops.implement_paged_attention(paged_attention_impl)  # ember::paged_attention (kernels.ops)
 
 
 class PagedAttention(nn.Module):
@@ -209,6 +199,5 @@ class PagedAttention(nn.Module):
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """q [T, H, D], k and v [T, Hkv, D] -> [T, H * D]."""
         if torch.compiler.is_compiling():  # an opaque node of the graph
-            return torch.ops.ember.paged_attention(q, k, v, k_cache, v_cache, self.scale,
-                                                   self.window)
+            return ops.paged_attention(q, k, v, k_cache, v_cache, self.scale, self.window)
         return paged_attention_impl(q, k, v, k_cache, v_cache, self.scale, self.window)

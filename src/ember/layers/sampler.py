@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ember import kernels
+from ember.kernels import ops
 from ember.sampling_params import SamplingParams
 from ember.structured_output.bitmask import apply_token_bitmask
 
@@ -90,7 +91,7 @@ class SamplingMetadata:
         if (not random_params and no_penalties and max_num_logprobs == 0
                 and not any(r.banned_token_ids for r in rows)
                 and kernels.available(torch.device(device))):
-            # A decode step's usual case: ~10 small tensors (~50 µs) not worth building.
+            # A decode step's usual case: ~10 small tensors not worth building.
             empty = torch.empty(0, device=device)
             return cls(
                 **{f: empty for f in ("temperature", "top_p", "top_k", "min_p",
@@ -257,7 +258,7 @@ def exponential_noise(seeds: Tensor, positions: Tensor, vocab_size: int) -> Tens
 
 def _argmax(x: Tensor) -> Tensor:
     """Row-wise argmax (the first maximum; NaN counts as the maximum, as in torch). On CPU
-    through NumPy: ATen's CPU argmax over a 49k vocabulary takes ~100 µs a row, NumPy's ~5."""
+    through NumPy: ATen's CPU argmax over a large vocabulary is many times slower."""
     if x.device.type == "cpu" and x.dtype == torch.float32:
         return torch.from_numpy(x.contiguous().numpy().argmax(axis=-1))
     return x.argmax(dim=-1)
@@ -281,8 +282,9 @@ class Sampler(nn.Module):
         logits = apply_logit_constraints(logits, meta)
         if meta.plain_greedy:
             # Plain greedy (a benchmark's, a deterministic client's): the argmax and its
-            # logprob in one kernel, ~20 µs a row instead of ~300 µs of the general path.
-            ids, logprobs = torch.ops.ember_cpu.greedy_sample(logits.float().contiguous())
+            # logprob in one kernel, two passes over the logits, without the general path's
+            # [B, V] log_softmax (docs/benchmarks.md).
+            ids, logprobs = ops.greedy_sample(logits.float().contiguous())
             return SamplerOutput(ids, logprobs, None, None)
         raw_logprobs = logits.float().log_softmax(dim=-1)
         processed = process_logits(logits, meta)

@@ -207,7 +207,7 @@ def dequantize_tensor(tensor: ReaderTensor) -> torch.Tensor:
 class _Reader(GGUFReader):
     """A GGUFReader over a plain ndarray view of its memory map (GGUFReader slices its data
     once per vocabulary string, ~250k times here, and numpy's memmap subclass makes every
-    slice several times slower: 4 s -> 1.4 s for the default model), which checks every
+    slice several times slower), which checks every
     tensor's type, size and place in the file before the reader maps it."""
 
     @property  # type: ignore[override]

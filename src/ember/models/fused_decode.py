@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from ember import kernels
+from ember.kernels import ops
+from ember.kernels.decode_schema import LayerTensors, ModelDims, Projection
 from ember.layers.attention import AttentionMetadata
 from ember.quantization.int4 import DENSE_MIN_TOKENS, DENSE_MIN_TOKENS_TILED, Int4Linear
 from ember.quantization.int8 import Int8Linear
@@ -36,26 +38,28 @@ logger = logging.getLogger("ember")
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
-def _projection(m: nn.Module, dtype: torch.dtype, bias_ok: bool = False
-                ) -> list[torch.Tensor] | None:
+def _projection(m: nn.Module, dtype: torch.dtype, bias_ok: bool = False) -> Projection | None:
     """The 4 tensors decode.cpp takes for one projection, or None if it cannot run it (a
-    bias only where `bias_ok`: it travels in the layer's extras)."""
+    bias only where `bias_ok`: it travels in the layer's qkv_bias)."""
     if m._forward_hooks or (getattr(m, "bias", None) is not None and not bias_ok):
         return None
     none = torch.empty(0, dtype=dtype)
     if isinstance(m, Int4Linear) and m.tiled:
-        return [m.tiles, m.tile_scales, m.tile_zeros, none]
-    if isinstance(m, Int4Linear) and m.dense_for_many_rows:
-        return [m.weight, m.scales_and_zeros, m.dense_scales, m.dense_zeros]
-    if isinstance(m, Int8Linear):
-        return [m.weight, m.scales, none, none]
-    if isinstance(m, KQuantLinear) and m.tiled and len(m.kinds) <= 3 and not m.float_out:
+        tensors = (m.tiles, m.tile_scales, m.tile_zeros, none)
+    elif isinstance(m, Int4Linear) and m.dense_for_many_rows:
+        tensors = (m.weight, m.scales_and_zeros, m.dense_scales, m.dense_zeros)
+    elif isinstance(m, Int8Linear):
+        tensors = (m.weight, m.scales, none, none)
+    elif isinstance(m, KQuantLinear) and m.tiled and len(m.kinds) <= 3 and not m.float_out:
         segments = m.segments
-        return [segments[0], torch.tensor(m.kinds), *segments[1:],
-                *[torch.empty(0, dtype=torch.uint8)] * (3 - len(segments))]
-    if type(m) is nn.Linear and m.weight.dtype == dtype:
-        return [m.weight, none, none, none]
-    return None
+        empty = torch.empty(0, dtype=torch.uint8)
+        tensors = (segments[0], torch.tensor(m.kinds), *segments[1:],
+                   *[empty] * (3 - len(segments)))
+    elif type(m) is nn.Linear and m.weight.dtype == dtype:
+        tensors = (m.weight, none, none, none)
+    else:
+        return None
+    return Projection(tensors, m.out_features, m.in_features)
 
 
 def _vector(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -69,10 +73,9 @@ def _vector(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 @dataclass
 class FamilyArgs:
     """decode_layers' arguments for what a family does differently from Llama (decode.cpp's
-    FamilyArgs): per layer QKV bias, q and k norms, Gemma's norms after attention and MLP
-    (empty tensors where absent) and the sliding window; the sliding layers' rotary tables."""
+    FamilyArgs; its per-layer tensors, QKV bias, QK-norm and Gemma's norms, are entries of
+    the layer schema): per layer the sliding window; the sliding layers' rotary tables."""
 
-    extras: list[torch.Tensor]
     windows: list[int]
     local_cos: torch.Tensor
     local_sin: torch.Tensor
@@ -84,7 +87,8 @@ class FamilyArgs:
 class FusedDecode:
     def __init__(self, edges: list[torch.Tensor], params: list[torch.Tensor], num_heads: int,
                  num_kv_heads: int, group_size: int, dense_min_rows: int, eps: float,
-                 scale: float, embedding_kind: int, family: FamilyArgs) -> None:
+                 scale: float, embedding_kind: int, intermediate_size: int,
+                 family: FamilyArgs) -> None:
         # The model's embedding, rotary cos and sin tables and final norm weight (the tensors
         # themselves, not the model: no reference cycle keeps a dropped model alive).
         self.edges = edges
@@ -93,19 +97,24 @@ class FusedDecode:
         self.group_size, self.dense_min_rows = group_size, dense_min_rows
         self.eps, self.scale = eps, scale
         self.embedding_kind = embedding_kind  # -1: a dense table
+        self.intermediate_size = intermediate_size
         self.family = family
 
     @classmethod
     def build(cls, model: nn.Module) -> "FusedDecode | None":
         """The fused decode of `model` (a `LlamaForCausalLM`), if its layers allow one; else
-        None, with the reason in the log."""
+        None, with the reason in the log. A layer whose tensors do not fit the layer schema
+        (decode_schema.h: a model change that misaligns them) raises `SchemaError`."""
         dtype = model.embed_tokens.weight.dtype
         if not kernels.available(model.embed_tokens.weight.device) or dtype not in (
                 torch.float32, torch.bfloat16):
             return None  # no kernels (said at load) or an activation dtype they do not take
         params: list[torch.Tensor] = []
-        extras: list[torch.Tensor] = []
         group_sizes, tiled = set(), set()
+        first = model.layers[0]
+        dims = ModelDims(model.norm.weight.numel(), first.self_attn.num_heads,
+                         first.self_attn.num_kv_heads, model.rotary.cos.shape[1],
+                         model.config.intermediate_size)
         for i, layer in enumerate(model.layers):
             attn, mlp = layer.self_attn, layer.mlp
             linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
@@ -128,8 +137,12 @@ class FusedDecode:
                 return _cannot(f"layer {i}'s projections {which} (hooks or layouts "
                                "decode_layers does not run)" if which else
                                f"layer {i}'s norms, biases or hooks")
-            params += [norms[0], *parts[0], *parts[1], norms[1], *parts[2], *parts[3]]
-            extras += extra
+            params += LayerTensors({
+                "input_norm": norms[0], "qkv_proj": parts[0], "o_proj": parts[1],
+                "mlp_norm": norms[1], "gate_up_proj": parts[2], "down_proj": parts[3],
+                "qkv_bias": extra[0], "q_norm": extra[1], "k_norm": extra[2],
+                "post_attention_norm": extra[3], "post_feedforward_norm": extra[4],
+            }).flat(i, dims, dtype)
             int4 = [m for m in linears if isinstance(m, Int4Linear)]
             group_sizes |= {m.group_size for m in int4}
             tiled |= {m.tiled for m in int4}
@@ -144,13 +157,12 @@ class FusedDecode:
             if not lin.tiled:
                 return _cannot("a K-quant embedding without the kernels' layout")
             embedding, embedding_kind = lin.segments[0], lin.kinds[0]
-        first = model.layers[0]
         edges = [embedding, model.rotary.cos, model.rotary.sin, norm]
         family = model.config.family
         local = model.rotary_local
         empty = torch.empty(0)
         family_args = FamilyArgs(
-            extras, [layer.self_attn.attn.window for layer in model.layers],
+            [layer.self_attn.attn.window for layer in model.layers],
             local.cos if local is not None else empty, local.sin if local is not None else empty,
             family.norm_offset, {"silu": 0, "gelu_tanh": 1}[family.hidden_act],
             float(model.embed_scale))
@@ -158,7 +170,7 @@ class FusedDecode:
                    group_sizes.pop() if group_sizes else 32,
                    DENSE_MIN_TOKENS if tiled == {False} else DENSE_MIN_TOKENS_TILED,
                    first.input_layernorm.eps, first.self_attn.attn.scale, embedding_kind,
-                   family_args)
+                   dims.inter, family_args)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
@@ -166,12 +178,12 @@ class FusedDecode:
         (`meta.decode` covers every row, in order)."""
         d, f = meta.decode, self.family
         embedding, cos, sin, norm = self.edges
-        return torch.ops.ember_cpu.decode_layers(
+        return ops.decode_layers(
             input_ids, positions, embedding, cos, sin, self.params, norm,
             [k for k, _ in kv_caches], [v for _, v in kv_caches],
             meta.slot_mapping, d.block_tables, d.context_lens, d.block_size, self.num_heads,
             self.num_kv_heads, self.group_size, self.dense_min_rows, self.eps, self.scale,
-            self.embedding_kind, f.extras, f.windows, f.local_cos, f.local_sin,
+            self.embedding_kind, self.intermediate_size, f.windows, f.local_cos, f.local_sin,
             f.norm_offset, f.activation, f.embed_scale)
 
 

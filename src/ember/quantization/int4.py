@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ember import kernels
+from ember.kernels import ops
 from ember.quantization.weight import QuantizedCodes
 
 # The packed kernels' shape rules: output rows in tiles of 16.
@@ -40,8 +41,7 @@ _N_TILE = 16
 DENSE_MIN_TOKENS = 16
 DENSE_MIN_TOKENS_EAGER = 192
 # ember's GEMV (`tiled` layers) costs less per row than ATen's kernel: it stays ahead of
-# dequantize + GEMM up to ~20 rows (the default model's shapes, 2 threads: at 16 rows 8-29%
-# faster, at 24 even to 40% slower, at 32 20-60% slower).
+# dequantize + GEMM up to ~20 rows on the default model's shapes (docs/benchmarks.md).
 DENSE_MIN_TOKENS_TILED = 20
 # ATen's CPU packing, by the CPU capability ATen dispatches to: output rows in blocks of 64
 # (AVX512) or 32 (AVX2); per block, K-major, one byte holding rows j (low nibble) and
@@ -92,7 +92,7 @@ def tile_codes(q: torch.Tensor) -> torch.Tensor:
     """[N, K] codes (0..15) -> ember's GEMV layout [N / 16, K / 8, 64] uint8: per tile of 16
     rows and 8 columns k0.., in 128-bit lane i, byte 2d + e holds row 4i + d at k0 + e (low
     nibble) and k0 + 4 + e (high), byte 8 + 2d + e the same row at k0 + 2 + e and k0 + 6 + e
-    (see `int4_gemv_tiles` in kernels/cpu.cpp)."""
+    (see `int4_gemv_tiles` in kernels/int4.cpp)."""
     n, k = q.shape
     t = q.view(n // 16, 16, k // 8, 8)
     b = torch.arange(64, device=q.device)
@@ -196,16 +196,14 @@ class Int4Linear(nn.Module):
         x = x.reshape(-1, shape[-1])
         many = DENSE_MIN_TOKENS if torch.compiler.is_compiling() else DENSE_MIN_TOKENS_EAGER
         if self.tiled:  # ember's GEMV for few rows, dequantize + GEMM for many, in one op
-            y = torch.ops.ember_cpu.int4_tiled_linear(x, self.tiles, self.tile_scales,
-                                                      self.tile_zeros, self.group_size,
-                                                      DENSE_MIN_TOKENS_TILED)
+            y = ops.int4_tiled_linear(x, self.tiles, self.tile_scales, self.tile_zeros,
+                                      self.group_size, DENSE_MIN_TOKENS_TILED)
         elif self.dense_for_many_rows and kernels.available(x.device):
             # ember's op picks its path by the row count inside, so under torch.compile one
             # graph serves every batch of 2 or more tokens (float32 activations: rounded to
             # bf16 for ATen's kernel there, as below).
-            y = torch.ops.ember_cpu.int4_linear(x, self.weight, self.dense_scales,
-                                                self.dense_zeros, self.scales_and_zeros,
-                                                self.group_size, DENSE_MIN_TOKENS)
+            y = ops.int4_linear(x, self.weight, self.dense_scales, self.dense_zeros,
+                                self.scales_and_zeros, self.group_size, DENSE_MIN_TOKENS)
         elif self.dense_for_many_rows and x.shape[0] >= many:
             y = torch.mm(x, _dequantize_cpu_packed(self.weight, self.dense_scales,
                                                    self.dense_zeros, self.in_features,

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ember import kernels
+from ember.kernels import ops
 from ember.errors import ModelLoadError
 from ember.quantization.int4 import DENSE_MIN_TOKENS_TILED
 from ember.quantization.weight import QuantizedCodes
@@ -290,8 +291,8 @@ class KQuantLinear(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         if self.tiled:
-            y = torch.ops.ember_cpu.kquant_linear(x, self.segments, self.kinds, self.in_features,
-                                                  DENSE_MIN_ROWS, self.float_out)
+            y = ops.kquant_linear(x, self.segments, self.kinds, self.in_features,
+                                  DENSE_MIN_ROWS, self.float_out)
         else:
             w = torch.cat([dequantize(raw, fmt, (raw.shape[0], self.in_features))
                            for fmt, raw in zip(self.formats, self.segments)])
@@ -307,8 +308,7 @@ class KQuantLinear(nn.Module):
         of one segment."""
         (fmt,), (data,) = self.formats, self.segments
         if self.tiled:
-            return torch.ops.ember_cpu.kquant_rows(data, ids, fmt.kind,
-                                                   self.in_features).to(dtype)
+            return ops.kquant_rows(data, ids, fmt.kind, self.in_features).to(dtype)
         raw = data[ids.reshape(-1)]
         w = dequantize(raw, fmt, (raw.shape[0], self.in_features))
         return w.to(dtype).reshape(*ids.shape, self.in_features)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ember.kernels import ops
 from ember.quantization.weight import QuantizedCodes
 
 GROUP = 32
@@ -52,7 +53,7 @@ class Q8_0Linear(nn.Module):
         if self.dense is not None and x.shape[0] >= DENSE_MIN_ROWS:
             y = torch.nn.functional.linear(x.to(self.dense.dtype), self.dense).float()
         else:
-            y = torch.ops.ember_cpu.q8_0_linear(x, self.weight, self.scales)
+            y = ops.q8_0_linear(x, self.weight, self.scales)
         return y.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
