@@ -34,7 +34,7 @@ def Int(**bounds: Any) -> Any:  # noqa: N802 (a type)
     return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
 
 
-# The schema's token ids get `maximum: vocab_size - 1` once the model is loaded (app.py).
+# The schema's token ids get `maximum: vocab_size - 1` once the model is loaded (openapi.py).
 TOKEN_ID_MARK = "x-ember-token-id"
 TokenId = Int(ge=0, json_schema_extra={TOKEN_ID_MARK: True})
 
