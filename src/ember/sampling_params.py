@@ -84,9 +84,11 @@ class StructuredOutputsParams:
 class SamplingParams:
     MAX_LOGPROBS: ClassVar[int] = 20
     MAX_STOP: ClassVar[int] = 64  # stop strings, and stop token ids: each is checked per token
-    # Upper bounds: beyond them float32 logits overflow to inf and sampling degenerates
-    # (1e39 is inf), and a long stop string holds back that much streamed text.
+    # Bounds: beyond them float32 logits overflow to inf and sampling degenerates (1e39 is
+    # inf; a repetition penalty below float32's range is 0, and a masked -inf logit times 0
+    # is NaN), and a long stop string holds back that much streamed text.
     MAX_TEMPERATURE: ClassVar[float] = 100.0
+    MIN_REPETITION_PENALTY: ClassVar[float] = 0.01
     MAX_REPETITION_PENALTY: ClassVar[float] = 100.0
     MAX_STOP_CHARS: ClassVar[int] = 1024
     MAX_LOGIT_BIAS: ClassVar[int] = 300  # OpenAI's limit
@@ -116,7 +118,8 @@ class SamplingParams:
         self._check_int("n", lo=1)
         self._check_float("presence_penalty", -2.0, 2.0)
         self._check_float("frequency_penalty", -2.0, 2.0)
-        self._check_float("repetition_penalty", 0.0, self.MAX_REPETITION_PENALTY, lo_open=True)
+        self._check_float("repetition_penalty", self.MIN_REPETITION_PENALTY,
+                          self.MAX_REPETITION_PENALTY)
         self._check_float("temperature", 0.0, self.MAX_TEMPERATURE)
         self._check_float("top_p", 0.0, 1.0, lo_open=True)
         self._check_int("top_k", lo=-1)

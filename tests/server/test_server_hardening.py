@@ -102,6 +102,38 @@ def test_oversized_chunked_body_is_refused(server):
     assert f"larger than {DEFAULT_MAX_BODY_BYTES} bytes" in error["message"]
 
 
+def read_response(s: socket.socket) -> tuple[bytes, bytes]:
+    """One response's status line and body from a connection that stays open."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536) or b"<closed>"
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        body += s.recv(65536)
+    return head.partition(b"\r\n")[0], body
+
+
+@pytest.mark.parametrize("path, framing", [
+    ("/health", "Transfer-Encoding: chunked"),
+    ("/metrics", "Content-Length: 1000000"),
+])
+def test_a_body_on_a_get_is_not_waited_for(server, path, framing):
+    # The client sends part of a body and waits: the server answers at once, from the
+    # request line and headers, without reading (or holding) the body.
+    head = (f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {REL_KEY}\r\n"
+            f"{framing}\r\n\r\n").encode()
+    part = b"x" * 65536
+    if "chunked" in framing:
+        part = b"%x\r\n" % len(part) + part + b"\r\n"  # and no last chunk
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(head + part)
+        status, body = read_response(s)
+    assert status == b"HTTP/1.1 200 OK", status
+    assert path != "/metrics" or b"ember:num_requests_running" in body
+
+
 def test_a_text_too_long_for_the_context_is_refused_untokenized(server):
     text = "hello world " * 200_000  # 2.4 MB: tokenizing it would take seconds
     t0 = time.monotonic()

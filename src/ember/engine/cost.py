@@ -216,10 +216,6 @@ class CostMeter:
         self.total = Usage()  # everything charged so far
         self._last: Reading | None = None  # the end of the last step, while busy
 
-    @property
-    def sources(self) -> list[str]:
-        return ["rapl" if self.rapl else "estimate"] + (["nvml"] if self.nvml else [])
-
     def read(self) -> Reading:
         return Reading(time.process_time(), time.perf_counter(),
                        self.rapl.read() if self.rapl else None,

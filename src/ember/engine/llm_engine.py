@@ -205,10 +205,6 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
 
-    @property
-    def num_unfinished_requests(self) -> int:
-        return len(self._parents)
-
     # ---- the loop --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One step; a delta RequestOutput for every request that advanced or finished."""

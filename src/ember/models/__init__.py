@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ember.config import FAMILIES, HF_ARCHITECTURES, ModelConfig
+from ember.config import FAMILIES, ModelConfig
 from ember.models.llama import LlamaForCausalLM
 
 _REGISTRY: dict[str, type[nn.Module]] = {family: LlamaForCausalLM for family in FAMILIES}
-# GGUF `general.architecture` (a family's name) -> the HF architecture name ember builds.
-GGUF_ARCHITECTURES = {family: hf for hf, family in HF_ARCHITECTURES.items()}
 
 
 def build_model(cfg: ModelConfig, max_position: int) -> nn.Module:

@@ -12,7 +12,8 @@ import time
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator,
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, WithJsonSchema,
+    model_validator,
 )
 
 from ember.sampling_params import SamplingParams, StructuredOutputsParams
@@ -20,6 +21,7 @@ from ember.sampling_params import SamplingParams, StructuredOutputsParams
 MAX_N = 128  # OpenAI's limit on choices per request
 MAX_STOP = SamplingParams.MAX_STOP
 NonEmptyStr = Annotated[str, Field(min_length=1)]
+StopStr = Annotated[str, Field(min_length=1, max_length=SamplingParams.MAX_STOP_CHARS)]
 
 
 def _integral(value: Any) -> Any:
@@ -32,7 +34,7 @@ def Int(**bounds: Any) -> Any:  # noqa: N802 (a type)
     return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
 
 
-# The schema's token ids get `maximum: vocab_size - 1` once the model is loaded (app.py).
+# The schema's token ids get `maximum: vocab_size - 1` once the model is loaded (openapi.py).
 TOKEN_ID_MARK = "x-ember-token-id"
 TokenId = Int(ge=0, json_schema_extra={TOKEN_ID_MARK: True})
 
@@ -79,9 +81,9 @@ class StructuredOutputsRequest(_Request):
     """vLLM's `structured_outputs`: exactly one constraint."""
 
     json_: dict[str, Any] | str | None = Field(None, alias="json", description="a JSON schema")
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = Field(None, description="Lark (llguidance's dialect) or GBNF")
+    regex: NonEmptyStr | None = None
+    choice: Annotated[list[NonEmptyStr], Field(min_length=1)] | None = None
+    grammar: NonEmptyStr | None = Field(None, description="Lark (llguidance's dialect) or GBNF")
     json_object: bool | None = None
 
     def to_params(self) -> StructuredOutputsParams:
@@ -107,10 +109,11 @@ class _SamplingRequest(_Request):
 
     model: str | None = Field(None, description="the served model name (default: it)")
     n: Int(ge=1, le=MAX_N) | None = 1
-    temperature: float | None = Field(None, ge=0.0, description="0 is greedy (default 1)")
+    temperature: float | None = Field(None, ge=0.0, le=SamplingParams.MAX_TEMPERATURE,
+                                      description="0 is greedy (default 1)")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     max_tokens: Int(ge=1) | None = None
-    stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP)] | None = None
+    stop: StopStr | Annotated[list[StopStr], Field(max_length=MAX_STOP)] | None = None
     seed: Int() | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -118,12 +121,14 @@ class _SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
                      Annotated[float, Field(ge=-100, le=100)]] | None = Field(
-        None, description="token id (as a string) -> bias added to its logit")
+        None, max_length=SamplingParams.MAX_LOGIT_BIAS,
+        description="token id (as a string) -> bias added to its logit")
     structured_outputs: StructuredOutputsRequest | None = None
     # Ignored (IGNORED_FIELDS): they change nothing about the answer.
     user: str | None = None
     metadata: dict[str, str] | None = None
-    store: Annotated[StrictBool | None, AfterValidator(_false_only)] = Field(
+    store: Annotated[StrictBool | None, AfterValidator(_false_only),
+                     WithJsonSchema({"anyOf": [{"const": False}, {"type": "null"}]})] = Field(
         None, description="ember stores nothing: false only")
     service_tier: str | None = None
     prompt_cache_key: str | None = None
@@ -131,7 +136,8 @@ class _SamplingRequest(_Request):
     # vLLM's extras
     top_k: Int(ge=-1) | None = Field(None, description="0 or -1 disables")
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
+    repetition_penalty: float | None = Field(None, ge=SamplingParams.MIN_REPETITION_PENALTY,
+                                             le=SamplingParams.MAX_REPETITION_PENALTY)
     min_tokens: Int(ge=0) = 0
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP)] | None = None
@@ -197,27 +203,15 @@ class ToolCall(_Request):
     function: FunctionCall
 
 
-class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+class _Message(_Request):
+    role: str  # one Literal per subclass
     content: str | list[TextContentPart] | None = None
     name: str | None = None
-    tool_calls: list[ToolCall] | None = Field(None, description="an assistant's calls")
-    tool_call_id: str | None = Field(None, description="the call a tool message answers")
     # What an SDK echoes back of an assistant message: accepted only when empty.
     refusal: None = None
     annotations: list[Any] | None = Field(None, max_length=0)
     audio: None = None
     function_call: None = None
-
-    @model_validator(mode="after")
-    def _tool_fields(self) -> "ChatMessage":
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError("only assistant messages have tool_calls")
-        if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("a tool message needs tool_call_id")
-        if self.tool_call_id is not None and self.role != "tool":
-            raise ValueError("only tool messages have tool_call_id")
-        return self
 
     def to_template_dict(self) -> dict[str, Any]:
         content = self.content
@@ -226,11 +220,46 @@ class ChatMessage(_Request):
         msg: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name is not None:
             msg["name"] = self.name
+        return msg
+
+
+class SystemMessage(_Message):
+    role: Literal["system"]
+
+
+class DeveloperMessage(_Message):
+    role: Literal["developer"]
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+
+
+class AssistantMessage(_Message):
+    role: Literal["assistant"]
+    tool_calls: list[ToolCall] | None = Field(None, description="the calls the assistant made")
+
+    def to_template_dict(self) -> dict[str, Any]:
+        msg = super().to_template_dict()
         if self.tool_calls:
             msg["tool_calls"] = [c.model_dump() for c in self.tool_calls]
-        if self.tool_call_id is not None:
-            msg["tool_call_id"] = self.tool_call_id
         return msg
+
+
+class ToolMessage(_Message):
+    role: Literal["tool"]
+    tool_call_id: NonEmptyStr = Field(..., description="the call this message answers")
+
+    def to_template_dict(self) -> dict[str, Any]:
+        return {**super().to_template_dict(), "tool_call_id": self.tool_call_id}
+
+
+# One type per role (OpenAI's shape): only an assistant message has tool_calls, only a tool
+# message has (and needs) tool_call_id.
+ChatMessage = Annotated[
+    SystemMessage | DeveloperMessage | UserMessage | AssistantMessage | ToolMessage,
+    Field(discriminator="role"),
+]
 
 
 class FunctionDefinition(_Request):
@@ -261,16 +290,24 @@ class JsonSchemaFormat(_Request):
     strict: bool | None = Field(None, description="the output always follows the schema")
 
 
-class ResponseFormat(_Request):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
+class ResponseFormatText(_Request):
+    type: Literal["text"]
 
-    @model_validator(mode="after")
-    def _schema_for_json_schema(self) -> "ResponseFormat":
-        if (self.type == "json_schema") != (self.json_schema is not None):
-            raise ValueError("response_format.json_schema is set with (and only with) "
-                             "type json_schema")
-        return self
+
+class ResponseFormatJsonObject(_Request):
+    type: Literal["json_object"]
+
+
+class ResponseFormatJsonSchema(_Request):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+# One type per `type` (OpenAI's shape): json_schema comes with (and only with) its type.
+ResponseFormat = Annotated[
+    ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema,
+    Field(discriminator="type"),
+]
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -306,10 +343,9 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def structured_outputs_params(self) -> StructuredOutputsParams | None:
         fmt = self.response_format
-        if fmt is not None and fmt.type == "json_object":
+        if isinstance(fmt, ResponseFormatJsonObject):
             return StructuredOutputsParams(json_object=True)
-        if fmt is not None and fmt.type == "json_schema":
-            assert fmt.json_schema is not None
+        if isinstance(fmt, ResponseFormatJsonSchema):
             schema = fmt.json_schema.schema_
             if schema is None:  # OpenAI: no schema means any JSON object
                 return StructuredOutputsParams(json_object=True)

@@ -223,7 +223,7 @@ class EngineReplica:
 
     def _publish_metrics(self) -> None:
         board = None
-        metrics = self.app.state.metrics
+        metrics = self.app.state.server.metrics
         while not self._stop.wait(METRICS_PUSH_S):
             try:
                 board = board or ray.get_actor(self._board_name, namespace=RAY_NAMESPACE)
