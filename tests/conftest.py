@@ -117,3 +117,15 @@ def engine_prefill_logits(engine, ids: list[int]) -> torch.Tensor:
     finally:
         runner.requests.pop(req.request_id, None)
         engine.block_manager.free_request(req)
+
+
+# The longest test files first: `make test` hands whole files to two workers in this order,
+# and a long file started last would leave one worker idle while it runs.
+SLOW_FILES = ("test_serving_ray.py", "test_server_fuzz.py", "test_gemma3.py", "test_engine.py",
+              "test_structured_server.py", "test_quantization.py", "test_tensor_parallel.py",
+              "test_structured_output.py", "test_server.py", "test_models.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))

@@ -20,7 +20,7 @@ from conftest import REL_KEY, REL_MAX_MODEL_LEN
 
 from ember.server.protocol import MAX_N
 
-EXAMPLES = int(os.environ.get("EMBER_FUZZ_EXAMPLES", "8"))  # per operation and fuzzing pass
+EXAMPLES = int(os.environ.get("EMBER_FUZZ_EXAMPLES", "5"))  # per operation and fuzzing pass
 SEED = int(os.environ.get("EMBER_FUZZ_SEED", "20261122"))
 # Unset: one coverage pass and one fuzzing pass. Set: fuzzing passes repeat for that long.
 MAX_TIME = os.environ.get("EMBER_FUZZ_MAX_TIME")
