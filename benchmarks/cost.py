@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import LLAMA_BIN, RESULTS, ember_server, llama_server  # noqa: E402
 
 from ember.config import EngineConfig  # noqa: E402
+from ember.cpuinfo import cpu_model  # noqa: E402
 from ember.engine.cost import CostRates, per_output_token  # noqa: E402
 
 VOCAB = 49152 - 1  # SmolLM2's; prompt ids from 100 up skip the special tokens
@@ -151,7 +152,7 @@ def main() -> int:
     }
     engines = result["engines"]
     cache = str(Path.home() / ".cache" / "ember" / "torchinductor")
-    ember = ember_server(args.threads, max(args.streams), cache)
+    ember = ember_server(args.threads, max(args.streams), cache, gguf)
     ember.wait_ready()
     try:
         engines["ember"] = {str(s): served(ember, s, args, rates) for s in args.streams}
@@ -185,13 +186,6 @@ def save(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(table(result))
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def table(r: dict) -> str:

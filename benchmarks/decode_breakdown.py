@@ -27,7 +27,6 @@ from ember.bench.latency import run_prompt
 from ember.config import EngineConfig
 from ember.cpuinfo import cpu_model
 from ember.engine.llm_engine import LLMEngine
-from ember.models.fused_decode import FusedDecode
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

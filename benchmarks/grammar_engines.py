@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,12 +27,7 @@ import torch
 
 from structured_schema import EXAMPLE_DOCUMENT, SCHEMA  # beside this script
 
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
+from ember.cpuinfo import cpu_model
 
 
 def _stats(times: list[float]) -> dict[str, float]:

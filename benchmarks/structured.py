@@ -18,10 +18,10 @@ import os
 import time
 from pathlib import Path
 
-from grammar_engines import cpu_model  # beside this script
 from structured_schema import SCHEMA
 
 from ember import LLM, SamplingParams, StructuredOutputsParams
+from ember.cpuinfo import cpu_model
 
 PROMPTS = ["a chef", "a pilot", "a teacher", "a nurse", "a programmer", "a farmer", "a poet",
            "a judge", "a baker", "a diver", "a painter", "a doctor", "a sailor", "a miner",
