@@ -13,7 +13,7 @@ from ember.kernels import ops
 from ember.layers import attention
 from ember.layers.attention import (AttentionMetadata, DecodeBatch, PrefillChunk,
                                     attention_metadata, paged_attention_impl)
-from ember.quantization.q8_0 import DENSE_MIN_ROWS, Q8_0Linear, Q8_0Weight
+from ember.quantization.q8_0 import Q8_0Linear, Q8_0Weight
 
 CPU = torch.device("cpu")
 
@@ -107,31 +107,33 @@ def test_kernels_refuse_slots_and_block_tables_outside_the_cache():
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 17])
-def test_q8_0_linear_computes_with_the_files_values(rows):
-    """Exactly the Q8_0 values (codes x scales), float32 accumulation; every path (1-4 rows
-    streaming, more rows over dequantized tiles, an odd row count of weights)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q8_0_linear_computes_with_the_files_values(rows, dtype):
+    """Exactly the Q8_0 values (codes x scales), float32 accumulation, float32 logits; every
+    row-blocking path."""
     g = torch.Generator().manual_seed(rows)
-    n, k = 301, 96
+    n, k = 304, 96
     w = Q8_0Weight(torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8),
                    torch.rand(n, k // 32, generator=g) * 0.02)
-    x = torch.randn(rows, k, generator=g).bfloat16()
-    y = ops.q8_0_linear(x, w.q, w.scale)
+    lin = Q8_0Linear(w, CPU)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    y = lin(x)
     ref = x.double() @ w.dequantize().double().t()
     assert y.dtype == torch.float32 and y.shape == (rows, n)
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_q8_0_linear_module_uses_the_tied_dense_weight_for_big_batches():
-    g = torch.Generator().manual_seed(0)
-    w = Q8_0Weight(torch.randint(-127, 128, (64, 64), generator=g, dtype=torch.int8),
-                   torch.rand(64, 2, generator=g) * 0.02)
-    dense = w.dequantize().bfloat16()
-    lin = Q8_0Linear(w, CPU, dense)
-    for rows in (1, DENSE_MIN_ROWS):
-        x = torch.randn(rows, 64, generator=g).bfloat16()
-        y = lin(x)
-        assert y.dtype == torch.float32
-        torch.testing.assert_close(y, x.float() @ w.dequantize().t(), atol=0.05, rtol=0.02)
+def test_q8_0_rows_do_not_depend_on_the_row_count():
+    """The head's logits for a sequence are bitwise the same whatever else is sampled in the
+    step (1 to 600 rows)."""
+    g = torch.Generator().manual_seed(3)
+    w = Q8_0Weight(torch.randint(-127, 128, (320, 128), generator=g, dtype=torch.int8),
+                   torch.rand(320, 4, generator=g) * 0.02)
+    lin = Q8_0Linear(w, CPU)
+    x = torch.randn(600, 128, generator=g)
+    alone = torch.cat([lin(x[i:i + 1]) for i in range(600)])
+    for rows in [*range(2, 20), 64, 600]:
+        assert torch.equal(lin(x[:rows]), alone[:rows]), rows
 
 
 def _meta_mixed(block_size: int) -> tuple[AttentionMetadata, int]:
@@ -188,63 +190,83 @@ def test_a_failed_build_leaves_pytorchs_ops(monkeypatch, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 40])
-def test_int4_linear_op_computes_with_the_dequantized_weight(group, rows, monkeypatch):
-    """ATen's packing: the op's paths (ATen's kernel below `dense_min_rows`, dequantized +
-    GEMM from it on) against the weight's own dequantization, and against ATen's kernel."""
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 16, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_linear_computes_with_the_dequantized_weight(group, rows, dtype, monkeypatch):
+    """ember's column tiles (`int4_linear`, every CPU; the layout of float32 layers, and of
+    bf16 ones where the CPU lacks AVX512-BF16): every row-blocking path against the weight's
+    own dequantization, exact to float32 rounding."""
     from ember.quantization import int4
-    from ember.quantization.int4 import Int4Linear, Int4Weight
+    from ember.quantization.int4 import Int4Linear, Int4Weight, column_tiles
 
     monkeypatch.setattr(int4.kernels, "int4_tiles", lambda device: False)
-    g = torch.Generator().manual_seed(rows)
+    g = torch.Generator().manual_seed(rows + group)
     w = Int4Weight.quantize(torch.randn(192, 256, generator=g), group)
-    lin = Int4Linear(w, None, CPU, torch.bfloat16)
-    assert not lin.tiled and lin.dense_for_many_rows
-    x = torch.randn(rows, 256, generator=g).bfloat16()
-    y = ops.int4_linear(x, lin.weight, lin.dense_scales, lin.dense_zeros,
-                        lin.scales_and_zeros, group, 16)
-    assert y.dtype == torch.bfloat16 and y.shape == (rows, 192)
-    torch.testing.assert_close(y.float(), F.linear(x.float(), w.dequantize()), atol=0.3,
-                               rtol=0.02)
-    aten = torch.ops.aten._weight_int4pack_mm_for_cpu(x, lin.weight, group, lin.scales_and_zeros)
-    torch.testing.assert_close(y.float(), aten.float(), atol=0.3, rtol=0.02)
-    assert torch.equal(lin(x), y)  # the module takes the op for every row count
+    lin = Int4Linear(w, None, CPU, dtype)
+    assert lin.columns and not lin.tiled and torch.equal(lin.col_codes, column_tiles(w.q))
+    x = torch.randn(rows, 256, generator=g).to(dtype)
+    y = lin(x)
+    assert y.dtype == dtype and y.shape == (rows, 192)
+    expected = F.linear(x.double(), w.dequantize().double())
+    atol, rtol = (1e-4, 1e-5) if dtype == torch.float32 else (0.05, 0.01)  # bf16: the output
+    torch.testing.assert_close(y.double(), expected, atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 15, 16, 40])
+def test_column_tiles_hold_each_code_where_the_kernel_reads_it():
+    from ember.quantization.int4 import column_tiles
+
+    q = torch.randint(0, 16, (32, 16), generator=torch.Generator().manual_seed(0),
+                      dtype=torch.uint8)
+    tiles = column_tiles(q)
+    assert tiles.shape == (2, 2, 16) and tiles.dtype == torch.int32
+    for n, k in [(0, 0), (5, 3), (17, 8), (31, 15), (8, 7)]:
+        word = int(tiles[n // 16, k // 8, n % 16]) & 0xFFFFFFFF
+        assert (word >> (4 * (k % 8))) & 15 == int(q[n, k])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_rows_do_not_depend_on_the_row_count(dtype):
+    """Every row of a call, 1 to 600 rows (the few-row paths and the panel path, several
+    threads), bitwise what a one-row call gives: a token's result does not depend on what
+    shares its step. The layer's own layout: column tiles, or bf16 tiles on AVX512-BF16."""
+    from ember.quantization.int4 import Int4Linear, Int4Weight
+
+    g = torch.Generator().manual_seed(1)
+    w = Int4Weight.quantize(torch.randn(160, 384, generator=g), 32)
+    lin = Int4Linear(w, None, CPU, dtype)
+    assert lin.columns or lin.tiled
+    x = torch.randn(600, 384, generator=g).to(dtype)
+    alone = torch.cat([lin(x[i:i + 1]) for i in range(600)])
+    for rows in [*range(2, 33), 64, 127, 512, 600]:
+        assert torch.equal(lin(x[:rows]), alone[:rows]), rows
+
+
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("rows", [1, 5, 40])
 def test_int4_tiled_linear_computes_with_the_dequantized_weight(group, rows):
-    """ember's layout where the CPU has AVX512-BF16 (`kernels.int4_tiles`): the GEMV (rows four
-    at a time) and the dequantize + GEMM path; elsewhere bf16 layers keep ATen's packing and the
-    tiled op refuses to run. Either way, against the weight's own dequantization and ATen's
-    kernel on the same weight."""
-    from ember.quantization.int4 import Int4Linear, Int4Weight, cpu_layout_known, tile_codes
+    """ember's bf16 tiles where the CPU has AVX512-BF16 (`kernels.int4_tiles`), against the
+    weight's own dequantization; elsewhere bf16 layers take the column tiles and the tiled op
+    refuses to run."""
+    from ember.quantization.int4 import Int4Linear, Int4Weight, tile_codes
 
     g = torch.Generator().manual_seed(rows + group)
     w = Int4Weight.quantize(torch.randn(192, 256, generator=g), group)
     lin = Int4Linear(w, None, CPU, torch.bfloat16)
     x = torch.randn(rows, 256, generator=g).bfloat16()
-    sz = torch.stack([w.scale, w.zero], -1).transpose(0, 1).contiguous().bfloat16()
     tiles = tile_codes(w.q)
     if kernels.int4_tiles(CPU):
-        assert lin.tiled and not hasattr(lin, "weight")  # one copy of the codes, ember's
-        assert torch.equal(lin.tiles, tiles)
-    else:  # the fallback: ATen's packing, its kernel or dequantize + GEMM by the row count
-        assert not lin.tiled and not hasattr(lin, "tiles")
-        assert lin.dense_for_many_rows == cpu_layout_known()
+        assert lin.tiled and not lin.columns and torch.equal(lin.tiles, tiles)
+        with pytest.raises(RuntimeError, match="bfloat16"):
+            lin(x.float())  # the tiled layer's activations are bf16 only
+    else:
+        assert lin.columns and not lin.tiled
+        scales = w.scale.t().contiguous().bfloat16()
         with pytest.raises(RuntimeError, match="AVX512-BF16"):
-            ops.int4_tiled_linear(x, tiles, sz[..., 0].contiguous(),
-                                  sz[..., 1].contiguous(), group, 20)
+            ops.int4_tiled_linear(x, tiles, scales, scales, group)
     y = lin(x)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 192)
     torch.testing.assert_close(y.float(), F.linear(x.float(), w.dequantize()), atol=0.3,
                                rtol=0.02)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.q.int(), 1)
-    aten = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
-    torch.testing.assert_close(y.float(), aten.float(), atol=0.3, rtol=0.02)
-    if lin.tiled:  # the tiled layer's activations are bf16 only
-        with pytest.raises(RuntimeError, match="bfloat16"):
-            lin(x.float())
 
 
 @pytest.mark.parametrize("window", [1, 16, 200])
@@ -282,10 +304,10 @@ def test_decode_attention_reads_only_the_window(window):
 
 @pytest.mark.parametrize("block", [64, 32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_linear_op_reads_both_atens_cpu_packings(block, dtype):
-    """ATen packs in blocks of 64 rows on AVX512, 32 on AVX2 (`cpu_block_n`): the op's
-    dequantize + GEMM path and `_dequantize_cpu_packed` read either, whichever this CPU's ATen
-    makes, from a weight packed here by the layout's definition."""
+def test_dequantize_cpu_packed_reads_both_atens_cpu_packings(block, dtype):
+    """Without ember's kernels, CPU int4 layers keep ATen's packing, in blocks of 64 rows on
+    AVX512, 32 on AVX2 (`cpu_block_n`): `_dequantize_cpu_packed` reads either, from a weight
+    packed here by the layout's definition."""
     from ember.quantization.int4 import Int4Weight, _blocked, _dequantize_cpu_packed
 
     g = torch.Generator().manual_seed(block)
@@ -293,31 +315,27 @@ def test_int4_linear_op_reads_both_atens_cpu_packings(block, dtype):
     rows = w.q.view(192 // block, 2, block // 2, 256)  # byte j: rows j and j + block / 2
     packed = (rows[:, 0] | rows[:, 1] << 4).transpose(1, 2).contiguous().view(192, 128)
     scales, zeros = _blocked(w.scale, block).to(dtype), _blocked(w.zero, block).to(dtype)
-    x = torch.randn(40, 256, generator=g).to(dtype)
-    y = ops.int4_linear(x, packed, scales, zeros, torch.empty(0), 32, 16)
-    atol, rtol = (1e-4, 1e-5) if dtype == torch.float32 else (0.3, 0.02)
-    torch.testing.assert_close(y.float(), F.linear(x.float(), w.dequantize()), atol=atol,
-                               rtol=rtol)
+    atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else (0.1, 0.01)
     weight = _dequantize_cpu_packed(packed, scales, zeros, 256, 32)
-    torch.testing.assert_close(weight.float().t(), w.dequantize(), atol=atol / 4, rtol=rtol)
+    torch.testing.assert_close(weight.float().t(), w.dequantize(), atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 40])
-def test_int4_linear_op_serves_float32_activations(rows):
-    """float32 layers (the default where the CPU lacks AVX512-BF16) keep ATen's scales in bf16:
-    the op rounds few rows to bf16 for ATen's kernel and dequantizes in float32 for many."""
+@pytest.mark.parametrize("rows", [1, 3, 200])
+def test_int4_layers_without_the_kernels_take_atens_packing(rows, monkeypatch):
+    """No ember kernels (no compiler): ATen's packing, its kernel for few rows (bf16 scales:
+    float32 activations rounded for it), dequantize + GEMM for many."""
+    from ember.quantization import int4
     from ember.quantization.int4 import Int4Linear, Int4Weight
 
+    monkeypatch.setattr(int4.kernels, "available", lambda device: False)
     g = torch.Generator().manual_seed(rows)
     w = Int4Weight.quantize(torch.randn(192, 256, generator=g), 32)
     lin = Int4Linear(w, None, CPU, torch.float32)
-    assert not lin.tiled and lin.dense_for_many_rows
-    assert lin.scales_and_zeros.dtype == torch.bfloat16
+    assert not lin.tiled and not lin.columns and lin.scales_and_zeros.dtype == torch.bfloat16
     x = torch.randn(rows, 256, generator=g)
     y = lin(x)
     assert y.dtype == torch.float32 and y.shape == (rows, 192)
-    atol, rtol = (0.3, 0.02) if rows < 16 else (1e-4, 1e-5)  # bf16 for ATen's kernel only
-    torch.testing.assert_close(y, F.linear(x, w.dequantize()), atol=atol, rtol=rtol)
+    torch.testing.assert_close(y, F.linear(x, w.dequantize()), atol=0.3, rtol=0.02)
 
 
 def test_every_op_has_its_fake_for_torch_compile():
@@ -333,20 +351,19 @@ def test_every_op_has_its_fake_for_torch_compile():
         assert out.shape == (3, 4, 16) and out.dtype == torch.bfloat16
         assert ops.write_kv(k_cache[:3], k_cache[:3], k_cache, k_cache,
                             torch.zeros(3, dtype=torch.long)) is None
-        y = ops.q8_0_linear(x, torch.empty(32, 64, dtype=torch.int8), torch.empty(32, 2))
+        y = ops.q8_0_linear(x, torch.empty(2, 64, 16, dtype=torch.int8), torch.empty(2, 32))
         assert y.shape == (3, 32) and y.dtype == torch.float32
         y = ops.int4_tiled_linear(x.bfloat16(), torch.empty(2, 8, 64, dtype=torch.uint8),
-                                  torch.empty(2, 32), torch.empty(2, 32), 32, 20)
+                                  torch.empty(2, 32), torch.empty(2, 32), 32)
         assert y.shape == (3, 32)
-        y = ops.kquant_linear(x, [torch.empty(2, 1, 144, dtype=torch.uint8)], [0], 64, 20, True)
+        y = ops.int4_linear(x, torch.empty(2, 8, 16, dtype=torch.int32), torch.empty(2, 32),
+                            torch.empty(2, 32), 32)
+        assert y.shape == (3, 32) and y.dtype == torch.float32
+        y = ops.kquant_linear(x, [torch.empty(2, 1, 144, dtype=torch.uint8)], [0], 64, True)
         assert y.shape == (3, 32) and y.dtype == torch.float32
         rows = ops.kquant_rows(torch.empty(2, 1, 144, dtype=torch.uint8),
                                torch.zeros(5, dtype=torch.long), 0, 256)
         assert rows.shape == (5, 256) and rows.dtype == torch.float32
-        sz = torch.empty(2, 1, 1, 2, 16)  # [K / G, 1, N / block, 2, block / 2]
-        y = ops.int4_linear(x, torch.empty(32, 32, dtype=torch.uint8), sz, sz,
-                            torch.empty(2, 32, 2), 32, 16)
-        assert y.shape == (3, 32)
         step = torch.zeros(3, dtype=torch.long)
         hidden = ops.decode_layers(step, step, torch.empty(100, 64), torch.empty(8, 16),
                                    torch.empty(8, 16), [], torch.empty(64), [], [], step,

@@ -98,10 +98,11 @@ def _assert_bf16_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("name", list(FORMATS))
-@pytest.mark.parametrize("rows", [1, 4, 19, 20, 512])
+@pytest.mark.parametrize("rows", [1, 4, 7, 8, 20, 512])
 def test_kquant_linear_computes_with_the_files_values(name, rows, dtype):
-    """The GEMV (below 20 rows) and dequantize + GEMM (from 20 rows), against a matmul with
-    gguf's dequantization of the same blocks, for both activation dtypes."""
+    """The few-row path (codes decoded as they stream) and the many-row one (a tile decoded
+    once), against a matmul with gguf's dequantization of the same blocks, for both
+    activation dtypes."""
     assert kernels.load() and kquant.kernel_serves(CPU, dtype)
     w, dense = _linear(name, 80, 512, seed=rows)
     lin = KQuantLinear(w, None, CPU, dtype)
@@ -115,6 +116,18 @@ def test_kquant_linear_computes_with_the_files_values(name, rows, dtype):
     _assert_bf16_close(logits, x, dense)
     if dtype == torch.float32:  # float32 all the way: float32's rounding only
         _assert_bf16_close(y, x, dense, tolerance=1e-5)
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_kquant_rows_do_not_depend_on_the_row_count(name):
+    """Every row of a call, 1 to 600 rows, bitwise what a one-row call gives."""
+    assert kernels.load()
+    w, _ = _linear(name, 48, 256, seed=5)
+    lin = KQuantLinear(w, None, CPU, torch.float32)
+    x = torch.randn(600, 256, generator=torch.Generator().manual_seed(5))
+    alone = torch.cat([lin(x[i:i + 1]) for i in range(600)])
+    for rows in [*range(2, 21), 64, 600]:
+        assert torch.equal(lin(x[:rows]), alone[:rows]), (name, rows)
 
 
 @pytest.mark.parametrize("rows", [3, 24])

@@ -1,6 +1,6 @@
 """ember's own CPU kernels, where PyTorch's generic ops leave speed on the table.
 
-One C++ source per kernel family (attention.cpp, cache.cpp, int4.cpp, q8_0.cpp, kquant.cpp,
+One C++ source per kernel family (attention.cpp, cache.cpp, matmul.cpp, int4.cpp, kquant.cpp,
 sampling.cpp, decode.cpp; common.h their shared helpers), linked into one library. Each op's
 Python call and its fake (for torch.compile) live in `ember.kernels.ops`.
 

@@ -19,10 +19,10 @@ inline float to_float(c10::BFloat16 x) {
 }
 template <typename T> inline T from_float(float x) { return static_cast<T>(x); }
 
-// Software prefetch distance in the GEMVs that stream weights (the int4 and K-quant tiles; the
-// Q8_0 head reads whole rows ahead, q8_0.cpp): the hardware prefetchers stop at every 4 KiB
-// page and ramp up again, which costs little while the weights sit in the (shared) L3 but much
-// when other processes have evicted them and every step streams from DRAM (docs/benchmarks.md).
+// Software prefetch distance in the GEMVs that stream weights (the int4 and K-quant tiles): the
+// hardware prefetchers stop at every 4 KiB page and ramp up again, which costs little while the
+// weights sit in the (shared) L3 but much when other processes have evicted them and every
+// step streams from DRAM (docs/benchmarks.md).
 constexpr int64_t kPrefetchBytes = 2048;
 
 // e^x for x <= 0 (softmax's shifted scores) without a libm call, so the loop vectorizes:
@@ -52,13 +52,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables,
                             const at::Tensor& context_lens, int64_t block_size, double scale,
                             int64_t window);
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                       const at::Tensor& zeros, const at::Tensor& scales_and_zeros,
-                       int64_t group_size, int64_t dense_min_rows);
+// Per row of x [M, K] and group of G inputs, the sum of x over the group, in a fixed order
+// (matmul.cpp): the int4 kernels' offset terms.
+void group_sums(const float* x, int64_t M, int64_t K, int64_t G, float* xs);
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                       const at::Tensor& offsets, int64_t group_size);
 at::Tensor int4_tiled_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-                             const at::Tensor& zeros, int64_t group_size, int64_t dense_min_rows);
+                             const at::Tensor& zeros, int64_t group_size);
 at::Tensor kquant_linear(const at::Tensor& x, at::TensorList tiles, at::IntArrayRef kinds,
-                         int64_t k, int64_t dense_min_rows, bool float_out);
+                         int64_t k, bool float_out);
 // Rows `ids` [T] of a K-quant weight's tiles (see kquant.cpp) into out [T, k] float32.
 void kquant_rows_into(const at::Tensor& tiles, const int64_t* ids, int64_t T, int64_t kind,
                       int64_t k, float* out);

@@ -42,9 +42,9 @@ enum LayerSlot : int64_t {
   kPerLayer
 };
 
-// A projection's 4 tensors: int4 in ember's layout (the tiles [N / 16, K / 8, 64], scales,
-// zeros, -: see int4_tiled_linear) or in ATen's CPU packing (codes [N, K / 2], its
-// scales_and_zeros, the dense path's scales and zeros: see int4_linear); int8 (int8 codes
+// A projection's 4 tensors: int4 in ember's bf16 tiles ([N / 16, K / 8, 64], scales, zeros,
+// -: see int4_tiled_linear) or column tiles (int32 [N / 16, K / 8, 16], scales, offsets, -:
+// see int4_linear); int8 (int8 codes
 // [N, K], per-row scales, -, -); dense ([N, K] weight, -, -, -); GGUF K-quant / Q5 (see
 // kquant_linear): the first segment's tiles, the segments' kinds (int64 [1..3]), the second
 // and third segments' tiles (or empty).
@@ -57,10 +57,10 @@ at::Tensor project(const at::Tensor& x, const at::Tensor* p, int64_t group_size,
         std::vector<at::Tensor> tiles{p[0]};
         for (int64_t i = 1; i < segments; ++i) tiles.push_back(p[1 + i]);
         return kquant_linear(x, tiles, at::IntArrayRef(p[1].data_ptr<int64_t>(), segments),
-                             x.size(1), dense_min_rows, false);
+                             x.size(1), false);
       }
-      if (p[0].dim() == 3) return int4_tiled_linear(x, p[0], p[1], p[2], group_size, dense_min_rows);
-      return int4_linear(x, p[0], p[2], p[3], p[1], group_size, dense_min_rows);
+      return int4_tiled_linear(x, p[0], p[1], p[2], group_size);
+    case at::kInt: return int4_linear(x, p[0], p[1], p[2], group_size);
     case at::kChar: return at::_weight_int8pack_mm(x, p[0], p[1]);
     default: return at::mm(x, p[0].t());
   }
@@ -81,8 +81,10 @@ std::pair<int64_t, int64_t> projection_shape(const at::Tensor* p) {
         }
         return {rows, p[0].size(1) * kquant_block(p[1].data_ptr<int64_t>()[0])};
       }
-      if (p[0].dim() == 3) return {p[0].size(0) * 16, p[0].size(1) * 8};  // int4 tiles
-      if (p[0].dim() == 2) return {p[0].size(0), p[0].size(1) * 2};       // ATen's int4
+      if (p[0].dim() == 3) return {p[0].size(0) * 16, p[0].size(1) * 8};  // bf16 tiles
+      break;
+    case at::kInt:  // column tiles
+      if (p[0].dim() == 3) return {p[0].size(0) * 16, p[0].size(1) * 8};
       break;
     case at::kChar:
     case at::kFloat:

@@ -6,13 +6,12 @@
 // per bit above the 4th two 16-bit masks (the rows' bit at each input).
 //
 // kquant_linear: y = x @ W.T, W's output rows in segments of one type each (a fused Q/K/V
-// of Q4_K and Q6_K parts, as llama.cpp's Q4_K_M mixes them). Few rows of x: a GEMV over the
-// tiles, 16 rows in two AVX2 registers (a portable loop without AVX2), float32 sums
-// per sub-block, then y += s * sum(x q) + o * sum(x) with s, o the sub-block's scale and offset
-// (value = q * s + o) computed from the block fields in float32 as ggml does. From
-// dense_min_rows rows on: W^T dequantized to x's dtype once (q * s + o exact in float32,
-// rounded once), then ATen's GEMM. One op for every row count, so a compiled graph does not
-// split on it.
+// of Q4_K and Q6_K parts, as llama.cpp's Q4_K_M mixes them): over the tiles, 16 rows in two
+// AVX2 registers (a portable loop without AVX2), float32 sums per sub-block, then
+// y += s * sum(x q) + o * sum(x) with s, o the sub-block's scale and offset (value = q * s + o)
+// computed from the block fields in float32 as ggml does. Each row of y is computed the same
+// way whatever the number of rows (few rows decode the codes as they stream by, many read a
+// tile decoded once), so that a token's result does not depend on what shares its step.
 // kquant_rows: rows of W (an embedding lookup of a matrix kept so), float32.
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
@@ -187,9 +186,13 @@ void rows_kernel(const uint8_t* tiles, const int64_t* ids, int64_t T, int64_t K,
 // y[m, 16 t .. 16 t + 16) for MC rows of x (float32 [MC, K], row stride K): per sub-block,
 // the 16 rows' sums of x q in float32 (two inputs a step, 16 rows in two AVX2 registers),
 // then y += s * sum(x q) + o * sum(x).
+// With `panel` (AVX2 builds): the tile's codes as floats, decoded once for many rows of x
+// ([K / 2][4][8] floats: per 2 inputs the four registers codes16 gives), read instead of
+// decoding them again: the same values in the same operations, so a row's result does not
+// depend on the path.
 template <int64_t KIND, int MC, typename OT>
 void gemv_tile(const float* x, int64_t K, const uint8_t* tile, const float* xsum, OT* y,
-               int64_t ldy) {
+               int64_t ldy, const float* panel = nullptr) {
   using F = Format<KIND>;
   const int64_t blocks = K / F::block, groups = K / F::group;
   float acc[MC][16] = {};
@@ -206,26 +209,31 @@ void gemv_tile(const float* x, int64_t K, const uint8_t* tile, const float* xsum
       const uint8_t* c = p + F::meta + g * (F::group / 2) * F::record;
       const int64_t k0 = b * F::block + g * F::group, gi = b * F::groups + g;
 #if defined(__AVX2__)
-      __m256 part[MC][4];
-      for (int m = 0; m < MC; ++m)
-        for (int j = 0; j < 4; ++j) part[m][j] = _mm256_setzero_ps();
+      // Four flat arrays, not one [MC][4]: GCC keeps these in registers across the loop.
+      __m256 p0[MC], p1[MC], p2[MC], p3[MC];
+      for (int m = 0; m < MC; ++m) p0[m] = p1[m] = p2[m] = p3[m] = _mm256_setzero_ps();
       for (int64_t i = 0; i < F::group / 2; ++i) {
-        if (i % 4 == 0) __builtin_prefetch(c + i * F::record + kPrefetchBytes, 0, 3);
         __m256 q[4];
-        codes16<KIND>(c + i * F::record, q);
+        if (panel != nullptr) {
+          const float* pq = panel + (k0 / 2 + i) * 32;
+          for (int j = 0; j < 4; ++j) q[j] = _mm256_loadu_ps(pq + 8 * j);
+        } else {
+          if (i % 4 == 0) __builtin_prefetch(c + i * F::record + kPrefetchBytes, 0, 3);
+          codes16<KIND>(c + i * F::record, q);
+        }
         for (int m = 0; m < MC; ++m) {
           const __m256 x0 = _mm256_broadcast_ss(x + m * K + k0 + 2 * i);
           const __m256 x1 = _mm256_broadcast_ss(x + m * K + k0 + 2 * i + 1);
-          part[m][0] = _mm256_fmadd_ps(x0, q[0], part[m][0]);
-          part[m][1] = _mm256_fmadd_ps(x0, q[1], part[m][1]);
-          part[m][2] = _mm256_fmadd_ps(x1, q[2], part[m][2]);
-          part[m][3] = _mm256_fmadd_ps(x1, q[3], part[m][3]);
+          p0[m] = _mm256_fmadd_ps(x0, q[0], p0[m]);
+          p1[m] = _mm256_fmadd_ps(x0, q[1], p1[m]);
+          p2[m] = _mm256_fmadd_ps(x1, q[2], p2[m]);
+          p3[m] = _mm256_fmadd_ps(x1, q[3], p3[m]);
         }
       }
       for (int h = 0; h < 2; ++h) {
         const __m256 sv = _mm256_loadu_ps(s + 8 * h), ov = _mm256_loadu_ps(o + 8 * h);
         for (int m = 0; m < MC; ++m) {
-          const __m256 sum = _mm256_add_ps(part[m][h], part[m][h + 2]);
+          const __m256 sum = h == 0 ? _mm256_add_ps(p0[m], p2[m]) : _mm256_add_ps(p1[m], p3[m]);
           a[m][h] = _mm256_fmadd_ps(sv, sum, _mm256_fmadd_ps(ov, _mm256_set1_ps(xsum[m * groups + gi]),
                                                              a[m][h]));
         }
@@ -255,19 +263,46 @@ void gemv_tile(const float* x, int64_t K, const uint8_t* tile, const float* xsum
     for (int r = 0; r < 16; ++r) y[m * ldy + r] = from_float<OT>(acc[m][r]);
 }
 
+// Every row of x the same way whatever M (a row's sums do not depend on its neighbours): few
+// rows decode each tile's codes as they stream by (rows four at a time); from kPanelMinRows
+// rows on (AVX2) each tile is decoded once into a float panel that row blocks of 3 read.
+constexpr int64_t kPanelMinRows = 8;
+
 template <int64_t KIND, typename OT>
 void gemv(const float* x, int64_t M, int64_t K, const uint8_t* tiles, int64_t N, OT* y,
           int64_t ldy) {
   using F = Format<KIND>;
   const int64_t groups = K / F::group, tile_bytes = K / F::block * F::bytes;
   std::vector<float> xsum(M * groups);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < groups; ++g) {
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t k = g * F::group; k < (g + 1) * F::group; ++k) sum += x[m * K + k];
-      xsum[m * groups + g] = sum;
-    }
+  group_sums(x, M, K, F::group, xsum.data());
+#if defined(__AVX2__)
+  if (M >= kPanelMinRows) {
+    at::parallel_for(0, N / 16, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> panel(K * 16);
+      for (int64_t t = t0; t < t1; ++t) {
+        const uint8_t* tile = tiles + t * tile_bytes;
+        for (int64_t b = 0; b < K / F::block; ++b)
+          for (int64_t i = 0; i < F::block / 2; ++i) {
+            __m256 q[4];
+            codes16<KIND>(tile + b * F::bytes + F::meta + i * F::record, q);
+            for (int j = 0; j < 4; ++j)
+              _mm256_storeu_ps(panel.data() + (b * F::block / 2 + i) * 32 + 8 * j, q[j]);
+          }
+        for (int64_t m = 0; m < M; m += 3) {
+          const float* xm = x + m * K;
+          const float* sm = xsum.data() + m * groups;
+          OT* ym = y + m * ldy + 16 * t;
+          switch (std::min<int64_t>(3, M - m)) {
+            case 1: gemv_tile<KIND, 1>(xm, K, tile, sm, ym, ldy, panel.data()); break;
+            case 2: gemv_tile<KIND, 2>(xm, K, tile, sm, ym, ldy, panel.data()); break;
+            default: gemv_tile<KIND, 3>(xm, K, tile, sm, ym, ldy, panel.data()); break;
+          }
+        }
+      }
+    });
+    return;
+  }
+#endif
   // Per tile, rows of x four at a time: the tile stays in L1 between them.
   at::parallel_for(0, N / 16, 4, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
@@ -281,34 +316,6 @@ void gemv(const float* x, int64_t M, int64_t K, const uint8_t* tiles, int64_t N,
           case 2: gemv_tile<KIND, 2>(xm, K, tile, sm, ym, ldy); break;
           case 3: gemv_tile<KIND, 3>(xm, K, tile, sm, ym, ldy); break;
           default: gemv_tile<KIND, 4>(xm, K, tile, sm, ym, ldy); break;
-        }
-      }
-  });
-}
-
-// W^T [K, N] (row stride ldw) in OT: q * s + o in float32 (exact), rounded once.
-template <int64_t KIND, typename OT>
-void dequantize_t(const uint8_t* tiles, int64_t K, int64_t N, int64_t ldw, OT* wt) {
-  using F = Format<KIND>;
-  const int64_t blocks = K / F::block, tile_bytes = blocks * F::bytes;
-  at::parallel_for(0, N / 16, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t* p = tiles + t * tile_bytes + b * F::bytes;
-        for (int64_t g = 0; g < F::groups; ++g) {
-          float s[16], o[16];
-          scales16<KIND>(p, g, s, o);
-          for (int64_t i = g * F::group / 2; i < (g + 1) * F::group / 2; ++i) {
-            float q0[16], q1[16];
-            codes16<KIND>(p + F::meta + i * F::record, q0, q1);
-            OT* w0 = wt + (b * F::block + 2 * i) * ldw + 16 * t;
-            OT* w1 = w0 + ldw;
-#pragma omp simd
-            for (int r = 0; r < 16; ++r) {
-              w0[r] = from_float<OT>(q0[r] * s[r] + o[r]);
-              w1[r] = from_float<OT>(q1[r] * s[r] + o[r]);
-            }
-          }
         }
       }
   });
@@ -342,7 +349,7 @@ int64_t check_tiles(const at::Tensor& tiles, int64_t kind, int64_t K) {
 }  // namespace
 
 at::Tensor kquant_linear(const at::Tensor& x_in, at::TensorList tiles, at::IntArrayRef kinds,
-                         int64_t K, int64_t dense_min_rows, bool float_out) {
+                         int64_t K, bool float_out) {
   const auto xt = x_in.scalar_type();
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K && (xt == at::kFloat || xt == at::kBFloat16),
               "x: float32 or bfloat16 [M, K]");
@@ -352,22 +359,6 @@ at::Tensor kquant_linear(const at::Tensor& x_in, at::TensorList tiles, at::IntAr
   for (size_t i = 0; i < tiles.size(); ++i)
     first.push_back(first.back() + check_tiles(tiles[i], kinds[i], K));
   const int64_t N = first.back();
-  if (M >= dense_min_rows) {  // compute-bound: dequantize once, then ATen's GEMM
-    auto wt = at::empty({K, N}, x_in.options());
-    for (size_t i = 0; i < tiles.size(); ++i)
-      dispatch(kinds[i], [&](auto tag) {
-        constexpr int64_t kind = decltype(tag)::value;
-        const uint8_t* tp = tiles[i].data_ptr<uint8_t>();
-        const int64_t n = first[i + 1] - first[i];
-        if (xt == at::kBFloat16)
-          dequantize_t<kind>(tp, K, n, N, wt.data_ptr<c10::BFloat16>() + first[i]);
-        else
-          dequantize_t<kind>(tp, K, n, N, wt.data_ptr<float>() + first[i]);
-        return 0;
-      });
-    auto y = at::mm(x_in, wt);
-    return float_out ? y.to(at::kFloat) : y;
-  }
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const float* xp = x.data_ptr<float>();
   auto y = at::empty({M, N}, x_in.options().dtype(float_out ? at::kFloat : xt));
@@ -416,8 +407,7 @@ int64_t kquant_block(int64_t kind) {
 }  // namespace ember
 
 TORCH_LIBRARY_FRAGMENT(ember_cpu, m) {
-  m.def("kquant_linear(Tensor x, Tensor[] tiles, int[] kinds, int k, int dense_min_rows, "
-        "bool float_out) -> Tensor");
+  m.def("kquant_linear(Tensor x, Tensor[] tiles, int[] kinds, int k, bool float_out) -> Tensor");
   m.def("kquant_rows(Tensor tiles, Tensor ids, int kind, int k) -> Tensor");
 }
 

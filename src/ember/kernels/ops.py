@@ -32,26 +32,24 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     torch.ops.ember_cpu.write_kv(k, v, k_cache, v_cache, slots)
 
 
-def q8_0_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """q8_0.cpp: x [M, K] @ W.T, W in GGUF's Q8_0 (int8 q [N, K], scales [N, K / 32]) -> [M, N]
-    float32."""
-    return torch.ops.ember_cpu.q8_0_linear(x, q, scales)
+def q8_0_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """matmul.cpp: x [M, K] @ W.T, W GGUF Q8_0 in ember's column tiles [N / 16, K, 16] ->
+    float32 [M, N], each row as a one-row call computes it."""
+    return torch.ops.ember_cpu.q8_0_linear(x, codes, scales)
 
 
-def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
-                zeros: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
-                dense_min_rows: int) -> torch.Tensor:
-    """int4.cpp: x [M, K] @ W.T, W int4 in ATen's CPU packing -> [M, N]."""
-    return torch.ops.ember_cpu.int4_linear(x, packed, scales, zeros, scales_and_zeros,
-                                           group_size, dense_min_rows)
+def int4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                offsets: torch.Tensor, group_size: int) -> torch.Tensor:
+    """matmul.cpp: x [M, K] (float32 or bfloat16) @ W.T, W int4 in ember's column tiles
+    [N / 16, K, 8] -> [M, N], each row as a one-row call computes it."""
+    return torch.ops.ember_cpu.int4_linear(x, codes, scales, offsets, group_size)
 
 
 def int4_tiled_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-                      zeros: torch.Tensor, group_size: int, dense_min_rows: int) -> torch.Tensor:
-    """int4.cpp: x [M, K] (bfloat16) @ W.T, W int4 in ember's tiles [N / 16, K / 8, 64] ->
-    [M, N]."""
-    return torch.ops.ember_cpu.int4_tiled_linear(x, codes, scales, zeros, group_size,
-                                                 dense_min_rows)
+                      zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """int4.cpp: x [M, K] (bfloat16) @ W.T, W int4 in ember's bf16 tiles [N / 16, K / 8, 64]
+    -> [M, N], each row as a one-row call computes it."""
+    return torch.ops.ember_cpu.int4_tiled_linear(x, codes, scales, zeros, group_size)
 
 
 def int4_tiles_supported() -> bool:
@@ -60,10 +58,11 @@ def int4_tiles_supported() -> bool:
 
 
 def kquant_linear(x: torch.Tensor, tiles: list[torch.Tensor], kinds: list[int], k: int,
-                  dense_min_rows: int, float_out: bool) -> torch.Tensor:
+                  float_out: bool) -> torch.Tensor:
     """kquant.cpp: x [M, K] @ W.T, W's output rows in segments of one GGUF K-quant type each
-    (ember's tiles) -> [M, N], float32 where `float_out`."""
-    return torch.ops.ember_cpu.kquant_linear(x, tiles, kinds, k, dense_min_rows, float_out)
+    (ember's tiles) -> [M, N], float32 where `float_out`; each row as a one-row call computes
+    it."""
+    return torch.ops.ember_cpu.kquant_linear(x, tiles, kinds, k, float_out)
 
 
 def kquant_rows(tiles: torch.Tensor, ids: torch.Tensor, kind: int, k: int) -> torch.Tensor:
@@ -110,19 +109,19 @@ def register_fakes() -> None:
         return None
 
     @fake("ember_cpu::q8_0_linear")
-    def _(x, q, scales):
-        return x.new_empty(x.shape[0], q.shape[0], dtype=torch.float32)
+    def _(x, codes, scales):
+        return x.new_empty(x.shape[0], codes.shape[0] * 16, dtype=torch.float32)
 
     @fake("ember_cpu::int4_linear")
-    def _(x, packed, scales, zeros, scales_and_zeros, group_size, dense_min_rows):
-        return x.new_empty(x.shape[0], scales.numel() * group_size // x.shape[1])
+    def _(x, codes, scales, offsets, group_size):
+        return x.new_empty(x.shape[0], codes.shape[0] * 16)
 
     @fake("ember_cpu::int4_tiled_linear")
-    def _(x, codes, scales, zeros, group_size, dense_min_rows):
+    def _(x, codes, scales, zeros, group_size):
         return x.new_empty(x.shape[0], codes.shape[0] * 16)
 
     @fake("ember_cpu::kquant_linear")
-    def _(x, tiles, kinds, k, dense_min_rows, float_out):
+    def _(x, tiles, kinds, k, float_out):
         return x.new_empty(x.shape[0], sum(t.shape[0] for t in tiles) * 16,
                            dtype=torch.float32 if float_out else x.dtype)
 

@@ -29,7 +29,7 @@ from ember import kernels
 from ember.kernels import ops
 from ember.kernels.decode_schema import LayerTensors, ModelDims, Projection
 from ember.layers.attention import AttentionMetadata
-from ember.quantization.int4 import DENSE_MIN_TOKENS, DENSE_MIN_TOKENS_TILED, Int4Linear
+from ember.quantization.int4 import Int4Linear
 from ember.quantization.int8 import Int8Linear
 from ember.quantization.kquant import KQuantEmbedding, KQuantLinear
 
@@ -46,8 +46,8 @@ def _projection(m: nn.Module, dtype: torch.dtype, bias_ok: bool = False) -> Proj
     none = torch.empty(0, dtype=dtype)
     if isinstance(m, Int4Linear) and m.tiled:
         tensors = (m.tiles, m.tile_scales, m.tile_zeros, none)
-    elif isinstance(m, Int4Linear) and m.dense_for_many_rows:
-        tensors = (m.weight, m.scales_and_zeros, m.dense_scales, m.dense_zeros)
+    elif isinstance(m, Int4Linear) and m.columns:
+        tensors = (m.col_codes, m.col_scales, m.col_offsets, none)
     elif isinstance(m, Int8Linear):
         tensors = (m.weight, m.scales, none, none)
     elif isinstance(m, KQuantLinear) and m.tiled and len(m.kinds) <= 3 and not m.float_out:
@@ -168,7 +168,7 @@ class FusedDecode:
             float(model.embed_scale))
         return cls(edges, params, first.self_attn.num_heads, first.self_attn.num_kv_heads,
                    group_sizes.pop() if group_sizes else 32,
-                   DENSE_MIN_TOKENS if tiled == {False} else DENSE_MIN_TOKENS_TILED,
+                   0,  # dense_min_rows: unused (removed with the attention merge)
                    first.input_layernorm.eps, first.self_attn.attn.scale, embedding_kind,
                    dims.inter, family_args)
 

@@ -231,7 +231,7 @@ class LlamaForCausalLM(nn.Module):
                     continue
                 tensor = tensor.dequantize().to(table.dtype)
             if isinstance(tensor, Q8_0Weight):  # a GGUF head, kept as it is where it runs
-                if kernels.available(self.embed_tokens.weight.device):
+                if kernels.available(self.embed_tokens.weight.device) and tensor.fits_kernel():
                     q8_head = tensor
                     loaded.add(name)
                     continue
@@ -284,6 +284,4 @@ class LlamaForCausalLM(nn.Module):
         if q8_head is not None:
             if (q8_head.out_features, q8_head.in_features) != (cfg.vocab_size, cfg.hidden_size):
                 raise ModelLoadError(f"lm_head.weight: checkpoint shape {tuple(q8_head.q.shape)}")
-            embedding = self.embed_tokens.weight
-            self.lm_head = Q8_0Linear(q8_head, embedding.device,
-                                      embedding if cfg.tie_word_embeddings else None)
+            self.lm_head = Q8_0Linear(q8_head, self.embed_tokens.weight.device)

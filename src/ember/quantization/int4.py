@@ -6,19 +6,17 @@ input columns a `scale` and a `zero`, with value = (q - 8) * scale + zero (the c
 Q4_1 (value = q * d + m) is scale = d, zero = m + 8 d; Q4_0 (value = (q - 8) * d) is zero = 0.
 `Int4Linear` packs it once for its device's kernel.
 
-The int4 kernel is made for few rows (decode): its cost grows with every row of the input.
-For a batch of `DENSE_MIN_TOKENS` rows or more (a prompt, many decodes), `Int4Linear` on CPU
-dequantizes the weight from the packed tensor itself (no second copy kept) and runs a dense
-GEMM: at 512 tokens, 30 layers of the default model take ~0.2 s instead of ~1.35 s.
+With ember's CPU kernels (`ember.kernels`) the codes are kept in ember's own layouts, and every
+row of a matmul is computed as a one-row call computes it, whatever the row count (a prompt, a
+batch of decodes, a speculative verify): a token's result does not depend on what shares its
+step. Where the CPU has AVX512-BF16 and the activations are bfloat16: the bf16 tiles
+(`tile_codes`) and `int4_tiled_linear` (bf16 dot-product instructions). Elsewhere: the column
+tiles (`column_tiles`) and `int4_linear` (float32 FMAs, vectorized across outputs; float32 or
+bfloat16 activations).
 
-With ember's CPU kernels (`ember.kernels`) and bfloat16 activations on a CPU with
-AVX512-BF16, the codes are kept in ember's own layout instead (`tile_codes`), made for its
-GEMV (bf16 dot-product instructions, ~1.3x ATen's kernel, at the memory bound on one core),
-and one op (`int4_tiled_linear`) chooses by the row count inside, so a compiled graph does not
-split on it: the GEMV below `DENSE_MIN_TOKENS_TILED` rows, dequantize + GEMM from there. Elsewhere
-on CPU, ATen's packing: ember's op `int4_linear` (ATen's kernel, then a vectorized
-dequantization), or without the kernels the dequantization written in PyTorch (fused by
-torch.compile).
+Without the kernels (no compiler) or on CUDA: ATen's packing and its int4 kernel; on CPU, for a
+batch of `DENSE_MIN_TOKENS` rows or more, the weight dequantized from the packed tensor itself
+(no second copy kept) and a dense GEMM.
 """
 
 from __future__ import annotations
@@ -35,14 +33,11 @@ from ember.quantization.weight import QuantizedCodes
 
 # The packed kernels' shape rules: output rows in tiles of 16.
 _N_TILE = 16
-# From this many input rows on, dequantize + dense GEMM beats the int4 kernel: compiled, the
-# dequantization is one fused pass (the crossover measured near 16 rows); eager it takes
-# several passes, worth it only for long prompts.
+# Without ember's kernels, from this many input rows on, dequantize + dense GEMM beats ATen's
+# int4 kernel: compiled, the dequantization is one fused pass (the crossover measured near 16
+# rows); eager it takes several passes, worth it only for long prompts.
 DENSE_MIN_TOKENS = 16
 DENSE_MIN_TOKENS_EAGER = 192
-# ember's GEMV (`tiled` layers) costs less per row than ATen's kernel: it stays ahead of
-# dequantize + GEMM up to ~20 rows on the default model's shapes (docs/benchmarks.md).
-DENSE_MIN_TOKENS_TILED = 20
 # ATen's CPU packing, by the CPU capability ATen dispatches to: output rows in blocks of 64
 # (AVX512) or 32 (AVX2); per block, K-major, one byte holding rows j (low nibble) and
 # j + block / 2 (high nibble) of the block at one input column. Other builds pack otherwise.
@@ -101,6 +96,17 @@ def tile_codes(q: torch.Tensor) -> torch.Tensor:
     lo = t[:, row, :, 2 * half + e]  # [64, N / 16, K / 8]
     hi = t[:, row, :, 4 + 2 * half + e]
     return (lo | hi << 4).permute(1, 2, 0).contiguous()
+
+
+def column_tiles(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes (0..15) -> ember's column tiles [N / 16, K / 8, 16] int32: per tile of 16
+    rows and 8 inputs k0.., word i holds row i's code at k0 + j in bits 4j..4j + 3 (see
+    `int4_linear` in kernels/int4.cpp)."""
+    n, k = q.shape
+    t = q.view(n // 16, 16, k // 8, 8).to(torch.int64)
+    words = (t << (4 * torch.arange(8, device=q.device))).sum(-1)  # [N / 16, 16, K / 8]
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # as int32's bits
+    return words.to(torch.int32).transpose(1, 2).contiguous()
 
 
 def _blocked(t: torch.Tensor, block: int) -> torch.Tensor:
@@ -164,14 +170,21 @@ class Int4Linear(nn.Module):
         q = w.q.to(device)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(device, dtype),
                                                            requires_grad=False)
-        # ember's own layout and kernel (bf16 activations, AVX512-BF16), instead of ATen's.
+        # ember's own layouts and kernels where they run, instead of ATen's.
         self.tiled = dtype == torch.bfloat16 and kernels.int4_tiles(device)
+        self.columns = not self.tiled and kernels.available(device)
         self.dense_for_many_rows = False
         if self.tiled:
             self.register_buffer("tiles", tile_codes(q))
             # [K // group, N]: per group, the rows' scales and zeros in row order.
             self.register_buffer("tile_scales", w.scale.t().contiguous().to(device, dtype))
             self.register_buffer("tile_zeros", w.zero.t().contiguous().to(device, dtype))
+            return
+        if self.columns:
+            self.register_buffer("col_codes", column_tiles(q))
+            # [K // group, N] float32: value = q * scale + offset.
+            self.register_buffer("col_scales", w.scale.t().contiguous().to(device))
+            self.register_buffer("col_offsets", (w.zero - 8 * w.scale).t().contiguous().to(device))
             return
         if device.type == "cpu":
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
@@ -195,15 +208,12 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         many = DENSE_MIN_TOKENS if torch.compiler.is_compiling() else DENSE_MIN_TOKENS_EAGER
-        if self.tiled:  # ember's GEMV for few rows, dequantize + GEMM for many, in one op
+        if self.tiled:
             y = ops.int4_tiled_linear(x, self.tiles, self.tile_scales, self.tile_zeros,
-                                      self.group_size, DENSE_MIN_TOKENS_TILED)
-        elif self.dense_for_many_rows and kernels.available(x.device):
-            # ember's op picks its path by the row count inside, so under torch.compile one
-            # graph serves every batch of 2 or more tokens (float32 activations: rounded to
-            # bf16 for ATen's kernel there, as below).
-            y = ops.int4_linear(x, self.weight, self.dense_scales, self.dense_zeros,
-                                self.scales_and_zeros, self.group_size, DENSE_MIN_TOKENS)
+                                      self.group_size)
+        elif self.columns:
+            y = ops.int4_linear(x, self.col_codes, self.col_scales, self.col_offsets,
+                                self.group_size)
         elif self.dense_for_many_rows and x.shape[0] >= many:
             y = torch.mm(x, _dequantize_cpu_packed(self.weight, self.dense_scales,
                                                    self.dense_zeros, self.in_features,

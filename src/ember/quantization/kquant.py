@@ -30,7 +30,6 @@ from torch import nn
 from ember import kernels
 from ember.kernels import ops
 from ember.errors import ModelLoadError
-from ember.quantization.int4 import DENSE_MIN_TOKENS_TILED
 from ember.quantization.weight import QuantizedCodes
 
 
@@ -254,11 +253,6 @@ class KQuantWeight(QuantizedCodes):
                    for fmt, raw in self.segments)
 
 
-# From this many rows on, dequantizing the tiles once and a GEMM beat the GEMV (whose cost
-# grows with every row): the int4 GEMV's crossover, which the fused decode step shares.
-DENSE_MIN_ROWS = DENSE_MIN_TOKENS_TILED
-
-
 def kernel_serves(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `ember_cpu.kquant_linear` runs K-quant layers on `device` with `dtype`
     activations (float32 or bfloat16, the kernels built)."""
@@ -292,7 +286,7 @@ class KQuantLinear(nn.Module):
         x = x.reshape(-1, shape[-1])
         if self.tiled:
             y = ops.kquant_linear(x, self.segments, self.kinds, self.in_features,
-                                  DENSE_MIN_ROWS, self.float_out)
+                                  self.float_out)
         else:
             w = torch.cat([dequantize(raw, fmt, (raw.shape[0], self.in_features))
                            for fmt, raw in zip(self.formats, self.segments)])

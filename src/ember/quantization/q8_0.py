@@ -2,10 +2,11 @@
 
 The LM head of most GGUF files (and the embedding it is tied to, in small models) is Q8_0.
 Run dense, it is the largest matrix a decode step reads: 28M weights for the default model,
-56 MB in bf16. `Q8_0Linear` keeps the file's codes and computes with ember's CPU kernel
-(`ember.kernels`, q8_0_linear) at 1.06 bytes a weight, exactly the file's values, accumulating
-in float32; its output (the logits) is float32. It is used only where that kernel runs
-(`kernels.available`); elsewhere the head stays dense.
+56 MB in bf16. `Q8_0Linear` keeps the file's codes, in ember's column tiles, and computes with
+ember's CPU kernel (`ember.kernels`, q8_0_linear) at 1.13 bytes a weight, exactly the file's
+values, accumulating in float32, each row of logits the same whatever the number of rows; its
+output (the logits) is float32. It is used only where that kernel runs (`kernels.available`,
+a vocabulary of a multiple of 16); elsewhere the head stays dense.
 """
 
 from __future__ import annotations
@@ -30,30 +31,22 @@ class Q8_0Weight(QuantizedCodes):
         n, k = self.q.shape
         return (self.q.float().view(n, k // GROUP, GROUP) * self.scale[..., None]).view(n, k)
 
-
-# From this many rows on (a batch of decodes), a GEMM is compute-bound, and the dense tied
-# embedding, when there is one, runs it faster (bf16 dot-product instructions).
-DENSE_MIN_ROWS = 8
+    def fits_kernel(self) -> bool:
+        return self.out_features % 16 == 0 and self.in_features % GROUP == 0
 
 
 class Q8_0Linear(nn.Module):
-    def __init__(self, w: Q8_0Weight, device: torch.device,
-                 dense: torch.Tensor | None = None) -> None:
-        """`dense`: the same matrix in the model dtype, when the model holds it anyway (a
-        head tied to the embedding), for batches of `DENSE_MIN_ROWS` rows or more."""
+    def __init__(self, w: Q8_0Weight, device: torch.device) -> None:
         super().__init__()
         self.in_features, self.out_features = w.in_features, w.out_features
-        self.register_buffer("weight", w.q.to(device).contiguous())
-        self.register_buffer("scales", w.scale.to(device, torch.float32).contiguous())
-        self.dense = dense
+        n, k = w.q.shape
+        # Column tiles [N / 16, K, 16]: per tile of 16 rows, each input's 16 codes together.
+        self.register_buffer("codes", w.q.view(n // 16, 16, k).transpose(1, 2).contiguous().to(device))
+        self.register_buffer("scales", w.scale.t().contiguous().to(device, torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        if self.dense is not None and x.shape[0] >= DENSE_MIN_ROWS:
-            y = torch.nn.functional.linear(x.to(self.dense.dtype), self.dense).float()
-        else:
-            y = ops.q8_0_linear(x, self.weight, self.scales)
+        y = ops.q8_0_linear(x.reshape(-1, shape[-1]), self.codes, self.scales)
         return y.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
