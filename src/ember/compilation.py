@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ember import kernels
-from ember.layers.attention import AttentionMetadata, DecodeBatch, PrefillChunk
+from ember.layers.attention import AttentionMetadata
 
 logger = logging.getLogger("ember")
 
@@ -102,10 +102,8 @@ def _warm_up(model: torch.nn.Module, kv_caches: list) -> None:
         for t in sizes:
             ids = torch.zeros(t, dtype=torch.long, device=device)
             positions = torch.arange(t, device=device)
-            slots = torch.arange(t, device=device)
-            if t == 1:  # one decoding sequence
-                meta = AttentionMetadata(slots, DecodeBatch(slots, slots[None], 1, slots + 1, 1, None))
-            else:  # a prompt (T is a dynamic size: see `compile_model`)
-                meta = AttentionMetadata(slots, None, [PrefillChunk(0, t, None, None)])
+            # One sequence of t tokens in block 0, of t slots (T is a dynamic size: see
+            # `compile_model`; t = 1 is a decode step).
+            meta = AttentionMetadata.build(range(t), [t], [t], [[0]], t).to(device)
             model(ids, positions, kv_caches, meta)
             bar.update(1)

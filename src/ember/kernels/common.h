@@ -48,10 +48,10 @@ inline float sigmoid(float x) {
   return (x >= 0.f ? 1.f : e) / (1.f + e);
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
-                            const at::Tensor& v_cache, const at::Tensor& block_tables,
-                            const at::Tensor& context_lens, int64_t block_size, double scale,
-                            int64_t window);
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& block_tables,
+                           const at::Tensor& query_start, const at::Tensor& seq_lens,
+                           int64_t block_size, double scale, int64_t window);
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& zeros, const at::Tensor& scales_and_zeros,
                        int64_t group_size, int64_t dense_min_rows);

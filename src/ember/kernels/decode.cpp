@@ -5,7 +5,8 @@
 // Python (or one compiled layer at a time), their launch and guard costs add up to a fifth of
 // the step. Here the layer loop runs in C++: RMSNorm, rotary embedding, the KV write and SiLU *
 // up are short loops over the batch's rows (a few hundred floats each), the projections go to
-// the matmul kernels (ember's int4, ATen's int8 or dense), the attention to `decode_attention`;
+// the matmul kernels (ember's int4, ATen's int8 or dense), the attention to `paged_attention`
+// (one query row a sequence: the same kernel, and bits, as the token's row in a prompt chunk);
 // the embedding lookup (a dense table or a K-quant's tiles), the rotary tables' rows and the
 // final norm come along, so that
 // nothing but the head is left to Python.
@@ -211,6 +212,7 @@ at::Tensor run_layers(const StepArgs& args, const FamilyArgs& fam) {
   const auto act = final_norm.options();
   const float offset = fam.norm_offset;
   const bool local_rope = fam.local_cos.numel() > 0;
+  const at::Tensor query_start = at::arange(T + 1, ids.options());  // a query row a sequence
   // The residual stream (float32) from the embedding rows (scaled in the activation dtype,
   // as the model does); each token's rotary cos and sin rounded to the activation dtype, as
   // the layers get them: the global tables' rows, then the sliding layers' own.
@@ -300,8 +302,8 @@ at::Tensor run_layers(const StepArgs& args, const FamilyArgs& fam) {
                     dim * sizeof(AT));
       }
     }
-    const at::Tensor o = decode_attention(q, k_caches[l], v_caches[l], block_tables,
-                                          context_lens, block_size, scale, window);
+    const at::Tensor o = paged_attention(q, k_caches[l], v_caches[l], block_tables,
+                                         query_start, context_lens, block_size, scale, window);
     add_block(project(o.view({T, q_size}), p + k_o_proj, group_size, dense_min_rows),
               p[k_post_attention_norm]);
 

@@ -17,13 +17,17 @@ import torch
 # ---- ember_cpu: the C++ kernels -----------------------------------------------------------
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
-                     scale: float, window: int = 0) -> torch.Tensor:
-    """attention.cpp: one query per sequence q [B, H, D] against its paged KV cache, read in
-    place through its block table -> [B, H, D]; `window` > 0: only the last `window` keys."""
-    return torch.ops.ember_cpu.decode_attention(q, k_cache, v_cache, block_tables,
-                                                context_lens, block_size, scale, window)
+def cpu_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, query_start: torch.Tensor,
+                        seq_lens: torch.Tensor, block_size: int, scale: float,
+                        window: int = 0) -> torch.Tensor:
+    """attention.cpp: query rows q [T, H, D] against their sequences' paged KV cache, read in
+    place through the block tables [S, W]: sequence i's rows q[query_start[i] :
+    query_start[i + 1]] are the last positions of its seq_lens[i] keys (causal; `window` > 0:
+    each row's last `window` keys) -> [T, H, D]. Each row's result is the same, bitwise,
+    whatever rows come with it."""
+    return torch.ops.ember_cpu.paged_attention(q, k_cache, v_cache, block_tables, query_start,
+                                               seq_lens, block_size, scale, window)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -101,8 +105,8 @@ def register_fakes() -> None:
     (a fake needs its op defined)."""
     fake = torch.library.register_fake
 
-    @fake("ember_cpu::decode_attention")
-    def _(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, window=0):
+    @fake("ember_cpu::paged_attention")
+    def _(q, k_cache, v_cache, block_tables, query_start, seq_lens, block_size, scale, window=0):
         return q.new_empty(q.shape)
 
     @fake("ember_cpu::write_kv")

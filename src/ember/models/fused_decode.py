@@ -175,13 +175,13 @@ class FusedDecode:
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
         """The final norm's output [T, hidden] (the head's input), for a step of decodes only
-        (`meta.decode` covers every row, in order)."""
-        d, f = meta.decode, self.family
+        (a query row a sequence, in order)."""
+        f = self.family
         embedding, cos, sin, norm = self.edges
         return ops.decode_layers(
             input_ids, positions, embedding, cos, sin, self.params, norm,
             [k for k, _ in kv_caches], [v for _, v in kv_caches],
-            meta.slot_mapping, d.block_tables, d.context_lens, d.block_size, self.num_heads,
+            meta.slot_mapping, meta.block_tables, meta.seq_lens, meta.block_size, self.num_heads,
             self.num_kv_heads, self.group_size, self.dense_min_rows, self.eps, self.scale,
             self.embedding_kind, self.intermediate_size, f.windows, f.local_cos, f.local_sin,
             f.norm_offset, f.activation, f.embed_scale)

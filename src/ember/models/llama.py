@@ -176,7 +176,7 @@ class LlamaForCausalLM(nn.Module):
         """The final hidden states [T, hidden] of a flat batch described by `meta`."""
         # The residual stream stays float32 whatever the model dtype (as llama.cpp keeps it):
         # bf16 sums drift over 30 layers; only the matmuls' inputs are in the model dtype.
-        if self.fused_decode is not None and meta.decode is not None and not meta.prefills:
+        if self.fused_decode is not None and meta.max_query_len == 1:
             return self.fused_decode(input_ids, positions, kv_caches, meta)
         x = self.embed_tokens(input_ids)
         if self.config.family.scale_embeddings:
