@@ -139,6 +139,14 @@ inline V vexp_shifted(V a, V m) {
 }
 #endif
 
+// Keys ahead to prefetch: nearer arrives late at long contexts, further gains little
+// (docs/benchmarks.md).
+constexpr int64_t kAhead = 16;
+inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
+}
+
 inline int64_t first_key(int64_t pos, int64_t window) {
   return window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
 }
@@ -169,12 +177,20 @@ __attribute__((noipa)) void attend_chunk(const Problem& P, const KT* kc, const K
   for (int64_t j = k0; j < k1; ++j) {
     const int64_t blk = j / P.block_size;
     offsets[j - base] = (table[blk] * P.block_size + j % P.block_size) * P.slot_stride;
+    if (j < k0 + kAhead) prefetch_row(kc + offsets[j - base], dim * sizeof(KT));
   }
   // Scores: 4 keys x 2 (row, head)s at a time; past the end, the last key and (row, head)
   // again (computed, not stored).
   for (int64_t j = k0; j < k1; j += 4) {
     const KT* kr[4];
     for (int u = 0; u < 4; ++u) kr[u] = kc + offsets[std::min(j + u, k1 - 1) - base];
+    // A decode reads the cache from memory (the weights streamed since evicted it), a key's
+    // row at a time, a head's rows apart: too sparse for the hardware prefetchers. Ask for the
+    // keys kAhead on, and for these keys' values (read after the chunk's scores).
+    for (int64_t u = j + kAhead; u < std::min(j + kAhead + 4, k1); ++u)
+      prefetch_row(kc + offsets[u - base], dim * sizeof(KT));
+    for (int64_t u = j; u < std::min(j + 4, k1); ++u)
+      prefetch_row(vc + offsets[u - base], dim * sizeof(KT));
     for (int64_t rg = 0; rg < nrg; rg += 2) {
       const float* qa = qf + rg * dim;
       const float* qb = qf + std::min(rg + 1, nrg - 1) * dim;

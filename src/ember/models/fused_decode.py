@@ -5,7 +5,7 @@ kernels from Python, layer after layer (Dynamo guards, wrappers, thread start-up
 `FusedDecode` hands the whole step but the head to ember's CPU
 kernels instead (`ember.kernels`, decode.cpp): the embedding lookup, the rotary tables' rows,
 the same arithmetic as `LlamaDecoderLayer` (tested against it) with the projections' own matmul
-kernels and the paged decode attention, and the final norm. Steps with a prompt chunk keep the
+kernels and the paged attention kernel, and the final norm. Steps with a prompt chunk keep the
 compiled layers (prefill is compute-bound: one graph, big GEMMs).
 
 It serves a model of every supported family (QKV bias, QK-norm, Gemma's norms, GELU-tanh,
