@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-import pytest
 import torch
 
 from ember import LLM, SamplingParams
@@ -16,18 +15,25 @@ PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 PROMPTS = ["Hello there, how are", "The quick brown fox jumps over the lazy dog and then"]
 
 
-@pytest.mark.parametrize("fused_decode", [True, False])
-def test_compiled_layers_are_used_and_match_eager(tiny_llama_dir, monkeypatch, fused_decode):
-    if not fused_decode:  # decode steps through the layers' graphs too (CUDA, no kernels)
-        monkeypatch.setattr(FusedDecode, "build", classmethod(lambda cls, model: None))
+def test_steps_in_the_fused_call_compile_nothing(tiny_llama_dir):
+    """On CPU with ember's kernels every step runs in one call (`FusedDecode`): no layer graph
+    is compiled or run."""
+    llm = LLM(model=str(tiny_llama_dir), max_model_len=256)
+    assert llm.llm_engine.model.fused_decode is not None
+    assert not any("forward" in vars(layer) for layer in llm.llm_engine.model.layers)
+
+
+def test_compiled_layers_are_used_and_match_eager(tiny_llama_dir, monkeypatch):
+    # Every step through the layers' graphs (CUDA, tensor parallelism, no kernels).
+    monkeypatch.setattr(FusedDecode, "build", classmethod(lambda cls, model: None))
     compiled = LLM(model=str(tiny_llama_dir), max_model_len=256)
-    assert (compiled.llm_engine.model.fused_decode is not None) == fused_decode
+    assert compiled.llm_engine.model.fused_decode is None
     # Every layer runs the compiled forward (a per-layer bound method of one compiled fn).
     assert all("forward" in vars(layer) for layer in compiled.llm_engine.model.layers)
     eager = LLM(model=str(tiny_llama_dir), max_model_len=256, enforce_eager=True)
     assert not any("forward" in vars(layer) for layer in eager.llm_engine.model.layers)
-    # One sequence (decodes: the T=1 graph, or the fused call) and two together (the dynamic
-    # T>=2 graph: a prefill of both, then decodes of two).
+    # One sequence (decodes: the T=1 graph) and two together (the dynamic T>=2 graph: a
+    # prefill of both, then decodes of two).
     for prompts in (PROMPTS[:1], PROMPTS):
         a = compiled.generate(prompts, PARAMS, use_tqdm=False)
         b = eager.generate(prompts, PARAMS, use_tqdm=False)

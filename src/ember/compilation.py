@@ -4,9 +4,9 @@ The paged attention is an opaque custom op inside the layer's graph (see `layers
 so one graph serves every batch of the same token count T, decode or prefill or both: T is
 the only varying size. T = 1 (one sequence decoding, the latency case) gets a graph of its
 own, T >= 2 one dynamic-shape graph (two without ember's CPU kernels: split at 16 rows, where
-int4 layers switch to dequantize + dense GEMM). Where decode steps go through the fused C++
-call instead (`models.fused_decode`, on CPU), the layers' graphs serve the steps with a
-prompt chunk, and the T = 1 graph is not needed. All are compiled at start (warm-up, with a
+int4 layers switch to dequantize + dense GEMM). On CPU with ember's kernels every step goes
+through the fused C++ call instead (`models.fused_decode`) and nothing is compiled; the graphs
+serve the other cases (CUDA, layers the fused call does not run). All are compiled at start (warm-up, with a
 progress bar), and Inductor's on-disk cache makes a second start fast. The layers share the
 compiled code (regional compilation: their weights are graph inputs), so compile time does
 not grow with depth; a model with sliding-window layers beside global ones (Gemma 3) gets one
@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ember import kernels
-from ember.layers.attention import AttentionMetadata, DecodeBatch, PrefillChunk
+from ember.layers.attention import AttentionMetadata
 
 logger = logging.getLogger("ember")
 
@@ -77,15 +77,12 @@ def compile_model(model: torch.nn.Module, kv_caches: list) -> bool:
     return True
 
 
-# Token counts that warm up every graph the model will run: one decoding sequence (unless
-# decode steps go through the fused call, `models.fused_decode`: then T=1 never reaches the
-# layers, since a one-token step is always a decode); a small batch (the dynamic graph for
-# T >= 2); without ember's CPU kernels, a batch large enough for the dense path of the int4
-# layers (T >= 16, see `quantization.int4`), which Dynamo then keeps as a graph of its own
-# (ember's int4 op chooses its path inside, invisible to the graph).
+# Token counts that warm up every graph the model will run: one decoding sequence; a small
+# batch (the dynamic graph for T >= 2); without ember's CPU kernels, a batch large enough for
+# the dense path of the int4 layers (T >= 16, see `quantization.int4`), which Dynamo then keeps
+# as a graph of its own.
 def warm_up_tokens(model: torch.nn.Module) -> tuple[int, ...]:
-    sizes = (2,) if kernels.available(model.embed_tokens.weight.device) else (2, 64)
-    return sizes if getattr(model, "fused_decode", None) is not None else (1, *sizes)
+    return (1, 2) if kernels.available(model.embed_tokens.weight.device) else (1, 2, 64)
 
 
 def _describe(sizes: tuple[int, ...]) -> str:
@@ -102,10 +99,8 @@ def _warm_up(model: torch.nn.Module, kv_caches: list) -> None:
         for t in sizes:
             ids = torch.zeros(t, dtype=torch.long, device=device)
             positions = torch.arange(t, device=device)
-            slots = torch.arange(t, device=device)
-            if t == 1:  # one decoding sequence
-                meta = AttentionMetadata(slots, DecodeBatch(slots, slots[None], 1, slots + 1, 1, None))
-            else:  # a prompt (T is a dynamic size: see `compile_model`)
-                meta = AttentionMetadata(slots, None, [PrefillChunk(0, t, None, None)])
+            # One sequence of t tokens in block 0, of t slots (T is a dynamic size: see
+            # `compile_model`; t = 1 is a decode step).
+            meta = AttentionMetadata.build(range(t), [t], [t], [[0]], t).to(device)
             model(ids, positions, kv_caches, meta)
             bar.update(1)

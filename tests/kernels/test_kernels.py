@@ -10,9 +10,6 @@ import torch.nn.functional as F
 
 from ember import kernels
 from ember.kernels import ops
-from ember.layers import attention
-from ember.layers.attention import (AttentionMetadata, DecodeBatch, PrefillChunk,
-                                    attention_metadata, paged_attention_impl)
 from ember.quantization.q8_0 import Q8_0Linear, Q8_0Weight
 
 CPU = torch.device("cpu")
@@ -21,55 +18,6 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module", autouse=True)
 def built():
     assert kernels.load(), "the CPU kernels must build on this machine (g++ is there)"
-
-
-def _sdpa_decode(q, k_cache, v_cache, tables, lens, block_size, scale):
-    """The reference: each sequence's keys gathered slot by slot, one SDPA call each."""
-    out = []
-    for b in range(q.shape[0]):
-        pos = torch.arange(int(lens[b]))
-        slots = tables[b, pos // block_size] * block_size + pos % block_size
-        keys, values = k_cache[slots].float(), v_cache[slots].float()  # [n, Hkv, D]
-        o = F.scaled_dot_product_attention(
-            q[b].float()[:, None], keys.transpose(0, 1), values.transpose(0, 1), scale=scale,
-            enable_gqa=True)
-        out.append(o[:, 0])
-    return torch.stack(out)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (8, 8, 128), (4, 2, 48)])
-def test_decode_attention_matches_sdpa(dtype, heads, kv_heads, dim):
-    g = torch.Generator().manual_seed(heads * dim)
-    block_size, num_blocks, batch = 16, 64, 5
-    k_cache = torch.randn(num_blocks * block_size, kv_heads, dim, generator=g).to(dtype)
-    v_cache = torch.randn(num_blocks * block_size, kv_heads, dim, generator=g).to(dtype)
-    # Block edges, one key, several blocks, several chunks of keys (attended in parallel).
-    lens = torch.tensor([1, 16, 17, 250, 700])
-    width = -(-int(lens.max()) // block_size)
-    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:width] for _ in range(batch)])
-    q = torch.randn(batch, heads, dim, generator=g).to(dtype)
-    out = ops.decode_attention(q, k_cache, v_cache, tables, lens, block_size,
-                               dim**-0.5)
-    ref = _sdpa_decode(q, k_cache, v_cache, tables, lens, block_size, dim**-0.5)
-    assert out.dtype == dtype and out.shape == q.shape
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
-
-
-def test_decode_attention_reads_a_strided_query_and_refuses_bad_input():
-    k_cache = torch.randn(32, 2, 64)
-    qkv = torch.randn(2, 8 * 64)  # q as a view into a fused projection's output
-    q = qkv.view(2, 8, 64)[:, :4]
-    tables, lens = torch.tensor([[1], [0]]), torch.tensor([3, 16])
-    out = ops.decode_attention(q, k_cache, k_cache, tables, lens, 16, 0.125)
-    torch.testing.assert_close(out, _sdpa_decode(q, k_cache, k_cache, tables, lens, 16, 0.125),
-                               atol=1e-5, rtol=1e-5)
-    with pytest.raises(RuntimeError, match="int64"):
-        ops.decode_attention(q, k_cache, k_cache, tables.int(), lens, 16, 0.1)
-    with pytest.raises(RuntimeError, match="multiple|heads"):
-        ops.decode_attention(torch.randn(2, 3, 64), k_cache, k_cache, tables,
-                             lens, 16, 0.1)
 
 
 @pytest.mark.parametrize("src,cache", [(torch.float32, torch.float32),
@@ -87,20 +35,8 @@ def test_write_kv_fills_the_slots(src, cache):
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
 
 
-def test_kernels_refuse_slots_and_block_tables_outside_the_cache():
-    k_cache = torch.zeros(32, 2, 16)  # 2 blocks of 16
-    q = torch.randn(1, 2, 16)
-    lens = torch.tensor([20])
-    with pytest.raises(RuntimeError, match="block id 2 of sequence 0 is outside the cache"):
-        ops.decode_attention(q, k_cache, k_cache, torch.tensor([[0, 2]]), lens,
-                             16, 0.25)
-    with pytest.raises(RuntimeError, match="block id -1"):
-        ops.decode_attention(q, k_cache, k_cache, torch.tensor([[-1, 0]]), lens,
-                             16, 0.25)
-    with pytest.raises(RuntimeError, match="context length 40 of sequence 0 is beyond"):
-        ops.decode_attention(q, k_cache, k_cache, torch.tensor([[0, 1]]),
-                             torch.tensor([40]), 16, 0.25)
-    k = torch.randn(2, 2, 16)
+def test_write_kv_refuses_slots_outside_the_cache():
+    k_cache, k = torch.zeros(32, 2, 16), torch.randn(2, 2, 16)
     for bad in (32, -1):
         with pytest.raises(RuntimeError, match=f"slot {bad} is outside the cache"):
             ops.write_kv(k, k, k_cache, k_cache.clone(), torch.tensor([0, bad]))
@@ -134,41 +70,6 @@ def test_q8_0_rows_do_not_depend_on_the_row_count():
     alone = torch.cat([lin(x[i:i + 1]) for i in range(600)])
     for rows in [*range(2, 20), 64, 600]:
         assert torch.equal(lin(x[:rows]), alone[:rows]), rows
-
-
-def _meta_mixed(block_size: int) -> tuple[AttentionMetadata, int]:
-    """Rows 0-1: two decodes (contexts 5 and 20); rows 2-5: a first prompt chunk of 4."""
-    tables = torch.tensor([[3, 0], [1, 2]])
-    lens = torch.tensor([5, 20])
-    slots = torch.cat([torch.tensor([3 * block_size + 4, 2 * block_size + 3]),
-                       torch.arange(4) + 4 * block_size])
-    mask = (torch.arange(20)[None, :] < lens[:, None])[:, None, None, :]
-    decode = DecodeBatch(torch.tensor([0, 1]), tables, block_size, lens, 20, mask)
-    return AttentionMetadata(slots, decode, [PrefillChunk(2, 6, None, None)]), 6
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_with_and_without_the_kernels_agree(monkeypatch, dtype):
-    """The model's attention (decodes and a prompt in one batch) gives the same result and the
-    same cache through the kernels as through PyTorch's ops."""
-    block_size = 16
-    meta, t = _meta_mixed(block_size)
-    g = torch.Generator().manual_seed(1)
-    q = torch.randn(t, 6, 32, generator=g).to(dtype)
-    k = torch.randn(t, 2, 32, generator=g).to(dtype)
-    v = torch.randn(t, 2, 32, generator=g).to(dtype)
-    cache = torch.randn(5 * block_size, 2, 32, generator=g).to(dtype)
-    results = []
-    for own in (True, False):
-        monkeypatch.setattr(attention.kernels, "available", lambda device, own=own: own)
-        k_cache, v_cache = cache.clone(), cache.clone()
-        with attention_metadata(meta):
-            out = paged_attention_impl(q, k, v, k_cache, v_cache, 32**-0.5)
-        results.append((out, k_cache, v_cache))
-    (a, ka, va), (b, kb, vb) = results
-    assert torch.equal(ka, kb) and torch.equal(va, vb)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
 
 
 def test_loading_the_kernels_keeps_subnormal_floats():
@@ -269,39 +170,6 @@ def test_int4_tiled_linear_computes_with_the_dequantized_weight(group, rows):
                                rtol=0.02)
 
 
-@pytest.mark.parametrize("window", [1, 16, 200])
-def test_decode_attention_reads_only_the_window(window):
-    """A sliding-window layer's decode: the last `window` keys only, as SDPA over them; keys
-    before the window are poisoned (NaN), so reading one would show."""
-    g = torch.Generator().manual_seed(window)
-    heads, kv_heads, dim, block_size = 4, 1, 256, 16
-    lens = torch.tensor([1, 17, 250, 700])
-    width = -(-int(lens.max()) // block_size)
-    # Each sequence its own blocks, in a shuffled order.
-    tables = torch.randperm(len(lens) * width, generator=g).view(len(lens), width)
-    k_cache = torch.randn(len(lens) * width * block_size, kv_heads, dim, generator=g)
-    v_cache = torch.randn(len(lens) * width * block_size, kv_heads, dim, generator=g)
-    q = torch.randn(len(lens), heads, dim, generator=g)
-
-    def slots(b, start, end):
-        pos = torch.arange(start, end)
-        return tables[b, pos // block_size] * block_size + pos % block_size
-
-    expected = []
-    for b, n in enumerate(lens.tolist()):
-        s = slots(b, max(0, n - window), n)
-        o = F.scaled_dot_product_attention(
-            q[b][:, None], k_cache[s].transpose(0, 1), v_cache[s].transpose(0, 1),
-            scale=0.0625, enable_gqa=True)
-        expected.append(o[:, 0])
-        before = slots(b, 0, max(0, n - window))
-        k_cache[before] = float("nan")
-        v_cache[before] = float("nan")
-    out = ops.decode_attention(q, k_cache, v_cache, tables, lens, block_size,
-                               0.0625, window)
-    torch.testing.assert_close(out, torch.stack(expected), atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("block", [64, 32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dequantize_cpu_packed_reads_both_atens_cpu_packings(block, dtype):
@@ -347,7 +215,8 @@ def test_every_op_has_its_fake_for_torch_compile():
         x, k_cache = torch.empty(3, 64), torch.empty(32, 2, 16)
         tables, lens = torch.zeros(3, 2, dtype=torch.long), torch.ones(3, dtype=torch.long)
         q = torch.empty(3, 4, 16, dtype=torch.bfloat16)
-        out = ops.decode_attention(q, k_cache, k_cache, tables, lens, 16, 0.25)
+        out = ops.cpu_paged_attention(q, k_cache, k_cache, tables,
+                                      torch.arange(4, dtype=torch.long), lens, 16, 0.25)
         assert out.shape == (3, 4, 16) and out.dtype == torch.bfloat16
         assert ops.write_kv(k_cache[:3], k_cache[:3], k_cache, k_cache,
                             torch.zeros(3, dtype=torch.long)) is None

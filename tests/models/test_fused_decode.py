@@ -14,7 +14,7 @@ from conftest import EXACT
 from ember import LLM, SamplingParams, kernels
 from ember.kernels.decode_schema import (LAYER_SCHEMA, PER_LAYER, LayerTensors, ModelDims,
                                          SchemaError)
-from ember.layers.attention import AttentionMetadata, DecodeBatch, PrefillChunk
+from ember.layers.attention import AttentionMetadata
 from ember.loading.loader import resolve_precision
 from ember.models.fused_decode import _projection
 from ember.quantization.int4 import Int4Linear
@@ -32,22 +32,19 @@ def _decode_twice(model, caches, text):
     and the K/V each wrote for layer 0 and the last layer."""
     text = text * 4
     tables = torch.stack([torch.arange(4) + 1 + 4 * i for i in range(len(CONTEXTS))])
-    ids, positions, slots, prefills = [], [], [], []
+    ids, positions, slots = [], [], []
     for i, n in enumerate(CONTEXTS):  # the prompts, through the layers
         pos = torch.arange(n)
-        prefills.append(PrefillChunk(len(ids), len(ids) + n, None, None))
         ids += text[7 * i : 7 * i + n]
         positions.append(pos)
         slots.append(tables[i, pos // BLOCK] * BLOCK + pos % BLOCK)
     model(torch.tensor(ids), torch.cat(positions), caches,
-          AttentionMetadata(torch.cat(slots), None, prefills))
+          AttentionMetadata.build(torch.cat(slots), CONTEXTS, CONTEXTS, tables.tolist(), BLOCK))
     pos = torch.tensor(CONTEXTS)
     step = (torch.tensor([text[7 * i + n] for i, n in enumerate(CONTEXTS)]), pos)
     step_slots = tables[torch.arange(len(CONTEXTS)), pos // BLOCK] * BLOCK + pos % BLOCK
-    lens = pos + 1
-    mask = (torch.arange(int(lens.max()))[None, :] < lens[:, None])[:, None, None, :]
-    meta = AttentionMetadata(step_slots, DecodeBatch(
-        torch.arange(len(CONTEXTS)), tables, BLOCK, lens, int(lens.max()), mask))
+    meta = AttentionMetadata.build(step_slots, [1] * len(CONTEXTS), (pos + 1).tolist(),
+                                   tables.tolist(), BLOCK)
     fused = model.fused_decode
     results = []
     for use in (fused, None):
@@ -93,8 +90,7 @@ def _teacher_forced_decode(llm, ids: list[int], fused: bool) -> torch.Tensor:
     try:
         for pos, token in enumerate(ids):
             slot = torch.tensor([int(tables[0, pos // BLOCK]) * BLOCK + pos % BLOCK])
-            meta = AttentionMetadata(slot, DecodeBatch(
-                torch.arange(1), tables, BLOCK, torch.tensor([pos + 1]), pos + 1, None))
+            meta = AttentionMetadata.build(slot, [1], [pos + 1], tables.tolist(), BLOCK)
             hidden = model(torch.tensor([token]), torch.tensor([pos]), caches, meta)
             logits.append(model.compute_logits(hidden)[0])
     finally:
@@ -171,8 +167,7 @@ def test_fused_decode_steps_aside_where_it_cannot_serve(tiny_llama_dir):
     # Its C++ call checks what it indexes with: a bad id or position is an error, not a read
     # out of bounds.
     caches = llm.llm_engine.runner.kv_caches
-    meta = AttentionMetadata(torch.tensor([16]), DecodeBatch(
-        torch.arange(1), torch.tensor([[1]]), BLOCK, torch.tensor([1]), 1, None))
+    meta = AttentionMetadata.build([16], [1], [1], [[1]], BLOCK)
     vocab = model.embed_tokens.weight.shape[0]
     with torch.inference_mode():
         model(torch.tensor([3]), torch.tensor([0]), caches, meta)  # in range: fine
@@ -239,8 +234,7 @@ def test_the_layer_schema_names_a_misaligned_tensor(tiny_llama_dir):
 
     # C++, on each call (a list that bypassed the Python side):
     caches = llm.llm_engine.runner.kv_caches
-    meta = AttentionMetadata(torch.tensor([16]), DecodeBatch(
-        torch.arange(1), torch.tensor([[1]]), BLOCK, torch.tensor([1]), 1, None))
+    meta = AttentionMetadata.build([16], [1], [1], [[1]], BLOCK)
     step = (torch.tensor([3]), torch.tensor([0]), caches, meta)
 
     def call(params):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ember.layers.attention import AttentionMetadata, PrefillChunk
+from ember.layers.attention import AttentionMetadata
 
 
 @torch.inference_mode()
@@ -26,7 +26,7 @@ def teacher_forced_logits(model: torch.nn.Module, token_ids: list[int]) -> torch
     kv = [(torch.zeros(shape, dtype=dtype, device=device),
            torch.zeros(shape, dtype=dtype, device=device)) for _ in range(cfg.num_hidden_layers)]
     slots = torch.arange(n, device=device)
-    meta = AttentionMetadata(slots, None, [PrefillChunk(0, n, None, None)])
+    meta = AttentionMetadata.build(range(n), [n], [n], [[0]], n).to(device)  # block 0: n slots
     hidden = model(torch.tensor(token_ids, device=device), slots, kv, meta)
     return model.compute_logits(hidden)
 

@@ -23,7 +23,7 @@ import torch
 from ember.config import EngineConfig, ModelConfig
 from ember.distributed.tensor_parallel import gather_logits, shard_config
 from ember.engine.scheduler import LogprobsLists, ModelRunnerOutput, SchedulerOutput
-from ember.layers.attention import AttentionMetadata, DecodeBatch, PrefillChunk
+from ember.layers.attention import AttentionMetadata
 from ember.layers.sampler import Sampler, SamplingMetadata, SamplingRow
 from ember.compilation import compile_model
 from ember.loading.loader import Checkpoint, load_model
@@ -132,6 +132,8 @@ def load_runner(
         logger.info("eager mode (--enforce-eager): no torch.compile")
     elif world > 1:  # the all-reduce hooks would break the graph
         logger.info("tensor parallelism runs eager (torch.compile is single-rank for now)")
+    elif model.fused_decode is not None:
+        logger.info("every step runs in one call of the CPU kernels: no graph to compile")
     else:
         compile_model(model, runner.kv_caches)
     return runner
@@ -208,9 +210,10 @@ class ModelRunner:
         slot_mapping: list[int] = []
         sample_rows: list[int] = []
         sampled: list[CachedRequestState] = []
-        decode_rows: list[int] = []
-        decode_reqs: list[CachedRequestState] = []
-        prefills: list[PrefillChunk] = []
+        # Attention: each sequence's query rows, length after the step and blocks.
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
         for req_id, n in sched.num_scheduled_tokens.items():
             r = self.requests[req_id]
             start, row = r.num_computed_tokens, len(input_ids)
@@ -218,35 +221,17 @@ class ModelRunner:
                 input_ids.append(r.token_id_at(start))
                 positions.append(start)
                 slot_mapping.append(r.block_table[start // bs] * bs + start % bs)
-                decode_rows.append(row)
-                decode_reqs.append(r)
             else:
                 positions.extend(range(start, start + n))
                 input_ids.extend(r.token_ids(start, start + n))
-                if start == 0:
-                    prefills.append(PrefillChunk(row, row + n, None, None))
-                else:  # a later chunk: its context is in the cache
-                    k_pos = torch.arange(start + n)
-                    mask = k_pos[None, :] <= torch.arange(start, start + n)[:, None]
-                    prefills.append(PrefillChunk(
-                        row, row + n, self._slots(r.block_table, 0, start + n), mask[None, None]))
                 slot_mapping.extend(self._slots(r.block_table, start, start + n).tolist())
+            query_lens.append(n)
+            seq_lens.append(start + n)
+            tables.append(r.block_table)
             if start + n == r.num_tokens:
                 sample_rows.append(row + n - 1)
                 sampled.append(r)
-        decode = None
-        if decode_reqs:
-            lens = [r.num_computed_tokens + 1 for r in decode_reqs]
-            max_k = max(lens)
-            width = -(-max_k // bs)
-            tables = torch.tensor([r.block_table[:width] + [0] * (width - len(r.block_table[:width]))
-                                   for r in decode_reqs], dtype=torch.long)
-            ctx = torch.tensor(lens)
-            mask = None
-            if min(lens) != max_k:
-                mask = (torch.arange(max_k)[None, :] < ctx[:, None])[:, None, None, :]
-            decode = DecodeBatch(torch.tensor(decode_rows), tables, bs, ctx, max_k, mask)
-        meta = AttentionMetadata(torch.tensor(slot_mapping), decode, prefills)
+        meta = AttentionMetadata.build(slot_mapping, query_lens, seq_lens, tables, bs)
         step = StepInput(torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions),
                          meta, sample_rows, sched.num_touched_blocks)
         return step, sampled

@@ -48,10 +48,10 @@ inline float sigmoid(float x) {
   return (x >= 0.f ? 1.f : e) / (1.f + e);
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
-                            const at::Tensor& v_cache, const at::Tensor& block_tables,
-                            const at::Tensor& context_lens, int64_t block_size, double scale,
-                            int64_t window);
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& block_tables,
+                           const at::Tensor& query_start, const at::Tensor& seq_lens,
+                           int64_t block_size, double scale, int64_t window);
 // Per row of x [M, K] and group of G inputs, the sum of x over the group, in a fixed order
 // (matmul.cpp): the int4 kernels' offset terms.
 void group_sums(const float* x, int64_t M, int64_t K, int64_t G, float* xs);

@@ -1,14 +1,16 @@
-// decode_layers: a Llama-family model's decode step for a batch of decoding sequences (one new
-// token each), from the token ids to the final norm, in one call from Python.
+// decode_layers: a Llama-family model's step (decodes, prompt chunks, speculative verify rows:
+// each sequence's query rows, `query_start`), from the token ids to the final norm, in one
+// call from Python. Named for the decode steps it was made for; on CPU it runs every step, so
+// that a token takes the same arithmetic whatever step it is in (with the matmul and
+// attention kernels' fixed reduction orders: bitwise the same result).
 //
 // A decode step of a small model is a few hundred small kernels; entered one at a time from
 // Python (or one compiled layer at a time), their launch and guard costs add up to a fifth of
 // the step. Here the layer loop runs in C++: RMSNorm, rotary embedding, the KV write and SiLU *
-// up are short loops over the batch's rows (a few hundred floats each), the projections go to
-// the matmul kernels (ember's int4, ATen's int8 or dense), the attention to `decode_attention`;
+// up are loops over the batch's rows, each row on its own, the projections go to the matmul
+// kernels (ember's int4 / K-quant, ATen's int8 or dense), the attention to `paged_attention`;
 // the embedding lookup (a dense table or a K-quant's tiles), the rotary tables' rows and the
-// final norm come along, so that
-// nothing but the head is left to Python.
+// final norm come along, so that nothing but the head is left to Python.
 // The arithmetic is the model's (`models/llama.py`): the residual stream in float32, the norms'
 // outputs rounded to the activation dtype before and after the weight, rotary and SiLU * up
 // computed in float32 from activation-dtype inputs and rounded once, as the compiled graph
@@ -48,8 +50,7 @@ enum LayerSlot : int64_t {
 // [N, K], per-row scales, -, -); dense ([N, K] weight, -, -, -); GGUF K-quant / Q5 (see
 // kquant_linear): the first segment's tiles, the segments' kinds (int64 [1..3]), the second
 // and third segments' tiles (or empty).
-at::Tensor project(const at::Tensor& x, const at::Tensor* p, int64_t group_size,
-                   int64_t dense_min_rows) {
+at::Tensor project(const at::Tensor& x, const at::Tensor* p, int64_t group_size) {
   switch (p[0].scalar_type()) {
     case at::kByte:
       if (p[1].scalar_type() == at::kLong) {
@@ -197,8 +198,8 @@ struct StepArgs {
   at::TensorList params;
   const at::Tensor& final_norm;
   at::TensorList k_caches, v_caches;
-  const at::Tensor &slots, &block_tables, &context_lens;
-  int64_t block_size, heads, kv_heads, group_size, dense_min_rows;
+  const at::Tensor &slots, &block_tables, &query_start, &seq_lens;
+  int64_t block_size, heads, kv_heads, group_size;
   float eps, scale;
   int64_t embedding_kind;
 };
@@ -206,8 +207,8 @@ struct StepArgs {
 template <typename AT>
 at::Tensor run_layers(const StepArgs& args, const FamilyArgs& fam) {
   const auto& [ids, positions, embedding, cos_table, sin_table, params, final_norm, k_caches,
-               v_caches, slots, block_tables, context_lens, block_size, heads, kv_heads,
-               group_size, dense_min_rows, eps, scale, embedding_kind] = args;
+               v_caches, slots, block_tables, query_start, seq_lens, block_size, heads, kv_heads,
+               group_size, eps, scale, embedding_kind] = args;
   const int64_t T = ids.size(0), D = final_norm.numel(), dim = cos_table.size(1);
   const int64_t q_size = heads * dim, kv_size = kv_heads * dim;
   const auto act = final_norm.options();
@@ -278,7 +279,7 @@ at::Tensor run_layers(const StepArgs& args, const FamilyArgs& fam) {
       // a dense biased projection, as nn.Linear runs it
       qkv = at::addmm(bias, h, p[k_qkv_proj].t());
     } else {
-      qkv = project(h, p + k_qkv_proj, group_size, dense_min_rows);
+      qkv = project(h, p + k_qkv_proj, group_size);
       if (bias.numel() > 0) qkv.add_(bias);
     }
     AT* qkvp = qkv.data_ptr<AT>();
@@ -302,13 +303,13 @@ at::Tensor run_layers(const StepArgs& args, const FamilyArgs& fam) {
                     dim * sizeof(AT));
       }
     }
-    const at::Tensor o = decode_attention(q, k_caches[l], v_caches[l], block_tables,
-                                          context_lens, block_size, scale, window);
-    add_block(project(o.view({T, q_size}), p + k_o_proj, group_size, dense_min_rows),
+    const at::Tensor o = paged_attention(q, k_caches[l], v_caches[l], block_tables,
+                                         query_start, seq_lens, block_size, scale, window);
+    add_block(project(o.view({T, q_size}), p + k_o_proj, group_size),
               p[k_post_attention_norm]);
 
     for (int64_t t = 0; t < T; ++t) rms_norm(xp + t * D, norm2, D, eps, hp + t * D, offset);
-    const at::Tensor gate_up = project(h, p + k_gate_up_proj, group_size, dense_min_rows);
+    const at::Tensor gate_up = project(h, p + k_gate_up_proj, group_size);
     const int64_t inter = gate_up.size(1) / 2;
     const AT* gp = gate_up.data_ptr<AT>();
     at::Tensor act = at::empty({T, inter}, h.options());
@@ -326,7 +327,7 @@ at::Tensor run_layers(const StepArgs& args, const FamilyArgs& fam) {
         actp[t * inter + i] = from_float<AT>(a * sigmoid(a) * to_float(g[inter + i]));
       }
     }
-    add_block(project(act, p + k_down_proj, group_size, dense_min_rows),
+    add_block(project(act, p + k_down_proj, group_size),
               p[k_post_feedforward_norm]);
   }
   at::Tensor out = at::empty({T, D}, act);
@@ -340,9 +341,9 @@ at::Tensor decode_layers(const at::Tensor& ids, const at::Tensor& positions,
                          const at::Tensor& sin_table, at::TensorList params,
                          const at::Tensor& final_norm, at::TensorList k_caches,
                          at::TensorList v_caches, const at::Tensor& slots,
-                         const at::Tensor& block_tables, const at::Tensor& context_lens,
-                         int64_t block_size, int64_t heads, int64_t kv_heads, int64_t group_size,
-                         int64_t dense_min_rows, double eps, double scale,
+                         const at::Tensor& block_tables, const at::Tensor& query_start,
+                         const at::Tensor& seq_lens, int64_t block_size, int64_t heads,
+                         int64_t kv_heads, int64_t group_size, double eps, double scale,
                          int64_t embedding_kind, int64_t intermediate_size,
                          at::IntArrayRef windows, const at::Tensor& local_cos,
                          const at::Tensor& local_sin, double norm_offset, int64_t activation,
@@ -404,9 +405,14 @@ at::Tensor decode_layers(const at::Tensor& ids, const at::Tensor& positions,
               "local rotary tables: empty or like the global ones");
   TORCH_CHECK(activation == 0 || activation == 1, "activation: 0 (SiLU) or 1 (GELU-tanh)");
   TORCH_CHECK(D <= 8192 && cos_table.size(1) <= 8192, "hidden size up to 8192");
+  TORCH_CHECK(query_start.dim() == 1 && query_start.scalar_type() == at::kLong &&
+                  query_start.is_contiguous() && query_start.numel() == seq_lens.numel() + 1 &&
+                  query_start.data_ptr<int64_t>()[0] == 0 &&
+                  query_start.data_ptr<int64_t>()[seq_lens.numel()] == T,
+              "query_start: [sequences + 1] int64, each sequence's first row, then T");
   const StepArgs args{ids, positions, embedding, cos_table, sin_table, params, final_norm,
-                      k_caches, v_caches, slots, block_tables, context_lens, block_size, heads,
-                      kv_heads, group_size, dense_min_rows, static_cast<float>(eps),
+                      k_caches, v_caches, slots, block_tables, query_start, seq_lens,
+                      block_size, heads, kv_heads, group_size, static_cast<float>(eps),
                       static_cast<float>(scale), embedding_kind};
   const FamilyArgs fam{windows, local_cos, local_sin, static_cast<float>(norm_offset),
                        activation, static_cast<float>(embed_scale)};
@@ -420,8 +426,8 @@ at::Tensor decode_layers(const at::Tensor& ids, const at::Tensor& positions,
 TORCH_LIBRARY_FRAGMENT(ember_cpu, m) {
   m.def("decode_layers(Tensor ids, Tensor positions, Tensor embedding, Tensor cos_table, "
         "Tensor sin_table, Tensor[] params, Tensor final_norm, Tensor(a!)[] k_caches, "
-        "Tensor(b!)[] v_caches, Tensor slots, Tensor block_tables, Tensor context_lens, "
-        "int block_size, int heads, int kv_heads, int group_size, int dense_min_rows, "
+        "Tensor(b!)[] v_caches, Tensor slots, Tensor block_tables, Tensor query_start, "
+        "Tensor seq_lens, int block_size, int heads, int kv_heads, int group_size, "
         "float eps, float scale, int embedding_kind, int intermediate_size, int[] windows, "
         "Tensor local_cos, Tensor local_sin, float norm_offset, int activation, "
         "float embed_scale) -> Tensor");

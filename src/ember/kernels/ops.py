@@ -17,13 +17,17 @@ import torch
 # ---- ember_cpu: the C++ kernels -----------------------------------------------------------
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
-                     scale: float, window: int = 0) -> torch.Tensor:
-    """attention.cpp: one query per sequence q [B, H, D] against its paged KV cache, read in
-    place through its block table -> [B, H, D]; `window` > 0: only the last `window` keys."""
-    return torch.ops.ember_cpu.decode_attention(q, k_cache, v_cache, block_tables,
-                                                context_lens, block_size, scale, window)
+def cpu_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, query_start: torch.Tensor,
+                        seq_lens: torch.Tensor, block_size: int, scale: float,
+                        window: int = 0) -> torch.Tensor:
+    """attention.cpp: query rows q [T, H, D] against their sequences' paged KV cache, read in
+    place through the block tables [S, W]: sequence i's rows q[query_start[i] :
+    query_start[i + 1]] are the last positions of its seq_lens[i] keys (causal; `window` > 0:
+    each row's last `window` keys) -> [T, H, D]. Each row's result is the same, bitwise,
+    whatever rows come with it."""
+    return torch.ops.ember_cpu.paged_attention(q, k_cache, v_cache, block_tables, query_start,
+                                               seq_lens, block_size, scale, window)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -80,18 +84,18 @@ def decode_layers(ids: torch.Tensor, positions: torch.Tensor, embedding: torch.T
                   cos_table: torch.Tensor, sin_table: torch.Tensor, params: list[torch.Tensor],
                   final_norm: torch.Tensor, k_caches: list[torch.Tensor],
                   v_caches: list[torch.Tensor], slots: torch.Tensor, block_tables: torch.Tensor,
-                  context_lens: torch.Tensor, block_size: int, heads: int, kv_heads: int,
-                  group_size: int, dense_min_rows: int, eps: float, scale: float,
+                  query_start: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+                  heads: int, kv_heads: int, group_size: int, eps: float, scale: float,
                   embedding_kind: int, intermediate_size: int, windows: list[int],
                   local_cos: torch.Tensor, local_sin: torch.Tensor, norm_offset: float,
                   activation: int, embed_scale: float) -> torch.Tensor:
-    """decode.cpp: a decode step from token ids to the final norm's output [T, hidden];
-    `params` are the layers' tensors in decode_schema.h's order (`decode_schema.LayerTensors`
-    builds them)."""
+    """decode.cpp: a step (each sequence's query rows from `query_start`) from token ids to
+    the final norm's output [T, hidden]; `params` are the layers' tensors in decode_schema.h's
+    order (`decode_schema.LayerTensors` builds them)."""
     return torch.ops.ember_cpu.decode_layers(
         ids, positions, embedding, cos_table, sin_table, params, final_norm, k_caches,
-        v_caches, slots, block_tables, context_lens, block_size, heads, kv_heads, group_size,
-        dense_min_rows, eps, scale, embedding_kind, intermediate_size, windows, local_cos,
+        v_caches, slots, block_tables, query_start, seq_lens, block_size, heads, kv_heads,
+        group_size, eps, scale, embedding_kind, intermediate_size, windows, local_cos,
         local_sin, norm_offset, activation, embed_scale)
 
 
@@ -100,8 +104,8 @@ def register_fakes() -> None:
     (a fake needs its op defined)."""
     fake = torch.library.register_fake
 
-    @fake("ember_cpu::decode_attention")
-    def _(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, window=0):
+    @fake("ember_cpu::paged_attention")
+    def _(q, k_cache, v_cache, block_tables, query_start, seq_lens, block_size, scale, window=0):
         return q.new_empty(q.shape)
 
     @fake("ember_cpu::write_kv")

@@ -222,7 +222,7 @@ def load_model(
     rank, world = (tp.rank, tp.world_size) if tp is not None else (0, 1)
     tensor_parallel.check_shardable(ckpt.config, world)
     if device.type == "cpu" and kernels.load():  # before the weights: the head may use them
-        logger.info("CPU kernels (ember.kernels): fused decode step, paged decode attention, "
+        logger.info("CPU kernels (ember.kernels): fused decode step, paged attention, "
                     "KV writes, Q8_0 head, int4 GEMV and many-row path")
     logger.info(
         "loading %s (%s, %s, %d layers, hidden %d) as %s on %s, quantization %s%s",

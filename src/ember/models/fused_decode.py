@@ -1,12 +1,14 @@
-"""Decode steps through one C++ call: `ember_cpu.decode_layers`, from token ids to final norm.
+"""CPU steps through one C++ call: `ember_cpu.decode_layers`, from token ids to final norm.
 
 A step where every sequence decodes one token spends a fifth of its time entering ~200 small
 kernels from Python, layer after layer (Dynamo guards, wrappers, thread start-ups).
 `FusedDecode` hands the whole step but the head to ember's CPU
 kernels instead (`ember.kernels`, decode.cpp): the embedding lookup, the rotary tables' rows,
 the same arithmetic as `LlamaDecoderLayer` (tested against it) with the projections' own matmul
-kernels and the paged decode attention, and the final norm. Steps with a prompt chunk keep the
-compiled layers (prefill is compute-bound: one graph, big GEMMs).
+kernels and the paged attention kernel, and the final norm. It runs every step, prompt chunks
+and speculative verify rows included (named for the decode steps it was first made for): one
+path, each row's arithmetic independent of the others', so that with the kernels' fixed
+reduction orders a token's result does not depend on the step it is in.
 
 It serves a model of every supported family (QKV bias, QK-norm, Gemma's norms, GELU-tanh,
 scaled embeddings and sliding windows included: `FamilyArgs`) whose projections are int4
@@ -86,7 +88,7 @@ class FamilyArgs:
 
 class FusedDecode:
     def __init__(self, edges: list[torch.Tensor], params: list[torch.Tensor], num_heads: int,
-                 num_kv_heads: int, group_size: int, dense_min_rows: int, eps: float,
+                 num_kv_heads: int, group_size: int, eps: float,
                  scale: float, embedding_kind: int, intermediate_size: int,
                  family: FamilyArgs) -> None:
         # The model's embedding, rotary cos and sin tables and final norm weight (the tensors
@@ -94,7 +96,7 @@ class FusedDecode:
         self.edges = edges
         self.params = params
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
-        self.group_size, self.dense_min_rows = group_size, dense_min_rows
+        self.group_size = group_size
         self.eps, self.scale = eps, scale
         self.embedding_kind = embedding_kind  # -1: a dense table
         self.intermediate_size = intermediate_size
@@ -168,23 +170,23 @@ class FusedDecode:
             float(model.embed_scale))
         return cls(edges, params, first.self_attn.num_heads, first.self_attn.num_kv_heads,
                    group_sizes.pop() if group_sizes else 32,
-                   0,  # dense_min_rows: unused (removed with the attention merge)
                    first.input_layernorm.eps, first.self_attn.attn.scale, embedding_kind,
                    dims.inter, family_args)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
-        """The final norm's output [T, hidden] (the head's input), for a step of decodes only
-        (`meta.decode` covers every row, in order)."""
-        d, f = meta.decode, self.family
+        """The final norm's output [T, hidden] (the head's input), for any step: each
+        sequence's query rows from `meta.query_start_loc` (one for a decode; a prompt chunk's
+        or a verify's several)."""
+        f = self.family
         embedding, cos, sin, norm = self.edges
         return ops.decode_layers(
             input_ids, positions, embedding, cos, sin, self.params, norm,
             [k for k, _ in kv_caches], [v for _, v in kv_caches],
-            meta.slot_mapping, d.block_tables, d.context_lens, d.block_size, self.num_heads,
-            self.num_kv_heads, self.group_size, self.dense_min_rows, self.eps, self.scale,
-            self.embedding_kind, self.intermediate_size, f.windows, f.local_cos, f.local_sin,
-            f.norm_offset, f.activation, f.embed_scale)
+            meta.slot_mapping, meta.block_tables, meta.query_start_loc, meta.seq_lens,
+            meta.block_size, self.num_heads, self.num_kv_heads, self.group_size, self.eps,
+            self.scale, self.embedding_kind, self.intermediate_size, f.windows, f.local_cos,
+            f.local_sin, f.norm_offset, f.activation, f.embed_scale)
 
 
 def _cannot(reason: str) -> None:

@@ -176,7 +176,7 @@ class LlamaForCausalLM(nn.Module):
         """The final hidden states [T, hidden] of a flat batch described by `meta`."""
         # The residual stream stays float32 whatever the model dtype (as llama.cpp keeps it):
         # bf16 sums drift over 30 layers; only the matmuls' inputs are in the model dtype.
-        if self.fused_decode is not None and meta.decode is not None and not meta.prefills:
+        if self.fused_decode is not None:  # every step on CPU: one path, see FusedDecode
             return self.fused_decode(input_ids, positions, kv_caches, meta)
         x = self.embed_tokens(input_ids)
         if self.config.family.scale_embeddings:
@@ -192,8 +192,8 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def fuse_decode(self) -> bool:
-        """Serve decode-only steps with `FusedDecode` if the loaded layers allow it (the
-        reason why not is logged)."""
+        """Serve the steps with `FusedDecode` if the loaded layers allow it (the reason why
+        not is logged)."""
         self.fused_decode = FusedDecode.build(self)
         return self.fused_decode is not None
 
