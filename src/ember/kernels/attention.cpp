@@ -423,9 +423,12 @@ void run(const Problem& P, const QT* q, const KT* kp, const KT* vp, std::vector<
 
   // The split sequences' merges.
   std::vector<std::pair<int64_t, int64_t>> merges;  // (sequence, KV head)
+  int64_t merge_work = 0;                           // floats read
   for (int64_t s = 0; s < static_cast<int64_t>(seqs.size()); ++s)
-    if (seqs[s].rows > 0 && seqs[s].split)
+    if (seqs[s].rows > 0 && seqs[s].split) {
       for (int64_t h = 0; h < P.kv_heads; ++h) merges.emplace_back(s, h);
+      merge_work += (seqs[s].c1 - seqs[s].c0 + 1) * P.kv_heads * seqs[s].rows * G * PS;
+    }
   auto merge = [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const auto [s, h] = merges[i];
@@ -441,7 +444,10 @@ void run(const Problem& P, const QT* q, const KT* kp, const KT* vp, std::vector<
       }
     }
   };
-  at::parallel_for(0, merges.size(), threads <= 1 ? merges.size() + 1 : 1, merge);
+  // A second fork/join only for a big merge: a decode step's few chunks merge in
+  // microseconds, and on a busy machine every parallel region waits for its slowest thread.
+  const bool parallel_merge = threads > 1 && merge_work > (int64_t{1} << 20);
+  at::parallel_for(0, merges.size(), parallel_merge ? 1 : merges.size() + 1, merge);
 }
 
 }  // namespace
