@@ -12,8 +12,8 @@ from engine_utils import assert_idle, text_ids
 
 LENGTHS = [5, 12, 30, 47, 64, 90, 120, 160, 200, 250, 300, 350, 400, 470, 540, 600]
 PARAMS = {
-    "greedy": SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1),
-    "seeded": SamplingParams(temperature=1.0, seed=77, max_tokens=6, ignore_eos=True,
+    "greedy": SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=1),
+    "seeded": SamplingParams(temperature=1.0, seed=77, max_tokens=4, ignore_eos=True,
                              logprobs=1),
 }
 
@@ -37,10 +37,14 @@ def reference():
 
 @pytest.mark.parametrize("budget", [64, 512, 2048])
 def test_together_as_alone_whatever_the_token_budget(reference, budget):
-    _, prompts, alone = reference
-    llm = LLM(max_model_len=2048, max_num_batched_tokens=budget)
-    for name, sp in PARAMS.items():
-        assert results(llm.generate(prompts, sp, use_tqdm=False)) == alone[name], name
+    llm, prompts, alone = reference
+    config = llm.llm_engine.scheduler.config  # the step's token budget, read every step
+    default, config.max_num_batched_tokens = config.max_num_batched_tokens, budget
+    try:
+        for name, sp in PARAMS.items():
+            assert results(llm.generate(prompts, sp, use_tqdm=False)) == alone[name], name
+    finally:
+        config.max_num_batched_tokens = default
     assert_idle(llm.llm_engine)
 
 
@@ -57,11 +61,16 @@ def test_a_prefix_cache_hit_changes_nothing(reference):
 
 
 def test_a_preemption_changes_nothing(reference):
-    llm, prompts, alone = reference
+    llm = reference[0]
+    tok = llm.get_tokenizer()
+    prompts = [{"prompt_token_ids": text_ids(tok, 20 + 6 * i, seed=i)} for i in range(16)]
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=24, ignore_eos=True,
+                            logprobs=1)
+    alone = [results(llm.generate([p], params, use_tqdm=False))[0] for p in prompts]
+    # 16 sequences of 44-134 tokens need ~96 blocks of 16 at their ends: a pool of 32 preempts.
     per_block = kv_bytes_per_block(llm.llm_engine.model_config, 16, llm.llm_engine.dtype)
-    # The 16 prompts need ~300 blocks together: a pool of 64 preempts.
-    small = LLM(max_model_len=2048, kv_cache_memory=64 * per_block)
-    outs = small.generate(prompts, PARAMS["seeded"], use_tqdm=False)
-    assert results(outs) == alone["seeded"]
+    small = LLM(max_model_len=2048, kv_cache_memory=32 * per_block)
+    outs = small.generate(prompts, params, use_tqdm=False)
     assert small.llm_engine.get_stats().num_preemptions > 0
+    assert results(outs) == alone
     assert_idle(small.llm_engine)
