@@ -216,7 +216,7 @@ def test_logprobs_are_cut_to_what_each_request_asked():
     assert by_id["k2"].new_top_logprobs == [([5, 6], [-0.1, -1.0])]
     assert by_id["k0"].new_top_logprobs == [([], [])]
     assert by_id["none"].new_top_logprobs is None
-    assert s.requests["k0"].cumulative_logprob == pytest.approx(-0.2)
+    assert by_id["k0"].new_logprobs == [-0.2]
 
 
 # ---- the block manager -------------------------------------------------------------------
