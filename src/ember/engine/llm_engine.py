@@ -9,6 +9,7 @@ the prompt's KV blocks through the prefix cache; its deltas gather the children 
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import secrets
@@ -25,6 +26,7 @@ from ember.engine.input_processor import InputProcessor, ProcessedRequest
 from ember.engine.model_runner import load_runner
 from ember.engine.request import Request
 from ember.engine.scheduler import EngineCoreOutput, Scheduler
+from ember.engine.spec_decode.metrics import SpecDecodingStats
 from ember.errors import InvalidRequestError
 from ember.loading.loader import open_model, resolve_precision
 from ember.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -67,6 +69,7 @@ class EngineStats:
     prefix_cache_hits: int
     num_preemptions: int
     num_queued_requests: int = 0  # requests none of whose sequences has started
+    spec_decoding: SpecDecodingStats | None = None  # cumulative; with speculative decoding
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -354,4 +357,6 @@ class LLMEngine:
             kv_cache_usage=bm.usage, prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits, num_preemptions=self.scheduler.num_preemptions,
             num_queued_requests=self._num_queued,
+            spec_decoding=(copy.deepcopy(self.scheduler.spec_stats)
+                           if self.config.speculative_config is not None else None),
         )
