@@ -19,7 +19,7 @@ from ember import LLM, SamplingParams, StructuredOutputsParams
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
         "prompt_lookup_min": 2, "disable_by_batch_size": 64}
-SMALL_POOL = 25_000_000  # bytes: 33 float32 blocks of 16 tokens; 8 requests below need more
+SMALL_POOL = 15_000_000  # bytes: 20 float32 blocks of 16 tokens; 8 requests below need more
 
 PASSAGE = ("The lighthouse keeper climbed the spiral stairs every evening at dusk. He wound "
            "the clockwork, trimmed the wick and polished the great lens until it shone.")
@@ -185,7 +185,7 @@ def _chi_square_p(a: collections.Counter, b: collections.Counter) -> float:
 @pytest.mark.parametrize("mode", ["default"], scope="module")  # one mode is enough here
 def test_sampling_follows_the_target_distribution(llms):
     plain, spec = llms
-    prompt = "one two three four one two three four one two three four one two"
+    prompt = "one two three one two three one two"  # one KV block per request
     n = 2000
 
     def samples(llm: LLM, seeds: range) -> list[tuple[int, ...]]:
