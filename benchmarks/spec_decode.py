@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -122,7 +123,7 @@ def workload(plain: LLM, spec: LLM, prompts: list[list[int]], max_tokens: int, s
     return result
 
 
-def step_times(llm: LLM, prompt: list[int], batch: int, verify: bool, steps: int = 12
+def step_times(llm: LLM, prompt: list[int], batch: int, verify: bool, steps: int = 8
                ) -> float:
     """Median time of a step of `batch` decoding copies of `prompt`; with `verify`, only the
     steps in which every sequence verified 4 drafts count."""
@@ -150,6 +151,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/spec_decode.json")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--batches", default="1,2,4,8,16",
+                    help="batch sizes of the verify-cost measurement")
     ap.add_argument("--max-tokens", type=int, default=128)
     args = ap.parse_args()
     plain = LLM(max_model_len=2048, max_num_seqs=16)
@@ -167,7 +170,7 @@ def main() -> None:
         "model": "default (SmolLM2-135M-Instruct Q4_1 GGUF)",
         "dtype": str(plain.llm_engine.dtype).removeprefix("torch."),
         "speculative_config": NGRAM, "repeats": args.repeats,
-        "command": "PYTHONPATH=src nice python benchmarks/spec_decode.py",
+        "command": "PYTHONPATH=src nice python benchmarks/spec_decode.py " + " ".join(sys.argv[1:]),
     }
     results["grounded_1_stream"] = workload(plain, spec, grounded, args.max_tokens, 1,
                                             args.repeats)
@@ -179,7 +182,7 @@ def main() -> None:
 
     # The verify cost: the sequences copy the passage, so every step drafts 4 tokens each.
     cost = []
-    for batch in (1, 2, 4, 8, 16):
+    for batch in map(int, args.batches.split(",")):
         t_plain = step_times(plain, grounded[0], batch, verify=False)
         t_verify = step_times(forced, grounded[0], batch, verify=True)
         cost.append({"batch": batch, "plain_step_ms": t_plain * 1e3,
