@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 from typing import Sequence
@@ -17,7 +18,18 @@ from ember.config import (
 )
 from ember.errors import EmberError
 
-_TYPES = {"str": str, "int": int, "float": float}
+
+
+def _json_object(text: str) -> dict:
+    """A JSON object flag (`--speculative-config`); EngineConfig validates its keys."""
+    value = json.loads(text)  # a ValueError: argparse reports the flag's invalid value
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
+_json_object.__name__ = "JSON object"  # argparse names the type in its error
+_TYPES = {"str": str, "int": int, "float": float, "SpeculativeConfig": _json_object}
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

@@ -199,6 +199,55 @@ def _opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's `speculative_config`): a proposer drafts up to
+    `num_speculative_tokens` tokens per decoding sequence, the target model scores them in
+    the same step, and the longest run it agrees with is kept (engine/spec_decode/)."""
+
+    method: str = "ngram"  # ngram: prompt lookup over the prompt and the output so far
+    num_speculative_tokens: int = 4  # k: drafted tokens per sequence and step
+    prompt_lookup_max: int = 4  # ngram: the longest suffix looked up
+    prompt_lookup_min: int = 2  # ngram: the shortest suffix looked up
+    model: str | None = None  # draft_model: the drafting model
+    # Steps with more decoding sequences than this do not speculate: a batch that large is
+    # compute-bound, and verifying drafts costs what it saves (docs/benchmarks.md measures it).
+    disable_by_batch_size: int = 8
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "SpeculativeConfig":
+        if not isinstance(values, dict):
+            raise ConfigError(f"speculative_config must be a JSON object, got {values!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ConfigError(f"unknown speculative_config key(s): {', '.join(sorted(unknown))}; "
+                              f"valid: {', '.join(sorted(names))}")
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ConfigError(f"speculative_config method must be one of "
+                              f"{', '.join(SPECULATIVE_METHODS)}; got {self.method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                     "disable_by_batch_size"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:  # bool is no count
+                raise ConfigError(f"speculative_config {name} must be an integer >= 1, "
+                                  f"got {value!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ConfigError(f"speculative_config prompt_lookup_min ({self.prompt_lookup_min}) "
+                              f"must be <= prompt_lookup_max ({self.prompt_lookup_max})")
+        if self.method == "draft_model":
+            raise ConfigError("speculative_config method 'draft_model' is not implemented yet; "
+                              "use 'ngram'")
+        if self.model is not None:
+            raise ConfigError("speculative_config model is for method 'draft_model'")
+
+
 @dataclass
 class EngineConfig:
     """What the user chooses. Field names are the CLI flags (with dashes) and `LLM` kwargs;
@@ -235,6 +284,11 @@ class EngineConfig:
         DEFAULT_MAX_QUEUED_REQUESTS, "the server's limit on requests waiting to start (each "
         "counts once, whatever its n); more are refused with HTTP 429 and Retry-After. The "
         "offline LLM API queues without limit")
+    speculative_config: SpeculativeConfig | None = _opt(
+        None, 'speculative decoding, as JSON (vLLM\'s): {"method": "ngram", '
+        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}; '
+        '"disable_by_batch_size": N turns it off for steps of more than N decoding sequences '
+        "(default: off)")
     tensor_parallel_size: int = _opt(
         1, "split every layer across N ranks, one process per device (on CPU they share the "
         "host); under torchrun it must equal WORLD_SIZE")
@@ -282,6 +336,10 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ConfigError(f"kv_cache_memory must be > 0, got {self.kv_cache_memory}")
+        if self.speculative_config is not None and not isinstance(
+                self.speculative_config, SpeculativeConfig):
+            # From JSON (the CLI), keyword arguments or `asdict` (the replicas, the workers).
+            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
 
 
 @dataclass

@@ -3,11 +3,9 @@ tests/v1/core/test_scheduler.py): fake requests, hand-built runner outputs."""
 
 from __future__ import annotations
 
-import pytest
-
 from ember.config import EngineConfig
 from ember.engine import block_manager as block_manager_module
-from ember.engine.block_manager import BlockManager
+from ember.engine.block_manager import BlockManager, chain_hash
 from ember.engine.request import Request, RequestStatus
 from ember.engine.scheduler import LogprobsLists, ModelRunnerOutput, Scheduler, SchedulerOutput
 from ember.sampling_params import SamplingParams
@@ -216,7 +214,7 @@ def test_logprobs_are_cut_to_what_each_request_asked():
     assert by_id["k2"].new_top_logprobs == [([5, 6], [-0.1, -1.0])]
     assert by_id["k0"].new_top_logprobs == [([], [])]
     assert by_id["none"].new_top_logprobs is None
-    assert s.requests["k0"].cumulative_logprob == pytest.approx(-0.2)
+    assert by_id["k0"].new_logprobs == [-0.2]
 
 
 # ---- the block manager -------------------------------------------------------------------
@@ -254,3 +252,90 @@ def test_blocks_with_colliding_python_hashes_are_not_shared(monkeypatch):
     assert bm.find_cached_prefix(attacker) == []
     assert bm.allocate(attacker, 5)
     assert not set(attacker.block_table) & set(victim.block_table)
+
+
+# ---- speculative decoding ------------------------------------------------------------------
+# Then 3: the suffix [1, 3] occurred at the start, n-gram lookup drafts 4 5 6 8.
+REPEATING = [1, 3, 4, 5, 6, 8, 9, 10, 1]
+
+
+def spec_scheduler(num_blocks: int = 64, **spec) -> Scheduler:
+    config = EngineConfig(block_size=BLOCK, max_num_batched_tokens=64, speculative_config={
+        "method": "ngram", "num_speculative_tokens": 4, **spec})
+    return Scheduler(config, BlockManager(num_blocks, BLOCK, True))
+
+
+def prefilled(s: Scheduler, req_id: str = "a", max_tokens: int = 20) -> Request:
+    """A request of REPEATING whose prompt is computed and whose first token is 3."""
+    s.add_request(make_request(req_id, list(REPEATING), max_tokens=max_tokens))
+    step(s, tokens={req_id: 3})
+    return s.requests[req_id]
+
+
+def verify(s: Scheduler, sampled: dict[str, list[int]]):
+    sched = s.schedule()
+    ids = list(sampled)
+    out = ModelRunnerOutput(ids, [sampled[r] for r in ids],
+                            LogprobsLists([-0.5] * sum(len(v) for v in sampled.values())))
+    return sched, s.update_from_output(sched, out)
+
+
+def test_verify_step_schedules_drafts_and_rolls_back_the_rejected():
+    s = spec_scheduler()
+    req = prefilled(s)
+    sched, (out,) = verify(s, {"a": [4, 5, 11]})  # two drafts accepted, then the target's 11
+    assert sched.scheduled_spec_decode_tokens == {"a": [4, 5, 6, 8]}
+    assert sched.num_scheduled_tokens == {"a": 5}
+    assert out.new_token_ids == [4, 5, 11]
+    assert req.output_token_ids == [3, 4, 5, 11]
+    assert req.num_computed_tokens == 12  # the last token and the two accepted drafts
+    assert s.spec_stats.num_drafts == 1 and s.spec_stats.num_draft_tokens == 4
+    assert s.spec_stats.num_accepted_tokens_per_pos == [1, 1, 0, 0]
+
+    s.finish_requests("a", "abort")
+    assert_all_free(s)
+
+    # One accepted: the block that held only rejected drafts goes back to the pool.
+    s = spec_scheduler()
+    req2 = prefilled(s, "b")
+    sched, (out,) = verify(s, {"b": [4, 12]})
+    assert sched.scheduled_spec_decode_tokens["b"] == [4, 5, 6, 8]
+    assert out.new_token_ids == [4, 12] and req2.num_computed_tokens == 11
+    assert len(req2.block_table) == 3  # 12 tokens; the 4th block (drafts only) was freed
+    # The prefix cache holds accepted tokens only: b's block 2 is 1 3 4 12, never 1 3 4 5.
+    s.schedule()
+    bm = s.block_manager
+    assert bm.cached.get(chain_hash(req2.block_hashes[1], [1, 3, 4, 12])) == req2.block_table[2]
+    assert chain_hash(req2.block_hashes[1], [1, 3, 4, 5]) not in bm.cached
+    s.finish_requests("b", "abort")
+    assert_all_free(s)
+
+
+def test_eos_inside_an_accepted_run_ends_it_there():
+    s = spec_scheduler()
+    prefilled(s)
+    sched, (out,) = verify(s, {"a": [4, EOS]})  # the target rejects 5 for EOS
+    assert out.new_token_ids == [4, EOS] and out.finish_reason == "stop"
+    assert_all_free(s)
+
+
+def test_drafts_stop_short_of_max_tokens_and_the_batch_size_limit():
+    s = spec_scheduler()
+    prefilled(s, max_tokens=3)
+    sched, _ = verify(s, {"a": [4, 5]})
+    assert sched.scheduled_spec_decode_tokens == {"a": [4]}  # 1 generated + 1 + the bonus = 3
+
+    s = spec_scheduler(disable_by_batch_size=1)
+    for req_id in ("a", "b"):
+        s.add_request(make_request(req_id, list(REPEATING), max_tokens=20))
+    step(s, token=3)
+    sched, _ = verify(s, {"a": [9], "b": [9]})
+    assert sched.scheduled_spec_decode_tokens == {}  # two decoding sequences > 1
+
+
+def test_drafts_never_preempt():
+    s = spec_scheduler(num_blocks=3)  # 12 slots: the prompt and its first token fit, drafts not
+    req = prefilled(s)
+    sched, (out,) = verify(s, {"a": [9]})
+    assert sched.scheduled_spec_decode_tokens == {} and not sched.preempted_req_ids
+    assert sched.num_scheduled_tokens == {"a": 1} and req.output_token_ids == [3, 9]

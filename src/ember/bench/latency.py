@@ -2,7 +2,9 @@
 
 Each iteration sends a fresh random prompt of `--input-len` tokens (so the prefix cache
 cannot help), times the step that returns its first token (TTFT: the prefill) and each later
-step (one decode token each), after `--num-iters-warmup` untimed iterations. The engine's
+step (one decode token each; with speculative decoding, its time shared by the tokens it
+accepted), after `--num-iters-warmup` untimed iterations. With `--speculative-config`, the
+draft acceptance rate and mean acceptance length are reported too. The engine's
 cost accounting over the timed iterations gives what an output token costs (the prompt's
 share included): joules, CPU seconds, dollars and grams of CO2e (engine/cost.py).
 """
@@ -10,6 +12,8 @@ share included): joules, CPU seconds, dollars and grams of CO2e (engine/cost.py)
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import random
 import resource
@@ -24,6 +28,7 @@ from tqdm.auto import tqdm
 from ember.config import EngineConfig
 from ember.cpuinfo import cpu_model
 from ember.engine.cost import Usage, format_per_token, per_output_token
+from ember.engine.spec_decode.metrics import SpecDecodingStats
 from ember.sampling_params import SamplingParams
 
 
@@ -49,18 +54,21 @@ def one_iteration(engine, rng: random.Random, input_len: int, output_len: int
 
 
 def run_prompt(engine, prompt: list[int], output_len: int) -> tuple[float, list[float]]:
-    """Greedy `output_len` tokens after `prompt`: (TTFT, the gaps between later tokens)."""
+    """Greedy `output_len` tokens after `prompt`: (TTFT, the time of each later token: a
+    step's time shared by the tokens it gave)."""
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     engine.add_request(f"bench-{uuid.uuid4().hex}", prompt, params)
     ttft, itl = None, []
     last = start = time.perf_counter()
     while engine.has_unfinished_requests():
-        if engine.step():
+        outs = engine.step()
+        if outs:
             now = time.perf_counter()
             if ttft is None:
                 ttft = now - start
             else:
-                itl.append(now - last)
+                n = len(outs[0].outputs[0].token_ids)
+                itl.extend([(now - last) / n] * n)
             last = now
     return ttft, itl
 
@@ -74,9 +82,12 @@ def run(args: argparse.Namespace, config: EngineConfig) -> dict[str, Any]:
     itls: list[float] = []
     total = args.num_iters_warmup + args.num_iters
     used = Usage()
+    spec = SpecDecodingStats(engine.scheduler.num_spec_tokens)
     for i in tqdm(range(total), desc="bench latency"):
         before = Usage()
         before.add(engine.cost.total)
+        if i == args.num_iters_warmup:
+            spec = copy.deepcopy(engine.scheduler.spec_stats)
         ttft, itl = one_iteration(engine, rng, args.input_len, args.output_len)
         if i >= args.num_iters_warmup:
             ttfts.append(ttft)
@@ -101,7 +112,18 @@ def run(args: argparse.Namespace, config: EngineConfig) -> dict[str, Any]:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "cpu": cpu_model(),
+        "spec_decode": None,
     }
+    if config.speculative_config is not None:
+        now = engine.scheduler.spec_stats
+        drafts = now.num_drafts - spec.num_drafts
+        drafted = now.num_draft_tokens - spec.num_draft_tokens
+        accepted = now.num_accepted_tokens - spec.num_accepted_tokens
+        result["spec_decode"] = {
+            "speculative_config": dataclasses.asdict(config.speculative_config),
+            "num_drafts": drafts, "num_draft_tokens": drafted, "num_accepted_tokens": accepted,
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "mean_acceptance_length": 1 + accepted / drafts if drafts else 0.0}
     return result
 
 
@@ -112,6 +134,10 @@ def main(args: argparse.Namespace, config: EngineConfig) -> int:
           f"(p90 {result['ms_per_token_p90']:.2f}), {result['decode_tokens_per_s']:.1f} tok/s, "
           f"peak RSS {result['peak_rss_mb']:.0f} MB")
     print(f"cost per output token: {format_per_token(result['cost'])}")
+    if result["spec_decode"] is not None:
+        sd = result["spec_decode"]
+        print(f"draft acceptance rate {100 * sd['acceptance_rate']:.1f}%, mean acceptance "
+              f"length {sd['mean_acceptance_length']:.2f}")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)

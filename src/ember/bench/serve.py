@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from tqdm.auto import tqdm
 
 from ember.engine.cost import format_per_token, per_output_token
@@ -306,6 +307,41 @@ async def _resolve_model(client: httpx.AsyncClient) -> str:
     return r.json()["data"][0]["id"]
 
 
+SPEC_DECODE_COUNTERS = ("spec_decode_num_drafts", "spec_decode_num_draft_tokens",
+                        "spec_decode_num_accepted_tokens")
+
+
+async def _spec_decode_counts(client: httpx.AsyncClient) -> dict[str, float] | None:
+    """The server's speculative-decoding counters (its /metrics), or None where it has none
+    (no speculation, or /metrics not readable)."""
+    try:
+        r = await client.get("/metrics")
+    except httpx.HTTPError:
+        return None
+    if r.status_code != 200:
+        return None
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(r.text):
+        name = family.name.removeprefix("ember:")
+        if name in SPEC_DECODE_COUNTERS:
+            counts[name] = sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return counts if len(counts) == len(SPEC_DECODE_COUNTERS) else None
+
+
+def spec_decode_summary(before: dict[str, float] | None,
+                        after: dict[str, float] | None) -> dict[str, float] | None:
+    """Acceptance over the run: accepted / drafted tokens, and the mean accepted length (the
+    tokens a verified sequence gained per step: accepted drafts + 1, vLLM's definition)."""
+    if before is None or after is None:
+        return None
+    d = {k: after[k] - before[k] for k in SPEC_DECODE_COUNTERS}
+    drafts, tokens = d["spec_decode_num_drafts"], d["spec_decode_num_draft_tokens"]
+    accepted = d["spec_decode_num_accepted_tokens"]
+    return {"num_drafts": drafts, "num_draft_tokens": tokens, "num_accepted_tokens": accepted,
+            "acceptance_rate": accepted / tokens if tokens else 0.0,
+            "mean_acceptance_length": 1 + accepted / drafts if drafts else 0.0}
+
+
 async def run_async(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     rng = random.Random(cfg.seed)
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
@@ -313,29 +349,38 @@ async def run_async(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=cfg.base_url, headers=headers, limits=limits,
                                  timeout=cfg.timeout) as client:
         model = cfg.model or await _resolve_model(client)
-        if cfg.workload == "multi-turn":
-            results, duration = await _multi_turn(client, cfg, model, rng, progress)
-            return summarize(cfg, model, results, duration)
-        prompts = [[rng.randrange(cfg.vocab_low, cfg.vocab_high) for _ in range(cfg.input_len)]
-                   for _ in range(cfg.num_prompts)]
-        gate = asyncio.Semaphore(cfg.max_concurrency or cfg.num_prompts)
-        bar = tqdm(total=cfg.num_prompts, desc="bench serve", disable=not progress)
+        spec_before = await _spec_decode_counts(client)
+        summary = await _run_workload(client, cfg, model, rng, progress)
+        summary["spec_decode"] = spec_decode_summary(spec_before,
+                                                     await _spec_decode_counts(client))
+    return summary
 
-        async def limited(prompt: list[int]) -> RequestResult:
-            async with gate:
-                r = await _one(client, cfg, model, prompt)
-            bar.update(1)
-            return r
 
-        tasks = []
-        start = time.perf_counter()
-        for prompt in prompts:
-            tasks.append(asyncio.create_task(limited(prompt)))
-            if cfg.request_rate != float("inf"):
-                await asyncio.sleep(rng.expovariate(cfg.request_rate))  # Poisson arrivals
-        results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
-        bar.close()
+async def _run_workload(client: httpx.AsyncClient, cfg: BenchConfig, model: str,
+                        rng: random.Random, progress: bool) -> dict[str, Any]:
+    if cfg.workload == "multi-turn":
+        results, duration = await _multi_turn(client, cfg, model, rng, progress)
+        return summarize(cfg, model, results, duration)
+    prompts = [[rng.randrange(cfg.vocab_low, cfg.vocab_high) for _ in range(cfg.input_len)]
+               for _ in range(cfg.num_prompts)]
+    gate = asyncio.Semaphore(cfg.max_concurrency or cfg.num_prompts)
+    bar = tqdm(total=cfg.num_prompts, desc="bench serve", disable=not progress)
+
+    async def limited(prompt: list[int]) -> RequestResult:
+        async with gate:
+            r = await _one(client, cfg, model, prompt)
+        bar.update(1)
+        return r
+
+    tasks = []
+    start = time.perf_counter()
+    for prompt in prompts:
+        tasks.append(asyncio.create_task(limited(prompt)))
+        if cfg.request_rate != float("inf"):
+            await asyncio.sleep(rng.expovariate(cfg.request_rate))  # Poisson arrivals
+    results = await asyncio.gather(*tasks)
+    duration = time.perf_counter() - start
+    bar.close()
     return summarize(cfg, model, results, duration)
 
 
@@ -362,6 +407,7 @@ def summarize(cfg: BenchConfig, model: str, results: list[RequestResult],
         "itl_ms": percentiles([x for r in ok for x in r.itl]),
         "e2e_ms": percentiles([r.e2e for r in ok]),
         "cost": None,
+        "spec_decode": None,  # run_async's: from the server's counters
     }
     if cfg.workload == "multi-turn":
         later = [r for r in ok if r.turn > 0]
@@ -441,6 +487,10 @@ def format_summary(s: dict[str, Any]) -> str:
                          f"{' '.join(map(str, s['replicas_per_conversation']))}")
     if s["cost"] is not None:
         lines.append(f"{'cost per output token':<28}{format_per_token(s['cost'])}")
+    if s.get("spec_decode") is not None:
+        sd = s["spec_decode"]
+        lines.append(f"{'draft acceptance rate':<28}{100 * sd['acceptance_rate']:.1f}%")
+        lines.append(f"{'mean acceptance length':<28}{sd['mean_acceptance_length']:.2f}")
     lines.extend(f"error: {e}" for e in s["errors"])
     return "\n".join(lines)
 

@@ -140,6 +140,17 @@ class BlockManager:
                 block.hash = hashes[i]
                 self.cached[hashes[i]] = block.block_id
 
+    def free_blocks_after(self, req: Request, num_tokens: int) -> None:
+        """Free req's blocks beyond those its first `num_tokens` tokens fill (rejected draft
+        tokens'; never cached: only blocks full of known tokens are)."""
+        keep = self.blocks_needed(num_tokens)
+        for b in reversed(req.block_table[keep:]):
+            block = self.blocks[b]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[b] = None
+        del req.block_table[keep:]
+
     def free_request(self, req: Request) -> None:
         # Tail blocks first, so that shared prefixes are the last to be evicted.
         for b in reversed(req.block_table):

@@ -202,7 +202,6 @@ class Charged(Protocol):
     """What a step's request shows the meter (an engine Request)."""
 
     num_prompt_tokens: int
-    num_computed_tokens: int
     cost: RequestUsage
 
 
@@ -232,19 +231,18 @@ class CostMeter:
             joules["nvml"] = (end.nvml - start.nvml) / 1e3
         return Usage(cpu, end.wall - start.wall, joules)
 
-    def charge(self, step_start: Reading, scheduled: Sequence[tuple[Charged, int]],
+    def charge(self, step_start: Reading, scheduled: Sequence[tuple[Charged, int, int]],
                busy: bool) -> None:
         """Charge the interval since the last busy step's end (else since `step_start`) to
-        the step's requests, each with the tokens it computed, after the step has advanced
-        their num_computed_tokens. `busy`: requests remain, so the next step's interval starts
-        where this one ends."""
+        the step's requests, each with the position its tokens started at and the tokens it
+        computed (drafted ones included). `busy`: requests remain, so the next step's
+        interval starts where this one ends."""
         end = self.read()
         used = self.usage(self._last or step_start, end)
         self._last = end if busy else None
         self.total.add(used)
-        total_tokens = sum(n for _, n in scheduled)
-        for req, n in scheduled:
-            first = req.num_computed_tokens - n  # the position this step started at
+        total_tokens = sum(n for _, _, n in scheduled)
+        for req, first, n in scheduled:
             prompt = min(max(req.num_prompt_tokens - first, 0), n)
             if prompt:
                 req.cost.prompt.add(used, prompt / total_tokens)

@@ -9,6 +9,7 @@ the prompt's KV blocks through the prefix cache; its deltas gather the children 
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import secrets
@@ -25,6 +26,7 @@ from ember.engine.input_processor import InputProcessor, ProcessedRequest
 from ember.engine.model_runner import load_runner
 from ember.engine.request import Request
 from ember.engine.scheduler import EngineCoreOutput, Scheduler
+from ember.engine.spec_decode.metrics import SpecDecodingStats
 from ember.errors import InvalidRequestError
 from ember.loading.loader import open_model, resolve_precision
 from ember.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -67,6 +69,7 @@ class EngineStats:
     prefix_cache_hits: int
     num_preemptions: int
     num_queued_requests: int = 0  # requests none of whose sequences has started
+    spec_decoding: SpecDecodingStats | None = None  # cumulative; with speculative decoding
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -215,6 +218,7 @@ class LLMEngine:
         scheduled = [(self.scheduler.requests[r], n) for r, n in sched.num_scheduled_tokens.items()]
         # Structured outputs: the sampling sequences' grammar masks, computed during the step.
         start_step_masks(scheduled)
+        charged = [(req, req.num_computed_tokens, n) for req, n in scheduled]
         try:
             result = self.runner.execute(sched)
         except BaseException as e:
@@ -229,7 +233,7 @@ class LLMEngine:
                 self._num_queued -= 1
         core_outputs = self.scheduler.update_from_output(sched, result)
         # Cost accounting: this step's CPU time, wall time and energy to its requests.
-        self.cost.charge(cost_start, scheduled, busy=bool(self.scheduler.requests))
+        self.cost.charge(cost_start, charged, busy=bool(self.scheduler.requests))
         return self._process_outputs(core_outputs)
 
     def _process_outputs(self, core_outputs: list[EngineCoreOutput]) -> list[RequestOutput]:
@@ -264,14 +268,26 @@ class LLMEngine:
         req, detok = parent.children[index], parent.detokenizers[index]
         if co.error is not None:
             raise co.error
-        text_ids = co.new_token_ids
-        # As vLLM: an EOS or stop token's text is not output (the token that completes a
-        # structured output's grammar, also a "stop", is).
-        if (co.finish_reason == "stop" and text_ids and not req.params.include_stop_str_in_output
-                and (text_ids[-1] in req.eos_token_ids or text_ids[-1] == co.stop_reason)):
-            text_ids = text_ids[:-1]
-        text, stop_str = detok.add_tokens(text_ids) if text_ids else ("", None)
+        token_ids, token_lps, top = co.new_token_ids, co.new_logprobs, co.new_top_logprobs
         finish, stop = co.finish_reason, co.stop_reason
+        text, stop_str = "", None
+        # One token at a time, as plain decoding feeds them: a verified run of several gives
+        # the same text, and a stop string inside it ends the output at the same token.
+        for i, token in enumerate(token_ids):
+            # As vLLM: an EOS or stop token's text is not output (the token that completes a
+            # structured output's grammar, also a "stop", is).
+            if (i == len(token_ids) - 1 and finish == "stop"
+                    and not req.params.include_stop_str_in_output
+                    and (token in req.eos_token_ids or token == stop)):
+                break
+            delta, stop_str = detok.add_tokens([token])
+            text += delta
+            if stop_str is not None:
+                token_ids, token_lps = token_ids[: i + 1], token_lps[: i + 1]
+                top = top[: i + 1] if top is not None else None
+                break
+        for lp in token_lps:
+            req.cumulative_logprob += lp
         if stop_str is not None:
             self.scheduler.finish_requests(co.req_id, "stop", stop_str)
             # Also when max_tokens ended it at the same token: the stop string wins.
@@ -279,16 +295,15 @@ class LLMEngine:
         if finish is not None:
             text += detok.finish()
         logprobs = None
-        if co.new_top_logprobs is not None:
+        if top is not None:
             logprobs = []
-            for tok, lp, (tids, tlps) in zip(co.new_token_ids, co.new_logprobs,
-                                             co.new_top_logprobs):
+            for tok, lp, (tids, tlps) in zip(token_ids, token_lps, top):
                 entry = {t: Logprob(l, r + 1, self.token_bytes.text(t))
                          for r, (t, l) in enumerate(zip(tids, tlps))}
                 if tok not in entry:
                     entry[tok] = Logprob(lp, None, self.token_bytes.text(tok))
                 logprobs.append(entry)
-        return CompletionOutput(index=index, text=text, token_ids=co.new_token_ids,
+        return CompletionOutput(index=index, text=text, token_ids=token_ids,
                                 cumulative_logprob=req.cumulative_logprob, logprobs=logprobs,
                                 finish_reason=finish, stop_reason=stop)
 
@@ -342,4 +357,6 @@ class LLMEngine:
             kv_cache_usage=bm.usage, prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits, num_preemptions=self.scheduler.num_preemptions,
             num_queued_requests=self._num_queued,
+            spec_decoding=(copy.deepcopy(self.scheduler.spec_stats)
+                           if self.config.speculative_config is not None else None),
         )

@@ -8,6 +8,12 @@ KV slot through its block table, describe the attention pattern (a `StepInput`),
 sample for the requests that reached the end of their known tokens, and answer with a
 `ModelRunnerOutput` of request ids and sampled tokens.
 
+A sequence with drafted tokens (speculative decoding) is, to attention, a chunk of 1 + k
+tokens whose context is in the cache; it samples at every one of those rows, each row as a
+plain decode step at that position would (its own noise position, penalties and min_tokens
+over the drafts before it, its grammar state after them), and keeps the drafts up to the
+first one its sample differs from, plus that sample (`accept_drafts`).
+
 Under tensor parallelism rank 0 broadcasts each `StepInput` to the other ranks, every rank runs
 `forward` on its shard, and the logits are gathered on rank 0, which alone samples.
 """
@@ -71,6 +77,24 @@ class CachedRequestState:
         if start >= n:
             return self.output_token_ids[start - n : end - n]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
+
+
+def accept_drafts(drafts: list[int], sampled: list[int]) -> list[int]:
+    """The tokens a verified sequence gains: its drafts while the target's sample at each
+    position agrees, then the target's sample at the first disagreement (or after the last
+    draft).
+
+    Each row's sample is what plain decoding would draw there: greedy, its argmax; with
+    temperature, the exponential race argmax(p / E) over the request's noise for that
+    position. Against a point-mass draft t this is exact rejection sampling: t is kept with
+    probability p(t), and when the race is won by another token, that token is distributed
+    as p with t removed, renormalised. So the output is distributed as the target's, and a
+    seeded request gives the very tokens it gives without speculation.
+    """
+    n = 0
+    while n < len(drafts) and sampled[n] == drafts[n]:
+        n += 1
+    return sampled[: n + 1]
 
 
 @dataclass
@@ -199,6 +223,7 @@ class ModelRunner:
                 new.eos_token_ids, new.block_ids, new.num_computed_tokens, new.grammar)
         for cached in sched.scheduled_cached_reqs:
             state = self.requests[cached.req_id]
+            del state.block_table[cached.num_kept_blocks:]  # freed after rejected drafts
             state.block_table.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
@@ -216,6 +241,7 @@ class ModelRunner:
         tables: list[list[int]] = []
         for req_id, n in sched.num_scheduled_tokens.items():
             r = self.requests[req_id]
+            drafts = sched.scheduled_spec_decode_tokens.get(req_id, [])
             start, row = r.num_computed_tokens, len(input_ids)
             if n == 1:  # plain Python: cheaper than tensor ops for one decode row
                 input_ids.append(r.token_id_at(start))
@@ -223,28 +249,36 @@ class ModelRunner:
                 slot_mapping.append(r.block_table[start // bs] * bs + start % bs)
             else:
                 positions.extend(range(start, start + n))
-                input_ids.extend(r.token_ids(start, start + n))
+                input_ids.extend(r.token_ids(start, start + n - len(drafts)) + drafts)
                 slot_mapping.extend(self._slots(r.block_table, start, start + n).tolist())
             query_lens.append(n)
             seq_lens.append(start + n)
             tables.append(r.block_table)
-            if start + n == r.num_tokens:
-                sample_rows.append(row + n - 1)
+            if start + n == r.num_tokens + len(drafts):  # a verify step samples every draft's row
+                sample_rows.extend(range(row + n - 1 - len(drafts), row + n))
                 sampled.append(r)
         meta = AttentionMetadata.build(slot_mapping, query_lens, seq_lens, tables, bs)
         step = StepInput(torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions),
                          meta, sample_rows, sched.num_touched_blocks)
         return step, sampled
 
-    def _sampling_metadata(self, reqs: list[CachedRequestState]) -> SamplingMetadata:
+    def _sampling_metadata(self, reqs: list[CachedRequestState],
+                           drafts: list[list[int]]) -> SamplingMetadata:
+        """One row per sampled position: a verified sequence's rows see its drafts before
+        them as output (noise position, penalties, min_tokens, grammar state)."""
         rows = []
-        for r in reqs:
+        for r, d in zip(reqs, drafts):
             p = r.params
-            banned: list[int] = []
-            if len(r.output_token_ids) < p.min_tokens:
-                banned = list(r.eos_token_ids) + list(p.stop_token_ids)
-            rows.append(SamplingRow(p, r.seed, r.prompt_token_ids, r.output_token_ids, banned,
-                                    r.grammar))
+            masks = r.grammar.draft_masks(d) if d and r.grammar is not None else None
+            for j in range(len(d) + 1):
+                output = r.output_token_ids + d[:j] if j else r.output_token_ids
+                banned: list[int] = []
+                if len(output) < p.min_tokens:
+                    banned = list(r.eos_token_ids) + list(p.stop_token_ids)
+                rows.append(SamplingRow(
+                    p, r.seed, r.prompt_token_ids, output, banned,
+                    r.grammar if masks is None else None,
+                    masks[j] if masks is not None else None))
         return SamplingMetadata.build(rows, self.model_config.vocab_size, self.device)
 
     # ---- one step -----------------------------------------------------------------------
@@ -257,16 +291,30 @@ class ModelRunner:
         logits = self.forward(step)
         if logits is None:
             return ModelRunnerOutput([], [])
-        out = self.sampler(logits, self._sampling_metadata(sampled))
+        spec = sched.scheduled_spec_decode_tokens
+        drafts = [spec.get(r.req_id, []) for r in sampled]
+        out = self.sampler(logits, self._sampling_metadata(sampled, drafts))
         token_ids = out.sampled_token_ids.tolist()
-        for r, token in zip(sampled, token_ids):
-            r.output_token_ids.append(token)
-        logprobs = LogprobsLists(
-            out.logprobs.tolist(),
-            out.topk_token_ids.tolist() if out.topk_token_ids is not None else None,
-            out.topk_logprobs.tolist() if out.topk_logprobs is not None else None)
-        return ModelRunnerOutput([r.req_id for r in sampled], [[t] for t in token_ids],
-                                 logprobs)
+        if not spec:  # one row per request
+            kept_rows = None
+            new_ids = [[t] for t in token_ids]
+        else:
+            kept_rows, new_ids, row = [], [], 0
+            for d in drafts:
+                new_ids.append(accept_drafts(d, token_ids[row : row + len(d) + 1]))
+                kept_rows.extend(range(row, row + len(new_ids[-1])))
+                row += len(d) + 1
+        for r, ids in zip(sampled, new_ids):
+            r.output_token_ids.extend(ids)
+
+        def rows(t: torch.Tensor | None) -> list | None:
+            if t is None:
+                return None
+            return (t if kept_rows is None else t[torch.tensor(kept_rows)]).tolist()
+
+        logprobs = LogprobsLists(rows(out.logprobs), rows(out.topk_token_ids),
+                                 rows(out.topk_logprobs))
+        return ModelRunnerOutput([r.req_id for r in sampled], new_ids, logprobs)
 
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor | None:

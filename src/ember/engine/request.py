@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ember.engine.cost import RequestUsage
+from ember.engine.spec_decode.policy import DraftAcceptance
 from ember.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ class Request:
     last_token_time: float | None = None
     finished_time: float | None = None
     cost: RequestUsage = field(default_factory=RequestUsage)  # charged by engine/cost.py
+    drafts: DraftAcceptance = field(default_factory=DraftAcceptance)  # speculative decoding
 
     @property
     def num_prompt_tokens(self) -> int:

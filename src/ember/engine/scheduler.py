@@ -15,6 +15,14 @@ the tokens, applies the stop rules that need no text (EOS, stop token ids, min_t
 max_tokens), advances a constrained sequence's grammar (finishing it where the grammar
 ends) and frees finished requests. Stop strings need text: the engine checks them and
 calls `finish_requests`.
+
+Speculative decoding (`speculative_config`): a decoding sequence may be scheduled its last
+token plus up to k drafted ones (`scheduled_spec_decode_tokens`), as one multi-token chunk
+whose context is in the cache. The runner samples at each of its rows and returns the run
+the target agreed with plus the token it sampled after it; `update_from_output` rolls the
+rest back (computed tokens, and the KV blocks beyond the accepted tokens), so the prefix
+cache only ever holds accepted tokens. Drafts never preempt anyone: when the pool cannot
+hold them the sequence decodes plainly.
 """
 
 from __future__ import annotations
@@ -25,9 +33,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from ember.config import EngineConfig
 from ember.engine.block_manager import BlockManager
 from ember.engine.request import Request, RequestStatus
+from ember.engine.spec_decode.metrics import SpecDecodingStats
+from ember.engine.spec_decode.ngram_proposer import NgramProposer
+from ember.engine.spec_decode.policy import SpeculationPolicy
 from ember.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -66,14 +79,20 @@ class CachedRequestData:
     req_id: str
     new_block_ids: list[int]
     num_computed_tokens: int
+    # Blocks of the runner's table kept before the new ones (after a verify step, the
+    # scheduler freed those beyond the accepted tokens).
+    num_kept_blocks: int
 
 
 @dataclass
 class SchedulerOutput:
     scheduled_new_reqs: list[NewRequestData] = field(default_factory=list)
     scheduled_cached_reqs: list[CachedRequestData] = field(default_factory=list)
-    # Tokens to compute per request, in batch order (running requests first).
+    # Tokens to compute per request, in batch order (running requests first); drafts included.
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    # Speculative decoding: the drafted tokens scheduled after a sequence's last token (they
+    # end its num_scheduled_tokens; the runner samples at each of them and after the last).
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
     # Requests finished, aborted or preempted since the last step: the runner drops them.
     finished_req_ids: set[str] = field(default_factory=set)
     preempted_req_ids: list[str] = field(default_factory=list)
@@ -86,7 +105,8 @@ class SchedulerOutput:
 
 @dataclass
 class LogprobsLists:
-    """Per sampled row: the sampled token's logprob, and the top-k ids and logprobs."""
+    """Per sampled token, in `ModelRunnerOutput` order (a request's tokens one after the
+    other): its logprob, and the top-k ids and logprobs."""
 
     logprobs: list[float]
     topk_token_ids: list[list[int]] | None = None
@@ -96,7 +116,9 @@ class LogprobsLists:
 @dataclass
 class ModelRunnerOutput:
     req_ids: list[str]  # the requests that sampled this step, in row order
-    sampled_token_ids: list[list[int]]  # per request: the tokens it sampled
+    # Per request: the tokens it sampled; a verified sequence's accepted drafts, then the
+    # token the target sampled after them.
+    sampled_token_ids: list[list[int]]
     logprobs: LogprobsLists | None = None
 
 
@@ -122,6 +144,11 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self._finished_req_ids: set[str] = set()  # since the last SchedulerOutput
+        spec = config.speculative_config
+        self.proposer = NgramProposer(spec) if spec is not None else None
+        self.spec_policy = SpeculationPolicy(spec) if spec is not None else None
+        self.num_spec_tokens = spec.num_speculative_tokens if spec is not None else 0
+        self.spec_stats = SpecDecodingStats(self.num_spec_tokens)  # cumulative
 
     def add_request(self, req: Request) -> None:
         self.requests[req.request_id] = req
@@ -132,21 +159,36 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         bm = self.block_manager
 
+        speculate = self.spec_policy is not None and self.spec_policy.step_allows(
+            sum(r.num_tokens - r.num_computed_tokens == 1 for r in self.running))
         # Running requests first, oldest first; preempt from the newest end.
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             had_blocks = len(req.block_table)
-            while not bm.allocate(req, num_new):
-                victim = self.running.pop()
-                self._preempt(victim)
-                out.preempted_req_ids.append(victim.request_id)
-                if victim is req:
-                    break
-            else:
+            drafts: list[int] = []
+            if speculate and req.num_tokens - req.num_computed_tokens == 1:
+                # Leave a token of the budget to each running request after this one.
+                drafts = self._propose(req, budget - 1 - (len(self.running) - i - 1))
+            allocated = bool(drafts) and bm.allocate(req, num_new + len(drafts))
+            if not allocated:
+                drafts = []  # drafts never preempt: without room the sequence decodes plainly
+                while not bm.allocate(req, num_new):
+                    victim = self.running.pop()
+                    self._preempt(victim)
+                    out.preempted_req_ids.append(victim.request_id)
+                    if victim is req:
+                        break
+                else:
+                    allocated = True
+            if allocated:
+                num_new += len(drafts)
+                if drafts:
+                    out.scheduled_spec_decode_tokens[req.request_id] = drafts
                 out.scheduled_cached_reqs.append(CachedRequestData(
-                    req.request_id, req.block_table[had_blocks:], req.num_computed_tokens))
+                    req.request_id, req.block_table[had_blocks:], req.num_computed_tokens,
+                    had_blocks))
                 out.num_scheduled_tokens[req.request_id] = num_new
                 budget -= num_new
                 i += 1
@@ -180,6 +222,20 @@ class Scheduler:
         out.num_touched_blocks = bm.num_touched_blocks
         return out
 
+    def _propose(self, req: Request, room: int) -> list[int]:
+        """Draft tokens for a decoding sequence: at most `room`, none past its max_tokens
+        (nor, so, past the context), and only what its grammar accepts."""
+        assert self.proposer is not None and self.spec_policy is not None
+        num_out = len(req.output_token_ids)
+        k = min(self.num_spec_tokens, room, req.max_tokens - num_out - 1)
+        if k <= 0 or not self.spec_policy.allows(req.drafts, num_out):
+            return []
+        drafts = self.proposer.propose(
+            np.array(req.prompt_token_ids + req.output_token_ids, dtype=np.int64), k)
+        if drafts and req.grammar is not None:
+            drafts = drafts[: req.grammar.validate(drafts)]
+        return drafts
+
     def update_from_output(
         self, sched: SchedulerOutput, result: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
@@ -190,41 +246,58 @@ class Scheduler:
         now = time.monotonic()
         lp = result.logprobs
         outputs = []
-        for row, (req_id, new_ids) in enumerate(zip(result.req_ids, result.sampled_token_ids)):
+        row = 0  # of the logprobs: a request's sampled tokens are consecutive
+        for req_id, new_ids in zip(result.req_ids, result.sampled_token_ids):
             req = self.requests[req_id]
-            new_lps = [lp.logprobs[row]] if lp is not None else []
+            rows = range(row, row + len(new_ids))
+            row += len(new_ids)
+            drafts = sched.scheduled_spec_decode_tokens.get(req_id)
+            if drafts is not None:
+                self._settle_drafts(req, len(drafts), len(new_ids) - 1)
+            new_lps = [lp.logprobs[r] for r in rows] if lp is not None else []
             top = None
             k = req.params.logprobs
             if k is not None:  # k == 0: only the sampled token's logprob
-                top = [([], [])]
+                top = [([], [])] * len(new_ids)
                 if k and lp is not None and lp.topk_token_ids is not None:
                     assert lp.topk_logprobs is not None
-                    top = [(lp.topk_token_ids[row][:k], lp.topk_logprobs[row][:k])]
+                    top = [(lp.topk_token_ids[r][:k], lp.topk_logprobs[r][:k]) for r in rows]
             if req.first_token_time is None:
                 req.first_token_time = now
             req.last_token_time = now
             accepted: list[int] = []
-            for token in new_ids:
+            error = None
+            for token in new_ids:  # one at a time: a run ends where plain decoding would
                 req.output_token_ids.append(token)
                 accepted.append(token)
-                if self._check_stop(req, token):
+                stopped = self._check_stop(req, token)
+                if req.grammar is not None:
+                    # Structured outputs: the accepted tokens advance the grammar (once: the
+                    # matcher counts what it has consumed); the output ends where it does.
+                    try:
+                        req.grammar.advance(req.output_token_ids)
+                        if req.grammar.is_finished and not req.is_finished:
+                            self._finish(req, "stop", None)
+                    except Exception as e:
+                        error = e
+                if stopped or req.is_finished or error is not None:
                     break
-            error = None
-            if req.grammar is not None:
-                # Structured outputs: the accepted tokens advance the grammar (once: the
-                # matcher counts what it has consumed); the output ends where it does.
-                try:
-                    req.grammar.advance(req.output_token_ids)
-                    if req.grammar.is_finished and not req.is_finished:
-                        self._finish(req, "stop", None)
-                except Exception as e:
-                    error = e
-            req.cumulative_logprob += sum(new_lps[: len(accepted)])
             outputs.append(EngineCoreOutput(
                 req_id, accepted, new_lps[: len(accepted)],
                 top[: len(accepted)] if top is not None else None,
                 req.finish_reason, req.stop_reason, error))
         return outputs
+
+    def _settle_drafts(self, req: Request, num_drafts: int, num_accepted: int) -> None:
+        """After a verify step: the rejected drafts' K/V are no longer part of the sequence
+        (recomputed tokens, the blocks beyond the accepted tokens freed), and the counts."""
+        assert self.spec_policy is not None
+        req.num_computed_tokens -= num_drafts - num_accepted
+        # The tokens now known: the accepted drafts and the sampled one (not yet appended).
+        self.block_manager.free_blocks_after(req, req.num_tokens + num_accepted + 1)
+        self.spec_stats.observe_draft(num_drafts, num_accepted)
+        self.spec_policy.observe(req.drafts, len(req.output_token_ids), num_drafts,
+                                 num_accepted)
 
     def _check_stop(self, req: Request, token: int) -> bool:
         num_out = len(req.output_token_ids)

@@ -37,6 +37,8 @@ class SamplingRow:
     output_token_ids: list[int]
     banned_token_ids: list[int]  # masked this step (EOS + stop_token_ids while < min_tokens)
     grammar: "RequestMatcher | None" = None  # structured outputs: the sequence's matcher
+    # Or the row's mask given (a verify row's, after the drafts before it).
+    grammar_mask: Tensor | None = None
 
 
 @dataclass
@@ -141,11 +143,13 @@ def _constraints(rows: list[SamplingRow], vocab_size: int,
             vals = torch.tensor([v for t, v in entries.items() if t < vocab_size])
             bias[i, ids] = vals
         out["logit_bias"] = bias.to(device)
-    constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
+    constrained = [i for i, r in enumerate(rows)
+                   if r.grammar is not None or r.grammar_mask is not None]
     if constrained:
         out["grammar_rows"] = torch.tensor(constrained, dtype=torch.long, device=device)
         out["grammar_bitmask"] = torch.stack(
-            [rows[i].grammar.mask() for i in constrained])  # type: ignore[union-attr]
+            [rows[i].grammar_mask if rows[i].grammar_mask is not None
+             else rows[i].grammar.mask() for i in constrained])  # type: ignore[union-attr]
     return out
 
 

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from ember.engine.cost import RequestCost
 from ember.engine.llm_engine import EngineStats
+from ember.engine.spec_decode.metrics import SpecDecodingStats
 from ember.outputs import RequestOutput
 
 logger = logging.getLogger("ember.server")
@@ -96,6 +97,15 @@ class ServerMetrics:
         self._kv_usage = gauge("kv_cache_usage_perc", "KV-cache usage: 1 = full.")
         self._in_flight = gauge("num_requests_in_flight",
                                 "Requests admitted and not yet finished (the request table).")
+        # Speculative decoding (vLLM's names): verified drafts, their tokens, the accepted ones
+        # in all and by position in the draft.
+        self._spec_drafts = counter("spec_decode_num_drafts", "Drafts verified.")
+        self._spec_draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens.")
+        self._spec_accepted = counter("spec_decode_num_accepted_tokens",
+                                      "Draft tokens accepted.")
+        self._spec_accepted_per_pos = counter(
+            "spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted, by their position in the draft.", ("model_name", "position"))
         # The engine's counters are cumulative: export their growth since the last scrape.
         self._last = EngineStats(0, 0, 0, 0, 0.0, 0, 0, 0)
 
@@ -174,7 +184,23 @@ class ServerMetrics:
             (self._preemptions, stats.num_preemptions, self._last.num_preemptions),
         ):
             metric.labels(self.model_name).inc(max(now - before, 0))
+        self._update_spec_decoding(stats.spec_decoding, self._last.spec_decoding)
         self._last = stats
+
+    def _update_spec_decoding(self, now: SpecDecodingStats | None,
+                              before: SpecDecodingStats | None) -> None:
+        if now is None:
+            return
+        before = before or SpecDecodingStats(now.num_spec_tokens)
+        m = self.model_name
+        self._spec_drafts.labels(m).inc(max(now.num_drafts - before.num_drafts, 0))
+        self._spec_draft_tokens.labels(m).inc(
+            max(now.num_draft_tokens - before.num_draft_tokens, 0))
+        self._spec_accepted.labels(m).inc(
+            max(now.num_accepted_tokens - before.num_accepted_tokens, 0))
+        for pos, (n, b) in enumerate(zip(now.num_accepted_tokens_per_pos,
+                                         before.num_accepted_tokens_per_pos)):
+            self._spec_accepted_per_pos.labels(m, str(pos)).inc(max(n - b, 0))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -72,6 +72,24 @@ class RequestMatcher:
         self._settle()
         return self._m.validate_tokens(draft_token_ids)
 
+    def draft_masks(self, draft_token_ids: list[int]) -> torch.Tensor:
+        """[k + 1, W] int32: the masks before each of k validated draft tokens and after the
+        last (a verify step's rows); the parser ends where it was."""
+        self._settle()
+        masks = llguidance.torch.allocate_token_bitmask(len(draft_token_ids) + 1,
+                                                        self._mask.shape[1] * 32)
+        llguidance.torch.fill_next_token_bitmask(self._m, masks, 0)
+        consumed = 0
+        for i, token in enumerate(draft_token_ids):
+            if self._m.is_stopped() or not self._m.consume_tokens([token]):
+                break  # the rows after it are never kept: the sequence ends at it
+            consumed += 1
+            llguidance.torch.fill_next_token_bitmask(self._m, masks, i + 1)
+        if consumed and not self._m.rollback(consumed):
+            raise GrammarRejectedError(f"cannot roll back {consumed} draft tokens: "
+                                       f"{self._m.get_error()}")
+        return masks
+
     def rollback(self, num_tokens: int) -> None:
         """Undo the last `num_tokens` consumed tokens (rejected drafts)."""
         self._settle()

@@ -1,0 +1,218 @@
+"""Speculative decoding through the whole engine on the real default model: outputs identical
+to plain decoding (greedy and seeded), the target's distribution when sampling, no leaked
+KV block, stop strings cut where plain decoding cuts.
+
+Each precision mode has one speculating engine with a small KV pool (so that 8 concurrent
+requests preempt each other) and speculation on for batches of any size; the plain reference
+is an engine without speculation.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from conftest import EXACT
+from ember import LLM, SamplingParams, StructuredOutputsParams
+
+SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+        "prompt_lookup_min": 2, "disable_by_batch_size": 64}
+SMALL_POOL = 15_000_000  # bytes: 20 float32 blocks of 16 tokens; 8 requests below need more
+
+PASSAGE = ("The lighthouse keeper climbed the spiral stairs every evening at dusk. He wound "
+           "the clockwork, trimmed the wick and polished the great lens until it shone.")
+CODE = ("def mean(values):\n    total = 0\n    for v in values:\n        total += v\n"
+        "    return total / len(values)\n")
+CHATS = [
+    f"Repeat the following passage word for word:\n\n{PASSAGE}",
+    f"Rename the function to `average` and return the whole code:\n\n{CODE}",
+    f"Quote the sentence about the lens from this text:\n\n{PASSAGE}",
+    "Write a short poem about the sea.",  # free-form: few drafts accepted
+    f"Copy this code exactly:\n\n{CODE}",
+    "What is the capital of France? Answer in one sentence.",
+]
+
+
+def chat_ids(llm: LLM, text: str) -> list[int]:
+    tok = llm.get_tokenizer()
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]),
+                      add_special_tokens=False)
+
+
+@pytest.fixture(scope="module", params=["default", "exact"])
+def mode(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def llms(mode, default_llm):
+    """(plain, speculating) engines of one precision mode."""
+    precision = EXACT if mode == "exact" else {}
+    plain = default_llm if mode == "exact" else LLM(max_model_len=1024)
+    spec = LLM(max_model_len=1024, kv_cache_memory=SMALL_POOL, speculative_config=SPEC,
+               **precision)
+    yield plain, spec
+    del spec
+
+
+def generate(llm: LLM, prompts, params):
+    return [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def assert_no_block_in_use(llm: LLM) -> None:
+    bm = llm.llm_engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+    assert all(b.ref_count == 0 for b in bm.blocks)
+
+
+def test_greedy_alone_concurrent_prefix_hits_and_preemption_match_plain(llms):
+    plain, spec = llms
+    prompts = [chat_ids(spec, c) for c in CHATS] + [chat_ids(spec, CHATS[0])] * 2
+    params = [SamplingParams(temperature=0, max_tokens=40)] * len(prompts)
+    params[1] = SamplingParams(temperature=0, max_tokens=40, logprobs=2)
+    params[5] = SamplingParams(temperature=0, max_tokens=40, min_tokens=30)
+    expected = [generate(plain, p, q)[0] for p, q in zip(prompts[:6], params)]
+    stats = spec.llm_engine.scheduler.spec_stats
+
+    # Alone, one after the other: the prompts that repeat their input accept most drafts.
+    for p, q, want in zip(prompts[:6], params, expected):
+        got = generate(spec, p, q)[0]
+        assert got.token_ids == want.token_ids and got.text == want.text
+    assert stats.num_accepted_tokens > stats.num_draft_tokens / 2
+    lp_spec, lp_plain = generate(spec, prompts[1], params[1])[0], expected[1]
+    for a, b in zip(lp_spec.logprobs, lp_plain.logprobs):
+        assert list(a) == list(b)
+        assert [x.logprob for x in a.values()] == pytest.approx(
+            [x.logprob for x in b.values()], abs=1e-3)
+    assert lp_spec.cumulative_logprob == pytest.approx(lp_plain.cumulative_logprob, abs=1e-2)
+
+    # Again: the prompt comes from the prefix cache.
+    again = spec.generate(prompts[0], params[0], use_tqdm=False)[0]
+    assert again.num_cached_tokens > 0 and again.outputs[0].token_ids == expected[0].token_ids
+
+    # Eight at once in a pool too small for them: preemptions, the same outputs.
+    preempted = spec.llm_engine.scheduler.num_preemptions
+    drafted = stats.num_drafts
+    outs = generate(spec, prompts, params)
+    assert spec.llm_engine.scheduler.num_preemptions > preempted
+    assert stats.num_drafts > drafted
+    assert [o.token_ids for o in outs] == [e.token_ids for e in expected + expected[:1] * 2]
+    assert_no_block_in_use(spec)
+
+
+def test_structured_output_drafts_follow_the_grammar(llms):
+    plain, spec = llms
+    prompt = chat_ids(spec, 'Repeat this JSON exactly: {"name": "Ada Lovelace", "born": 1815, '
+                      '"field": "mathematics"}')
+    schema = {"type": "object", "properties": {"name": {"type": "string"},
+                                               "born": {"type": "integer"},
+                                               "field": {"type": "string"}},
+              "required": ["name", "born", "field"]}
+    params = SamplingParams(temperature=0, max_tokens=40,
+                            structured_outputs=StructuredOutputsParams(json=schema))
+    drafted = spec.llm_engine.scheduler.spec_stats.num_accepted_tokens
+    want, got = generate(plain, prompt, params)[0], generate(spec, prompt, params)[0]
+    assert got.token_ids == want.token_ids and got.finish_reason == want.finish_reason
+    assert spec.llm_engine.scheduler.spec_stats.num_accepted_tokens > drafted
+
+
+def test_stop_string_inside_an_accepted_run_cuts_where_plain_does(llms):
+    plain, spec = llms
+    prompt = chat_ids(spec, CHATS[0])
+    params = SamplingParams(temperature=0, max_tokens=40)
+    engine = spec.llm_engine
+    engine.add_request("runs", prompt, params)
+    runs = []
+    while engine.has_unfinished_requests():
+        runs += [o.outputs[0].token_ids for o in engine.step()]
+    tokens = [t for run in runs for t in run]
+    tok = spec.get_tokenizer()
+    # A stop string ending inside a run of >= 3 tokens accepted in one step, found nowhere before.
+    start = 0
+    for run in runs:
+        if len(run) >= 3:
+            cut = start + 1  # the run's second token completes the stop string
+            text_before = tok.decode(tokens[:cut])
+            stop = tok.decode(tokens[: cut + 1])[-6:]
+            if len(stop.strip()) >= 3 and stop not in text_before:
+                break
+        start += len(run)
+    else:
+        pytest.fail(f"no accepted run of 3 tokens: {runs}")
+    stopped = SamplingParams(temperature=0, max_tokens=40, stop=[stop])
+    want, got = generate(plain, prompt, stopped)[0], generate(spec, prompt, stopped)[0]
+    assert got.token_ids == want.token_ids == tokens[: cut + 1]
+    assert got.text == want.text and got.stop_reason == want.stop_reason == stop
+    assert_no_block_in_use(spec)
+
+
+def test_abort_mid_verification_leaks_no_block(llms):
+    _, spec = llms
+    engine = spec.llm_engine
+    stats = engine.scheduler.spec_stats
+    engine.add_request("abort-me", chat_ids(spec, CHATS[4]), SamplingParams(temperature=0,
+                                                                             max_tokens=60))
+    drafts = stats.num_drafts
+    while stats.num_drafts < drafts + 2:
+        assert engine.step()[0].finished is False
+    sched = engine.scheduler.schedule()  # the next verify step is scheduled ...
+    assert sched.scheduled_spec_decode_tokens
+    engine.abort_request("abort-me")  # ... and its request aborted before it runs
+    assert_no_block_in_use(spec)
+    assert not engine.has_unfinished_requests()
+    engine.runner._update_states(engine.scheduler.schedule())  # the runner drops it
+    assert not engine.runner.requests
+
+
+def _chi_square_p(a: collections.Counter, b: collections.Counter) -> float:
+    """Two-sample chi-square test of homogeneity; categories seen < 10 times pooled."""
+    keys = [k for k in set(a) | set(b) if a[k] + b[k] >= 10]
+    rows = [[a[k] for k in keys], [b[k] for k in keys]]
+    rows[0].append(sum(a.values()) - sum(rows[0]))
+    rows[1].append(sum(b.values()) - sum(rows[1]))
+    if rows[0][-1] + rows[1][-1] == 0:
+        rows[0].pop(), rows[1].pop()
+    n = sum(map(sum, rows))
+    cols = [r0 + r1 for r0, r1 in zip(*rows)]
+    stat = sum((obs - sum(row) * col / n) ** 2 / (sum(row) * col / n)
+               for row in rows for obs, col in zip(row, cols))
+    df = len(cols) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2), torch.tensor(stat / 2)))
+
+
+@pytest.mark.parametrize("mode", ["default"], scope="module")  # one mode is enough here
+def test_sampling_follows_the_target_distribution(llms):
+    plain, spec = llms
+    prompt = "one two three one two three one two"  # one KV block per request
+    n = 2000
+
+    def samples(llm: LLM, seeds: range) -> list[tuple[int, ...]]:
+        params = [SamplingParams(temperature=1.0, max_tokens=3, seed=s, ignore_eos=True)
+                  for s in seeds]
+        return [tuple(o.token_ids) for o in generate(llm, [prompt] * len(params), params)]
+
+    stats = spec.llm_engine.scheduler.spec_stats
+    drafted, accepted = stats.num_draft_tokens, stats.num_accepted_tokens
+    with_spec = samples(spec, range(n))
+    without = samples(plain, range(n, 2 * n))  # other seeds: independent samples
+    drafted, accepted = stats.num_draft_tokens - drafted, stats.num_accepted_tokens - accepted
+    assert 0 < accepted < drafted  # drafts were both kept and rejected
+    counts_spec, counts_plain = collections.Counter(with_spec), collections.Counter(without)
+    assert len(counts_spec) > 3  # a continuation with real randomness
+    p = _chi_square_p(counts_spec, counts_plain)
+    assert p > 0.01, (p, counts_spec.most_common(8), counts_plain.most_common(8))
+
+
+def test_seeded_requests_reproduce_and_match_plain(llms):
+    plain, spec = llms
+    prompts = [chat_ids(spec, c) for c in CHATS[:3]]
+    stats = spec.llm_engine.scheduler.spec_stats
+    accepted = stats.num_accepted_tokens
+    for seed, prompt in enumerate(prompts):
+        params = SamplingParams(temperature=0.8, max_tokens=24, seed=seed)
+        first, again = generate(spec, prompt, params)[0], generate(spec, prompt, params)[0]
+        assert first.token_ids == again.token_ids
+        assert first.token_ids == generate(plain, prompt, params)[0].token_ids
+    assert stats.num_accepted_tokens > accepted
