@@ -118,12 +118,12 @@ def test_fused_decode_matches_the_layers_default_mode(exact):
     llm = LLM(max_model_len=256, enforce_eager=True)
     down = llm.llm_engine.model.layers[0].mlp.down_proj
     assert isinstance(down, Int4Linear)
-    # bf16 activations where the CPU has AVX512-BF16, with ember's int4 layout where its
-    # kernels have it; float32 and ATen's packing elsewhere: the fused step serves either.
+    # bf16 activations and ember's bf16 tiles where the CPU has AVX512-BF16; float32 and the
+    # column tiles elsewhere: the fused step serves either.
     dtype, _ = resolve_precision(llm.llm_engine.config, CPU)
     assert llm.llm_engine.model.embed_tokens.weight.dtype == dtype
     assert down.tiled == (dtype == torch.bfloat16 and kernels.int4_tiles(CPU))
-    assert down.tiled or down.dense_for_many_rows
+    assert down.tiled or down.columns
     # bf16: the eager layers round after every op, the fused step (like the compiled graph)
     # once per fused computation: 1-ulp flips spread a little.
     fused, layers = _check(llm, atol=0.1)
@@ -142,8 +142,8 @@ def test_fused_decode_matches_the_layers_default_mode(exact):
           f"{stats}")
     assert stats["fused"][0] >= 0.9 and stats["fused"][0] >= stats["layers"][0] - 0.05
     assert stats["fused"][1] <= 1.5 * stats["layers"][1]
-    # Through the engine: the decode steps go through the fused call, and greedy text agrees
-    # with the layers' (its first tokens at least: later, near-ties may part them).
+    # Through the engine: every step goes through the fused call, and greedy text agrees with
+    # the layers' (its first tokens at least: later, near-ties may part them).
     model = llm.llm_engine.model
     fused_decode, calls = model.fused_decode, []
     model.fused_decode = lambda *args: calls.append(1) or fused_decode(*args)
@@ -152,7 +152,7 @@ def test_fused_decode_matches_the_layers_default_mode(exact):
     try:
         with_fused = [o.outputs[0].token_ids for o in llm.generate(prompts, params,
                                                                     use_tqdm=False)]
-        assert len(calls) == 23  # every step after the prompts' (both decode in each)
+        assert len(calls) == 24  # every step: the prompts', then 23 of decodes
         model.fused_decode = None
         alone = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     finally:
