@@ -66,6 +66,7 @@ def staggered(llm: LLM) -> dict[str, list[int]]:
 
 
 def test_compile_failure_falls_back_to_eager(tiny_llama_dir, monkeypatch, caplog):
+    monkeypatch.setattr(FusedDecode, "build", classmethod(lambda cls, model: None))
     llm = LLM(model=str(tiny_llama_dir), max_model_len=256, enforce_eager=True)
     model = llm.llm_engine.model
     expected = llm.generate(PROMPTS, PARAMS, use_tqdm=False)

@@ -236,7 +236,8 @@ def test_every_op_has_its_fake_for_torch_compile():
         step = torch.zeros(3, dtype=torch.long)
         hidden = ops.decode_layers(step, step, torch.empty(100, 64), torch.empty(8, 16),
                                    torch.empty(8, 16), [], torch.empty(64), [], [], step,
-                                   tables, lens, 16, 4, 2, 32, 20, 1e-6, 0.25, -1, 128, [],
+                                   tables, torch.arange(4), lens, 16, 4, 2, 32, 1e-6, 0.25, -1,
+                                   128, [],
                                    torch.empty(0), torch.empty(0), 0.0, 0, 1.0)
         assert hidden.shape == (3, 64)
         ids, logprobs = ops.greedy_sample(torch.empty(3, 100))
