@@ -1,22 +1,12 @@
 """The model runner's batches on the real default model: a prompt prefilled in chunks of 1, 7,
 64 or 600 tokens (the scheduler's token budget) leaves bitwise the same KV cache and gives the
-same tokens and logprobs, in the exactness mode (float32 dense layers, ember's attention
-kernel).
-
-Two parts of the step are not (yet) row-invariant and are held fixed here, so that the test
-sees the attention and the runner's batches: the dense float32 GEMM (ATen's, whose rounding
-depends on the row count: the matmul kernels are another part of issue 18) runs one row at a
-time, and every step runs the model's layers (a one-token chunk would otherwise run the fused
-decode step, whose float32 rounding differs from the layers' in the last bits).
-"""
+same tokens and logprobs, in the default mode (every step through the fused C++ call, the
+row-invariant matmul kernels and ember's attention kernel)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from conftest import EXACT
 from ember import LLM, SamplingParams, kernels
 
 TEXT = ("The old lighthouse keeper climbed the stairs every evening, counting the steps as his "
@@ -54,15 +44,10 @@ def _prefill_in_chunks(llm: LLM, budget: int, prompt: list[int]):
     return kv, list(completion.token_ids), logprobs
 
 
-def _linear_row_by_row(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([F.linear(row, self.weight, self.bias) for row in x.split(1)])
-
-
-def test_chunked_prefill_is_bitwise_the_same_whatever_the_chunks(monkeypatch):
+def test_chunked_prefill_is_bitwise_the_same_whatever_the_chunks():
     assert kernels.load()
-    monkeypatch.setattr(nn.Linear, "forward", _linear_row_by_row)
-    llm = LLM(**EXACT, enable_prefix_caching=False, enforce_eager=True, max_model_len=1024)
-    llm.llm_engine.model.fused_decode = None
+    llm = LLM(enable_prefix_caching=False, max_model_len=1024)
+    assert llm.llm_engine.model.fused_decode is not None
     prompt = llm.get_tokenizer().encode(TEXT * 20)[:650]
     kv, tokens, logprobs = _prefill_in_chunks(llm, 600, prompt)  # chunks of 600 and 50
     assert kv.shape[1] == 650 and len(tokens) == 4

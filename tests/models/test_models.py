@@ -44,9 +44,7 @@ def test_family_matches_transformers(checkpoint, fmt):
     model = llm.llm_engine.model
     hf_family = {"llama3": "llama"}.get(family, family)
     assert model.config.family.name == (FAMILIES[family][2] if fmt == "gguf" else hf_family)
-    assert model.fused_decode is not None  # decode steps: the fused C++ step
-    assert all(hasattr(layer, "_torchdynamo_orig_callable") or "forward" in vars(layer)
-               for layer in model.layers)  # prompt steps: the compiled layers
+    assert model.fused_decode is not None  # every step: the fused C++ call
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
     for out in outs:

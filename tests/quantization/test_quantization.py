@@ -51,13 +51,13 @@ def test_int4_cpu_packing_blocks_follow_atens_cpu_capability():
 
 @pytest.mark.parametrize("group", [32, 128])
 def test_int4_linear_many_rows_dequantize_from_the_packed_weight(group, monkeypatch):
-    """A prompt's many rows take the dequantize + dense GEMM path (eager and compiled): it
-    reads ATen's packed layout correctly, and agrees with the int4 kernel's result. (ATen's
-    layout: where ember's own is not used, see tests/kernels/test_kernels.py.)"""
+    """Without ember's kernels, a prompt's many rows take the dequantize + dense GEMM path
+    (eager and compiled): it reads ATen's packed layout correctly, and agrees with ATen's int4
+    kernel's result."""
     from ember.quantization import int4
     from ember.quantization.int4 import DENSE_MIN_TOKENS_EAGER, cpu_layout_known
 
-    monkeypatch.setattr(int4.kernels, "int4_tiles", lambda device: False)
+    monkeypatch.setattr(int4.kernels, "available", lambda device: False)
     assert cpu_layout_known()  # the layout check holds on this machine's ATen (AVX2, AVX512)
     w = Int4Weight.quantize(_weight(192, 256), group)
     lin = Int4Linear(w, None, CPU, torch.bfloat16)
