@@ -161,12 +161,12 @@ EMBER_INLINE void decode8(const ColProblem& P, int64_t t, int64_t k0, Fn&& f) {
   }
 }
 
-// y[m0 .. m0 + MR, tiles t0 .. t0 + NT] += group g's terms from its FMA chains (a0: rows 0-7
-// of each tile, a1: rows 8-15; [r * NT + j]): the group's scale (and offset) folded into y,
-// which stays in memory between groups.
+// y[m0 .. m0 + MR, tiles t0 .. t0 + NT] += group g's terms from its FMA chains (a[r][j][h]:
+// row r, tile j, its rows 8h..8h + 7): the group's scale (and offset) folded into y, which
+// stays in memory between groups.
 template <int F, int MR, int NT>
 EMBER_INLINE void col_fold(const ColProblem& P, int64_t m0, int64_t t0, int64_t g,
-                           const Vec (&a0)[MR * NT], const Vec (&a1)[MR * NT]) {
+                           const Vec (&a)[MR][NT][2]) {
   const int64_t N = P.N, groups = P.K / P.G;
   const float* const s = P.s + g * N;
   for (int r = 0; r < MR; ++r) {
@@ -177,7 +177,7 @@ EMBER_INLINE void col_fold(const ColProblem& P, int64_t m0, int64_t t0, int64_t 
         const int64_t n = (t0 + j) * kColTile + 8 * h;
         float* yp = P.y + (m0 + r) * N + n;
         const Vec prev = g == 0 ? vzero() : vload(yp);
-        Vec y = vfma(h == 0 ? a0[r * NT + j] : a1[r * NT + j], vload(s + n), prev);
+        Vec y = vfma(a[r][j][h], vload(s + n), prev);
         if constexpr (F == kInt4) y = vfma(vload(P.c + g * N + n), xsum, y);
         vstore(yp, y);
       }
@@ -185,8 +185,8 @@ EMBER_INLINE void col_fold(const ColProblem& P, int64_t m0, int64_t t0, int64_t 
 }
 
 // Group g for rows m0 .. m0 + MR and tiles t0 .. t0 + NT, the codes decoded in registers:
-// MR * NT * 2 FMA chains. (Two flat accumulator arrays, not one [MR][NT][2]: GCC keeps these
-// in registers across the loop.)
+// MR * NT * 2 FMA chains. (Two flat accumulator arrays, copied out for the fold: GCC keeps
+// arrays whose address never escapes in registers across the loop, not others.)
 template <int F, int MR, int NT>
 EMBER_INLINE void col_group(const ColProblem& P, int64_t m0, int64_t t0, int64_t g) {
   const int64_t K = P.K, G = P.G;
@@ -202,7 +202,10 @@ EMBER_INLINE void col_group(const ColProblem& P, int64_t m0, int64_t t0, int64_t
           a1[r * NT + j] = vfma(xk, w1, a1[r * NT + j]);
         }
       });
-  col_fold<F, MR, NT>(P, m0, t0, g, a0, a1);
+  Vec a[MR][NT][2];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NT; ++j) a[r][j][0] = a0[r * NT + j], a[r][j][1] = a1[r * NT + j];
+  col_fold<F, MR, NT>(P, m0, t0, g, a);
 }
 
 // The same from a tile's decoded panel (`panel`: the group's codes as floats, [G, 16]).
@@ -221,7 +224,9 @@ EMBER_INLINE void col_panel_group(const ColProblem& P, int64_t m0, int64_t t, in
       a1[r] = vfma(xk, w1, a1[r]);
     }
   }
-  col_fold<F, MR, 1>(P, m0, t, g, a0, a1);
+  Vec a[MR][1][2];
+  for (int r = 0; r < MR; ++r) a[r][0][0] = a0[r], a[r][0][1] = a1[r];
+  col_fold<F, MR, 1>(P, m0, t, g, a);
 }
 
 // Few rows: tiles NT at a time, every group.
