@@ -142,6 +142,58 @@ def test_int4_rows_do_not_depend_on_the_row_count(dtype):
         assert torch.equal(lin(x[:rows]), alone[:rows]), rows
 
 
+def _int8_layer(g: torch.Generator) -> tuple[torch.nn.Module, torch.Tensor]:
+    from ember.quantization.int8 import Int8Linear, Int8Weight
+
+    w = Int8Weight.quantize(torch.randn(176, 264, generator=g))
+    lin = Int8Linear(w, None, CPU, torch.float32)
+    assert lin.columns
+    return lin, w.dequantize()
+
+
+def _dense_layer(dtype: torch.dtype):
+    def make(g: torch.Generator) -> tuple[torch.nn.Module, torch.Tensor]:
+        from ember.quantization.dense import DenseLinear
+
+        linear = torch.nn.Linear(264, 176, bias=False, dtype=dtype)
+        linear.weight.data.copy_(torch.randn(176, 264, generator=g))
+        return DenseLinear(linear), linear.weight.float()
+    return make
+
+
+LAYOUTS = {"int8": _int8_layer, "float32": _dense_layer(torch.float32),
+           "bfloat16": _dense_layer(torch.bfloat16)}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_int8_and_dense_column_tiles_compute_with_the_weight(layout):
+    """Per-channel int8 (`int8_linear` with one group) and dense float32 / bfloat16 weights
+    (`dense_linear`) in column tiles, every row-blocking path, against the weight's values."""
+    g = torch.Generator().manual_seed(5)
+    lin, weight = LAYOUTS[layout](g)
+    dtype = torch.bfloat16 if layout == "bfloat16" else torch.float32  # a layer's activations
+    for rows in (1, 2, 3, 4, 5, 6, 7, 19, 20):
+        x = torch.randn(rows, 264, generator=g).to(dtype)
+        y = lin(x)
+        assert y.dtype == dtype and y.shape == (rows, 176)
+        expected = (x.double() @ weight.double().t()).to(dtype)  # float32 sums, then rounded
+        torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-5 if dtype == torch.float32
+                                   else 0.01)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_int8_and_dense_rows_do_not_depend_on_the_row_count(layout):
+    """`--quantization int8` layers and dense layers (the exactness mode; a GGUF file's
+    F16/BF16/F32 tensors): each row of 1 to 600 bitwise its one-row call."""
+    g = torch.Generator().manual_seed(6)
+    lin, _ = LAYOUTS[layout](g)
+    x = torch.randn(600, 264, generator=g).to(torch.bfloat16 if layout == "bfloat16"
+                                              else torch.float32)
+    alone = torch.cat([lin(x[i:i + 1]) for i in range(600)])
+    for rows in [*range(2, 33), 64, 127, 512, 600]:
+        assert torch.equal(lin(x[:rows]), alone[:rows]), rows
+
+
 @pytest.mark.parametrize("group", [32, 128])
 @pytest.mark.parametrize("rows", [1, 5, 40])
 def test_int4_tiled_linear_computes_with_the_dequantized_weight(group, rows):
@@ -220,7 +272,7 @@ def test_every_op_has_its_fake_for_torch_compile():
         assert out.shape == (3, 4, 16) and out.dtype == torch.bfloat16
         assert ops.write_kv(k_cache[:3], k_cache[:3], k_cache, k_cache,
                             torch.zeros(3, dtype=torch.long)) is None
-        y = ops.q8_0_linear(x, torch.empty(2, 64, 16, dtype=torch.int8), torch.empty(2, 32))
+        y = ops.int8_linear(x, torch.empty(2, 64, 16, dtype=torch.int8), torch.empty(2, 32))
         assert y.shape == (3, 32) and y.dtype == torch.float32
         y = ops.int4_tiled_linear(x.bfloat16(), torch.empty(2, 8, 64, dtype=torch.uint8),
                                   torch.empty(2, 32), torch.empty(2, 32), 32)

@@ -57,6 +57,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
 void group_sums(const float* x, int64_t M, int64_t K, int64_t G, float* xs);
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                        const at::Tensor& offsets, int64_t group_size);
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales);
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& tiles);
 at::Tensor int4_tiled_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                              const at::Tensor& zeros, int64_t group_size);
 at::Tensor kquant_linear(const at::Tensor& x, at::TensorList tiles, at::IntArrayRef kinds,

@@ -46,10 +46,11 @@ enum LayerSlot : int64_t {
 
 // A projection's 4 tensors: int4 in ember's bf16 tiles ([N / 16, K / 8, 64], scales, zeros,
 // -: see int4_tiled_linear) or column tiles (int32 [N / 16, K / 8, 16], scales, offsets, -:
-// see int4_linear); int8 (int8 codes
-// [N, K], per-row scales, -, -); dense ([N, K] weight, -, -, -); GGUF K-quant / Q5 (see
-// kquant_linear): the first segment's tiles, the segments' kinds (int64 [1..3]), the second
-// and third segments' tiles (or empty).
+// see int4_linear); int8 in column tiles (int8 [N / 16, K, 16], scales [K / G, N], -, -: see
+// int8_linear); dense in column tiles ([N / 16, K, 16] weight, -, -, -: see dense_linear) or
+// as it is ([N, K] weight, -, -, -: ATen's matmul, whose rows depend on the row count); GGUF
+// K-quant / Q5 (see kquant_linear): the first segment's tiles, the segments' kinds (int64
+// [1..3]), the second and third segments' tiles (or empty).
 at::Tensor project(const at::Tensor& x, const at::Tensor* p, int64_t group_size) {
   switch (p[0].scalar_type()) {
     case at::kByte:
@@ -62,8 +63,8 @@ at::Tensor project(const at::Tensor& x, const at::Tensor* p, int64_t group_size)
       }
       return int4_tiled_linear(x, p[0], p[1], p[2], group_size);
     case at::kInt: return int4_linear(x, p[0], p[1], p[2], group_size);
-    case at::kChar: return at::_weight_int8pack_mm(x, p[0], p[1]);
-    default: return at::mm(x, p[0].t());
+    case at::kChar: return int8_linear(x, p[0], p[1]).to(x.scalar_type());
+    default: return p[0].dim() == 3 ? dense_linear(x, p[0]) : at::mm(x, p[0].t());
   }
 }
 
@@ -87,9 +88,12 @@ std::pair<int64_t, int64_t> projection_shape(const at::Tensor* p) {
     case at::kInt:  // column tiles
       if (p[0].dim() == 3) return {p[0].size(0) * 16, p[0].size(1) * 8};
       break;
-    case at::kChar:
+    case at::kChar:  // column tiles
+      if (p[0].dim() == 3) return {p[0].size(0) * 16, p[0].size(1)};
+      break;
     case at::kFloat:
     case at::kBFloat16:
+      if (p[0].dim() == 3) return {p[0].size(0) * 16, p[0].size(1)};  // column tiles
       if (p[0].dim() == 2) return {p[0].size(0), p[0].size(1)};
       break;
     default:
@@ -274,9 +278,9 @@ at::Tensor run_layers(const StepArgs& args, const FamilyArgs& fam) {
 
     for (int64_t t = 0; t < T; ++t) rms_norm(xp + t * D, norm1, D, eps, hp + t * D, offset);
     at::Tensor qkv;
-    if (bias.numel() > 0 && (p[k_qkv_proj].scalar_type() == at::kFloat ||
-                             p[k_qkv_proj].scalar_type() == at::kBFloat16)) {
-      // a dense biased projection, as nn.Linear runs it
+    if (bias.numel() > 0 && p[k_qkv_proj].dim() == 2 &&
+        c10::isFloatingType(p[k_qkv_proj].scalar_type())) {
+      // a dense [N, K] biased projection, as nn.Linear runs it
       qkv = at::addmm(bias, h, p[k_qkv_proj].t());
     } else {
       qkv = project(h, p + k_qkv_proj, group_size);

@@ -1,19 +1,21 @@
-// ember's quantized matmuls in column tiles: y = x @ W.T, every row of y computed the same way
-// whatever the number of rows, the row block or the thread, so that a token's result does not
-// depend on what shares its step (a prompt's rows, a decode row and a speculative verify row
-// agree bitwise).
+// ember's matmuls in column tiles: y = x @ W.T, every row of y computed the same way whatever
+// the number of rows, the row block or the thread, so that a token's result does not depend on
+// what shares its step (a prompt's rows, a decode row and a speculative verify row agree
+// bitwise).
 //
-// Layout: tiles of 16 output rows of W (columns of y); per tile, the codes K-major:
+// Layout: tiles of 16 output rows of W (columns of y); per tile, the weights K-major:
 //   int4_linear: per 8 inputs k0..k0 + 7, 16 int32 words, word i holding row i's code at
 //     k0 + j in bits 4j..4j + 3 (one shift and one mask per 8 rows and input decode them, no
 //     byte shuffles) (`quantization/int4.py:column_tiles`);
-//   q8_0_linear: per input, 16 int8 codes, row i's at byte i (`quantization/q8_0.py`).
+//   int8_linear: per input, 16 int8 codes, row i's at byte i (GGUF Q8_0, `quantization/q8_0.py`;
+//     per-channel int8, `quantization/int8.py`);
+//   dense_linear: per input, 16 float32 or bfloat16 weights (`quantization/dense.py`).
 // Per group of G inputs and output row, float32 [K / G, N]: the scale s and, for int4, the
-// offset c, the weight being q * s (+ c).
+// offset c, the weight being q * s (+ c). Dense weights are one group (G = K) and no scale.
 //
 // Each y[m, n] is one sequence of float32 operations: per group g, a = sum over k of
 // x[m, k] * q[n, k] by FMAs in k order from 0, then y = fma(a, s, y) and, with an offset,
-// y = fma(c, sum of x[m, k] over g, y). The vectorization is across n (8 outputs a register;
+// y = fma(c, sum of x[m, k] over g, y) (dense: y = a). The vectorization is across n (8 outputs a register;
 // x[m, k] broadcast), never across k. Few rows decode the codes in registers (several tiles at
 // once where the rows alone give too few FMA chains; software prefetch kPrefetchBytes ahead in
 // each tile's stream); many rows decode each tile once into a float panel that row blocks of 6
@@ -82,6 +84,10 @@ inline Vec nibble(Codes v) {  // 8 rows' codes at input k0 + J as floats
 inline Vec bytes8(const int8_t* p) {  // 8 int8 codes as floats
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
+inline Vec bf16x8(const uint16_t* p) {  // 8 bfloat16 as floats (exact: the high halves)
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
 #else
 struct Vec {
   float v[8];
@@ -121,6 +127,14 @@ inline Vec bytes8(const int8_t* p) {
   for (int i = 0; i < 8; ++i) r.v[i] = static_cast<float>(p[i]);
   return r;
 }
+inline Vec bf16x8(const uint16_t* p) {
+  Vec r;
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t w = static_cast<uint32_t>(p[i]) << 16;
+    std::memcpy(&r.v[i], &w, sizeof w);
+  }
+  return r;
+}
 #endif
 
 #define EMBER_INLINE inline __attribute__((always_inline))
@@ -129,13 +143,16 @@ struct ColProblem {
   const float* x;   // [M, K] float32
   const float* xs;  // [M, K / G] group sums (int4 only)
   const void* codes;
-  const float* s;  // [K / G, N]
+  const float* s;  // [K / G, N] (not dense)
   const float* c;  // int4 only
   float* y;        // [M, N] float32
   int64_t M, K, N, G;
 };
 
-enum ColFormat { kInt4, kInt8 };
+enum ColFormat { kInt4, kInt8, kF32, kBF16 };
+
+template <int F>
+constexpr bool kDense = F == kF32 || F == kBF16;
 
 // The 16 codes of tile t at inputs k0..k0 + 7 as floats, handed to f(i, rows 0-7, rows 8-15)
 // for i = 0..7 in order.
@@ -153,11 +170,21 @@ EMBER_INLINE void decode8(const ColProblem& P, int64_t t, int64_t k0, Fn&& f) {
     f(5, nibble<5>(lo), nibble<5>(hi));
     f(6, nibble<6>(lo), nibble<6>(hi));
     f(7, nibble<7>(lo), nibble<7>(hi));
-  } else {
+  } else if constexpr (F == kInt8) {
     const int8_t* p = static_cast<const int8_t*>(P.codes) + (t * P.K + k0) * kColTile;
     __builtin_prefetch(p + kPrefetchBytes, 0, 3);
     __builtin_prefetch(p + kPrefetchBytes + 64, 0, 3);
     for (int i = 0; i < 8; ++i) f(i, bytes8(p + i * kColTile), bytes8(p + i * kColTile + 8));
+  } else if constexpr (F == kBF16) {
+    const uint16_t* p = static_cast<const uint16_t*>(P.codes) + (t * P.K + k0) * kColTile;
+    const char* ahead = reinterpret_cast<const char*>(p) + kPrefetchBytes;
+    for (int l = 0; l < 4; ++l) __builtin_prefetch(ahead + 64 * l, 0, 3);  // 8 inputs: 4 lines
+    for (int i = 0; i < 8; ++i) f(i, bf16x8(p + i * kColTile), bf16x8(p + i * kColTile + 8));
+  } else {
+    const float* p = static_cast<const float*>(P.codes) + (t * P.K + k0) * kColTile;
+    const char* ahead = reinterpret_cast<const char*>(p) + kPrefetchBytes;
+    for (int l = 0; l < 8; ++l) __builtin_prefetch(ahead + 64 * l, 0, 3);  // 8 inputs: 8 lines
+    for (int i = 0; i < 8; ++i) f(i, vload(p + i * kColTile), vload(p + i * kColTile + 8));
   }
 }
 
@@ -176,6 +203,10 @@ EMBER_INLINE void col_fold(const ColProblem& P, int64_t m0, int64_t t0, int64_t 
       for (int h = 0; h < 2; ++h) {
         const int64_t n = (t0 + j) * kColTile + 8 * h;
         float* yp = P.y + (m0 + r) * N + n;
+        if constexpr (kDense<F>) {  // one group, no scale
+          vstore(yp, a[r][j][h]);
+          continue;
+        }
         const Vec prev = g == 0 ? vzero() : vload(yp);
         Vec y = vfma(a[r][j][h], vload(s + n), prev);
         if constexpr (F == kInt4) y = vfma(vload(P.c + g * N + n), xsum, y);
@@ -253,21 +284,26 @@ void col_panel_block(const ColProblem& P, int64_t m0, int64_t t, const float* pa
 template <int F>
 void col_panel_rows(const ColProblem& P, int64_t t0, int64_t t1) {
   const int64_t K = P.K;
-  std::vector<float> panel(K * kColTile);
+  std::vector<float> decoded(F == kF32 ? 0 : K * kColTile);
   for (int64_t t = t0; t < t1; ++t) {
-    for (int64_t k0 = 0; k0 < K; k0 += 8)
-      decode8<F>(P, t, k0, [&](int i, Vec w0, Vec w1) {
-        vstore(panel.data() + (k0 + i) * kColTile, w0);
-        vstore(panel.data() + (k0 + i) * kColTile + 8, w1);
-      });
+    const float* panel = decoded.data();
+    if constexpr (F == kF32) {  // the tile is its own panel
+      panel = static_cast<const float*>(P.codes) + t * K * kColTile;
+    } else {
+      for (int64_t k0 = 0; k0 < K; k0 += 8)
+        decode8<F>(P, t, k0, [&](int i, Vec w0, Vec w1) {
+          vstore(decoded.data() + (k0 + i) * kColTile, w0);
+          vstore(decoded.data() + (k0 + i) * kColTile + 8, w1);
+        });
+    }
     int64_t m = 0;
-    for (; m + 6 <= P.M; m += 6) col_panel_block<F, 6>(P, m, t, panel.data());
+    for (; m + 6 <= P.M; m += 6) col_panel_block<F, 6>(P, m, t, panel);
     switch (P.M - m) {
-      case 5: col_panel_block<F, 5>(P, m, t, panel.data()); break;
-      case 4: col_panel_block<F, 4>(P, m, t, panel.data()); break;
-      case 3: col_panel_block<F, 3>(P, m, t, panel.data()); break;
-      case 2: col_panel_block<F, 2>(P, m, t, panel.data()); break;
-      case 1: col_panel_block<F, 1>(P, m, t, panel.data()); break;
+      case 5: col_panel_block<F, 5>(P, m, t, panel); break;
+      case 4: col_panel_block<F, 4>(P, m, t, panel); break;
+      case 3: col_panel_block<F, 3>(P, m, t, panel); break;
+      case 2: col_panel_block<F, 2>(P, m, t, panel); break;
+      case 1: col_panel_block<F, 1>(P, m, t, panel); break;
       default: break;
     }
   }
@@ -325,16 +361,17 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& codes, const at
   return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
 }
 
-at::Tensor q8_0_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& scales) {
-  constexpr int64_t G = 32;
+at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& scales) {
   TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kChar && codes.is_contiguous() &&
-                  codes.size(2) == kColTile && codes.size(1) % G == 0,
+                  codes.size(2) == kColTile && codes.size(1) % 8 == 0,
               "codes: the column tiles [N / 16, K, 16] (int8) of an [N, K] weight, K a "
-              "multiple of 32");
+              "multiple of 8");
   const int64_t K = codes.size(1), N = codes.size(0) * kColTile;
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
-                  scales.numel() == N * (K / G),
-              "scales: contiguous float32 [K / 32, N]");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 2 &&
+                  scales.size(1) == N && scales.size(0) > 0 && K % scales.size(0) == 0 &&
+                  (K / scales.size(0)) % 8 == 0,
+              "scales: contiguous float32 [K / G, N], G (the group size) a multiple of 8");
+  const int64_t G = K / scales.size(0);
   const at::Tensor x = float_rows(x_in, K);
   const int64_t M = x.size(0);
   auto y = at::empty({M, N}, x.options());
@@ -344,15 +381,38 @@ at::Tensor q8_0_linear(const at::Tensor& x_in, const at::Tensor& codes, const at
   return y;
 }
 
+at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& tiles) {
+  TORCH_CHECK(tiles.dim() == 3 && tiles.is_contiguous() && tiles.size(2) == kColTile &&
+                  tiles.size(1) % 8 == 0 &&
+                  (tiles.scalar_type() == at::kFloat || tiles.scalar_type() == at::kBFloat16),
+              "tiles: the column tiles [N / 16, K, 16] (float32 or bfloat16) of an [N, K] "
+              "weight, K a multiple of 8");
+  const int64_t K = tiles.size(1), N = tiles.size(0) * kColTile;
+  const at::Tensor x = float_rows(x_in, K);
+  const int64_t M = x.size(0);
+  auto y = at::empty({M, N}, x.options());
+  if (M > 0) {
+    const ColProblem P{x.data_ptr<float>(), nullptr, tiles.data_ptr(), nullptr, nullptr,
+                       y.data_ptr<float>(), M, K, N, K};
+    if (tiles.scalar_type() == at::kFloat)
+      col_matmul<kF32>(P);
+    else
+      col_matmul<kBF16>(P);
+  }
+  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+}
+
 }  // namespace ember
 
 TORCH_LIBRARY_FRAGMENT(ember_cpu, m) {
   m.def("int4_linear(Tensor x, Tensor codes, Tensor scales, Tensor offsets, int group_size) "
         "-> Tensor");
-  m.def("q8_0_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
+  m.def("dense_linear(Tensor x, Tensor tiles) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ember_cpu, CPU, m) {
   m.impl("int4_linear", ember::int4_linear);
-  m.impl("q8_0_linear", ember::q8_0_linear);
+  m.impl("int8_linear", ember::int8_linear);
+  m.impl("dense_linear", ember::dense_linear);
 }

@@ -36,10 +36,17 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     torch.ops.ember_cpu.write_kv(k, v, k_cache, v_cache, slots)
 
 
-def q8_0_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """matmul.cpp: x [M, K] @ W.T, W GGUF Q8_0 in ember's column tiles [N / 16, K, 16] ->
-    float32 [M, N], each row as a one-row call computes it."""
-    return torch.ops.ember_cpu.q8_0_linear(x, codes, scales)
+def int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """matmul.cpp: x [M, K] @ W.T, W int8 codes in ember's column tiles [N / 16, K, 16] with
+    float32 scales [K / G, N] (GGUF Q8_0: G = 32; per-channel int8: G = K) -> float32 [M, N],
+    each row as a one-row call computes it."""
+    return torch.ops.ember_cpu.int8_linear(x, codes, scales)
+
+
+def dense_linear(x: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
+    """matmul.cpp: x [M, K] @ W.T, W float32 or bfloat16 in ember's column tiles [N / 16, K,
+    16] -> [M, N] in x's dtype (float32 sums), each row as a one-row call computes it."""
+    return torch.ops.ember_cpu.dense_linear(x, tiles)
 
 
 def int4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
@@ -112,9 +119,13 @@ def register_fakes() -> None:
     def _(k, v, k_cache, v_cache, slots):
         return None
 
-    @fake("ember_cpu::q8_0_linear")
+    @fake("ember_cpu::int8_linear")
     def _(x, codes, scales):
         return x.new_empty(x.shape[0], codes.shape[0] * 16, dtype=torch.float32)
+
+    @fake("ember_cpu::dense_linear")
+    def _(x, tiles):
+        return x.new_empty(x.shape[0], tiles.shape[0] * 16)
 
     @fake("ember_cpu::int4_linear")
     def _(x, codes, scales, offsets, group_size):

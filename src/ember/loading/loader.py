@@ -217,7 +217,7 @@ def load_model(
     parallelism, this rank's shard of it. `int8` / `int4` quantize the dense weights."""
     from ember.distributed import tensor_parallel
     from ember.models import build_model
-    from ember.quantization import quantize_model, weight_bytes
+    from ember.quantization import quantize_model, use_column_tiles, weight_bytes
 
     rank, world = (tp.rank, tp.world_size) if tp is not None else (0, 1)
     tensor_parallel.check_shardable(ckpt.config, world)
@@ -247,6 +247,11 @@ def load_model(
     if quantization in ("int8", "int4"):
         n = quantize_model(net, quantization, group_size)
         logger.info("quantized %d linear layers to %s", n, quantization)
+    if device.type == "cpu" and kernels.available(device):
+        n = use_column_tiles(net)
+        if n:
+            logger.info("%d dense linear layers in column tiles (dense_linear: each row the "
+                        "same whatever the number of rows)", n)
     logger.info("weights: %.1f MB", weight_bytes(net) / 1e6)
     if net.fuse_decode():
         logger.info("decode steps: token ids to final norm in one call of the CPU kernels "

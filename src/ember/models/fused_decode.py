@@ -31,6 +31,7 @@ from ember import kernels
 from ember.kernels import ops
 from ember.kernels.decode_schema import LayerTensors, ModelDims, Projection
 from ember.layers.attention import AttentionMetadata
+from ember.quantization.dense import DenseLinear
 from ember.quantization.int4 import Int4Linear
 from ember.quantization.int8 import Int8Linear
 from ember.quantization.kquant import KQuantEmbedding, KQuantLinear
@@ -50,8 +51,10 @@ def _projection(m: nn.Module, dtype: torch.dtype, bias_ok: bool = False) -> Proj
         tensors = (m.tiles, m.tile_scales, m.tile_zeros, none)
     elif isinstance(m, Int4Linear) and m.columns:
         tensors = (m.col_codes, m.col_scales, m.col_offsets, none)
-    elif isinstance(m, Int8Linear):
-        tensors = (m.weight, m.scales, none, none)
+    elif isinstance(m, Int8Linear) and m.columns:
+        tensors = (m.codes, m.scales, none, none)
+    elif isinstance(m, DenseLinear) and m.tiles.dtype == dtype:
+        tensors = (m.tiles, none, none, none)
     elif isinstance(m, KQuantLinear) and m.tiled and len(m.kinds) <= 3 and not m.float_out:
         segments = m.segments
         empty = torch.empty(0, dtype=torch.uint8)

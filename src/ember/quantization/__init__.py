@@ -3,13 +3,18 @@
 The model is built and loaded with `nn.Linear`s; a method here replaces the projection
 layers with a quantized linear whose forward is one PyTorch weight-only-quantized matmul:
 
-- `int8`: per-output-channel symmetric int8 (`aten._weight_int8pack_mm`).
+- `int8`: per-output-channel symmetric int8 (ember's `int8_linear` on CPU, else
+  `aten._weight_int8pack_mm`).
 - `int4`: group-wise asymmetric int4 (`aten._weight_int4pack_mm[_for_cpu]`).
 
 GGUF files need no transform: their Q4_0/Q4_1 tensors arrive as `Int4Weight`s (the same
 layout, no re-quantization), their K-quant and Q5_0/Q5_1 tensors as `KQuantWeight`s (the
 file's blocks, run by `KQuantLinear`), installed while loading (`install_quantized`), and a
 Q8_0 head as a `Q8_0Weight`.
+
+On CPU with ember's kernels, the dense layers left (float32 / bfloat16) move to column tiles
+(`use_column_tiles`, `dense.DenseLinear`), so that every matmul's rows are independent of the
+row count.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 from torch import nn
 
 from ember.errors import ConfigError
+from ember.quantization import dense
 from ember.quantization.int4 import Int4Linear, Int4Weight
 from ember.quantization.int8 import Int8Linear, Int8Weight
 from ember.quantization.kquant import KQuantLinear, KQuantWeight
@@ -93,6 +99,15 @@ def quantize_model(model: nn.Module, method: str, group_size: int) -> int:
         _replace(model, name, to_quantized_linear(w, old.bias, old.weight.device,
                                                   old.weight.dtype))
     return len(targets)
+
+
+def use_column_tiles(model: nn.Module) -> int:
+    """Replace every dense linear of `model` the column-tile kernel runs (`dense.fits`) with a
+    `DenseLinear`; returns how many. A head tied to the embedding gets its own copy."""
+    names = [name for name, m in model.named_modules() if dense.fits(m)]
+    for name in names:
+        _replace(model, name, dense.DenseLinear(model.get_submodule(name)))
+    return len(names)
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -3,7 +3,7 @@
 The LM head of most GGUF files (and the embedding it is tied to, in small models) is Q8_0.
 Run dense, it is the largest matrix a decode step reads: 28M weights for the default model,
 56 MB in bf16. `Q8_0Linear` keeps the file's codes, in ember's column tiles, and computes with
-ember's CPU kernel (`ember.kernels`, q8_0_linear) at 1.13 bytes a weight, exactly the file's
+ember's CPU kernel (`ember.kernels`, int8_linear) at 1.13 bytes a weight, exactly the file's
 values, accumulating in float32, each row of logits the same whatever the number of rows; its
 output (the logits) is float32. It is used only where that kernel runs (`kernels.available`,
 a vocabulary of a multiple of 16); elsewhere the head stays dense.
@@ -46,7 +46,7 @@ class Q8_0Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = ops.q8_0_linear(x.reshape(-1, shape[-1]), self.codes, self.scales)
+        y = ops.int8_linear(x.reshape(-1, shape[-1]), self.codes, self.scales)
         return y.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
