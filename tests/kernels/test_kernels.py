@@ -72,6 +72,23 @@ def test_q8_0_rows_do_not_depend_on_the_row_count():
         assert torch.equal(lin(x[:rows]), alone[:rows]), rows
 
 
+def test_dense_linear_rows_do_not_depend_on_the_row_count():
+    """The exactness mode's projections of up to 16 rows: a verify row is bitwise the decode
+    row, and both are the matmul (any N, K a multiple of 8)."""
+    g = torch.Generator().manual_seed(5)
+    for n, k in [(37, 24), (96, 576)]:
+        w = torch.randn(n, k, generator=g)
+        x = torch.randn(16, k, generator=g)
+        alone = torch.cat([ops.dense_linear(x[i:i + 1], w) for i in range(16)])
+        torch.testing.assert_close(alone, F.linear(x, w), atol=1e-4, rtol=1e-4)
+        for rows in range(2, 17):
+            assert torch.equal(ops.dense_linear(x[:rows], w), alone[:rows]), (n, k, rows)
+    x = torch.randn(40, 36, generator=g)  # many rows, or K not a multiple of 8: ATen's GEMM
+    w = torch.randn(24, 36, generator=g)
+    torch.testing.assert_close(ops.dense_linear(x, w), F.linear(x, w))
+    torch.testing.assert_close(ops.dense_linear(x[:3], w), F.linear(x[:3], w))
+
+
 def test_loading_the_kernels_keeps_subnormal_floats():
     """The library must not switch the process to flush-to-zero (what linking -ffast-math
     code does): every other float computation in the server would change."""
@@ -228,6 +245,7 @@ def test_every_op_has_its_fake_for_torch_compile():
         y = ops.int4_linear(x, torch.empty(2, 8, 16, dtype=torch.int32), torch.empty(2, 32),
                             torch.empty(2, 32), 32)
         assert y.shape == (3, 32) and y.dtype == torch.float32
+        assert ops.dense_linear(x, torch.empty(5, 64)).shape == (3, 5)
         y = ops.kquant_linear(x, [torch.empty(2, 1, 144, dtype=torch.uint8)], [0], 64, True)
         assert y.shape == (3, 32) and y.dtype == torch.float32
         rows = ops.kquant_rows(torch.empty(2, 1, 144, dtype=torch.uint8),

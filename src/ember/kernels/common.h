@@ -57,6 +57,11 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
 void group_sums(const float* x, int64_t M, int64_t K, int64_t G, float* xs);
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                        const at::Tensor& offsets, int64_t group_size);
+// x [M, K] @ w.T for a dense float32 w [N, K] (matmul.cpp): up to kDenseLinearMaxRows rows
+// (decode steps, verify rows; K a multiple of 8), each row as a one-row call computes it;
+// more (prompt chunks), ATen's GEMM, faster there.
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w);
+constexpr int64_t kDenseLinearMaxRows = 16;
 at::Tensor int4_tiled_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                              const at::Tensor& zeros, int64_t group_size);
 at::Tensor kquant_linear(const at::Tensor& x, at::TensorList tiles, at::IntArrayRef kinds,

@@ -63,7 +63,8 @@ at::Tensor project(const at::Tensor& x, const at::Tensor* p, int64_t group_size)
       return int4_tiled_linear(x, p[0], p[1], p[2], group_size);
     case at::kInt: return int4_linear(x, p[0], p[1], p[2], group_size);
     case at::kChar: return at::_weight_int8pack_mm(x, p[0], p[1]);
-    default: return at::mm(x, p[0].t());
+    default:
+      return p[0].scalar_type() == at::kFloat ? dense_linear(x, p[0]) : at::mm(x, p[0].t());
   }
 }
 

@@ -18,6 +18,12 @@
 // once where the rows alone give too few FMA chains; software prefetch kPrefetchBytes ahead in
 // each tile's stream); many rows decode each tile once into a float panel that row blocks of 6
 // read.
+//
+// dense_linear: float32 weights as stored ([N, K], row-major), for a few rows (a decode step,
+// speculative verify rows): each y[m, n] is one dot product of x[m] and W[n], 8 lanes along k
+// in k order then a fixed tree, whatever the number of rows; each block of W's rows is read
+// from memory once for all the rows. (ATen's GEMM at 2-16 rows packs W first and costs several
+// one-row GEMVs.)
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -300,7 +306,77 @@ at::Tensor float_rows(const at::Tensor& x, int64_t K) {
   return x.to(at::kFloat).contiguous();
 }
 
+// The sum of a vector's 8 lanes in a fixed tree (as group_sums).
+inline float hsum(Vec v) {
+#if defined(__AVX2__) && defined(__FMA__)
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+#else
+  float h[4];
+  for (int i = 0; i < 4; ++i) h[i] = v.v[i] + v.v[i + 4];
+  h[0] += h[2], h[1] += h[3];
+  return h[0] + h[1];
+#endif
+}
+
+// y[m0 .. m0 + MR, n0 .. n0 + NB] of dense_linear: NB * MR FMA chains.
+template <int NB, int MR>
+EMBER_INLINE void dense_block(const float* x, const float* w, float* y, int64_t m0, int64_t n0,
+                              int64_t K, int64_t N) {
+  Vec acc[NB * MR];
+  for (int i = 0; i < NB * MR; ++i) acc[i] = vzero();
+  for (int64_t k = 0; k < K; k += 8) {
+    Vec xk[MR];
+    for (int r = 0; r < MR; ++r) xk[r] = vload(x + (m0 + r) * K + k);
+    for (int i = 0; i < NB; ++i) {
+      const Vec wk = vload(w + (n0 + i) * K + k);
+      for (int r = 0; r < MR; ++r) acc[i * MR + r] = vfma(wk, xk[r], acc[i * MR + r]);
+    }
+  }
+  for (int i = 0; i < NB; ++i)
+    for (int r = 0; r < MR; ++r) y[(m0 + r) * N + n0 + i] = hsum(acc[i * MR + r]);
+}
+
+// Output rows [n0, n1) for every row of x: per block of NB rows of W, the rows of x two at a
+// time (the block stays in L1 between them).
+template <int NB>
+void dense_rows(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
+                int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) {
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) dense_block<NB, 2>(x, w, y, m, n, K, N);
+    if (m < M) dense_block<NB, 1>(x, w, y, m, n, K, N);
+  }
+  for (; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) dense_block<1, 1>(x, w, y, m, n, K, N);
+}
+
 }  // namespace
+
+at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "w: float32 [N, K]");
+  const int64_t N = w.size(0), K = w.size(1);
+  if (x_in.size(0) > kDenseLinearMaxRows || K % 8 != 0 || !w.is_contiguous())
+    return at::mm(x_in.to(at::kFloat), w.t()).to(x_in.scalar_type());
+  const at::Tensor x = float_rows(x_in, K);
+  const int64_t M = x.size(0);
+  auto y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (M > 0)
+    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+      // One row: 8 rows of W at a time (8 FMA chains); more: 4 (4 x 2 chains).
+      if (M == 1)
+        dense_rows<8>(xp, wp, yp, M, K, N, n0, n1);
+      else
+        dense_rows<4>(xp, wp, yp, M, K, N, n0, n1);
+    });
+  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+}
 
 at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& scales,
                        const at::Tensor& offsets, int64_t G) {
@@ -350,9 +426,11 @@ TORCH_LIBRARY_FRAGMENT(ember_cpu, m) {
   m.def("int4_linear(Tensor x, Tensor codes, Tensor scales, Tensor offsets, int group_size) "
         "-> Tensor");
   m.def("q8_0_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
+  m.def("dense_linear(Tensor x, Tensor w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ember_cpu, CPU, m) {
   m.impl("int4_linear", ember::int4_linear);
   m.impl("q8_0_linear", ember::q8_0_linear);
+  m.impl("dense_linear", ember::dense_linear);
 }

@@ -42,6 +42,13 @@ def q8_0_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> t
     return torch.ops.ember_cpu.q8_0_linear(x, codes, scales)
 
 
+def dense_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """matmul.cpp: x [M, K] @ w.T for a dense float32 w [N, K] -> float32 [M, N]: up to 16
+    rows (K a multiple of 8) each row as a one-row call computes it, every block of w's rows
+    read once for all of them; more rows, ATen's GEMM (faster there)."""
+    return torch.ops.ember_cpu.dense_linear(x, w)
+
+
 def int4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                 offsets: torch.Tensor, group_size: int) -> torch.Tensor:
     """matmul.cpp: x [M, K] (float32 or bfloat16) @ W.T, W int4 in ember's column tiles
@@ -115,6 +122,10 @@ def register_fakes() -> None:
     @fake("ember_cpu::q8_0_linear")
     def _(x, codes, scales):
         return x.new_empty(x.shape[0], codes.shape[0] * 16, dtype=torch.float32)
+
+    @fake("ember_cpu::dense_linear")
+    def _(x, w):
+        return x.new_empty(x.shape[0], w.shape[0])
 
     @fake("ember_cpu::int4_linear")
     def _(x, codes, scales, offsets, group_size):

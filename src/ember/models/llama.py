@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember import kernels, memory
+from ember.kernels import ops
 from ember.config import ModelConfig
 from ember.errors import ModelLoadError
 from ember.layers.attention import AttentionMetadata, PagedAttention, attention_metadata
@@ -206,7 +207,13 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # Logits in float32: sampling and logprobs need the precision.
-        return self.lm_head(hidden).float()
+        head = self.lm_head
+        if (type(head) is nn.Linear and head.weight.dtype == hidden.dtype == torch.float32
+                and not head._forward_hooks and kernels.available(hidden.device)):
+            # A dense float32 head (the exactness mode): a few rows (decode, verify) read its
+            # weight once for all of them, each row as a one-row call computes it.
+            return ops.dense_linear(hidden, head.weight)
+        return head(hidden).float()
 
     # ---- weights ----------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]]) -> None:
