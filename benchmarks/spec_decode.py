@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -175,11 +176,15 @@ def main() -> None:
         "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "model": "default (SmolLM2-135M-Instruct Q4_1 GGUF)", "repeats": args.repeats,
         "command": "PYTHONPATH=src nice python benchmarks/spec_decode.py " + " ".join(sys.argv[1:]),
+        # The machine's 1-minute load average before and after: above ~1.5 on 2 cores, other
+        # processes share them and the figures measure the contention too.
+        "load_average": {"before": os.getloadavg()[0]},
     }
     if args.only != "draft_model":
         results.update(ngram(args))
     if args.only != "ngram":
         results["draft_model"] = draft_model(args)
+    results["load_average"]["after"] = os.getloadavg()[0]
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
 
