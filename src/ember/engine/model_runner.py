@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -42,7 +42,6 @@ from ember.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from ember.distributed.parallel_state import TensorParallelGroup
-    from ember.engine.spec_decode.draft_model import DraftModelProposer
     from ember.structured_output.matcher import RequestMatcher
 
 logger = logging.getLogger("ember")
@@ -89,7 +88,16 @@ class CachedRequestState:
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
 
 
-def sampling_row(r: CachedRequestState, drafts: list[int], grammar_mask=None,
+class Drafter(Protocol):
+    """Draft-model speculation's proposer (spec_decode/draft_model.py), run first in a step:
+    brings its own KV cache up to the step's tokens and writes the drafts into `sched`."""
+
+    def propose(self, sched: SchedulerOutput,
+                requests: dict[str, CachedRequestState]) -> None: ...
+
+
+def sampling_row(r: CachedRequestState, drafts: list[int],
+                 grammar_mask: torch.Tensor | None = None,
                  grammar: "RequestMatcher | None" = None) -> SamplingRow:
     """The row that samples r's next token after `drafts` (as output already): its noise
     position, penalties and min_tokens see them."""
@@ -224,7 +232,7 @@ class ModelRunner:
         ]
         self._num_zeroed_blocks = 0
         self.requests: dict[str, CachedRequestState] = {}
-        self.drafter: "DraftModelProposer | None" = None  # draft-model speculation
+        self.drafter: Drafter | None = None  # draft-model speculation
 
     def prepare_blocks(self, num_touched_blocks: int) -> None:
         """Zero the blocks the pool has handed out for the first time since the last step."""
