@@ -8,8 +8,8 @@
 - `policy.py`: when to speculate (per-request acceptance, the step's batch size)
 - `metrics.py`: the drafted and accepted counts (vLLM's `spec_decode_*` metrics)
 
-The scheduler asks for n-gram drafts (or leaves room for a draft model's) and schedules them after a sequence's last token
-(`SchedulerOutput.scheduled_spec_decode_tokens`); the runner samples every one of those
-rows (`model_runner.accept_drafts`) and returns the accepted run; the scheduler rolls back
+The scheduler asks for n-gram drafts (or leaves room for a draft model's) and schedules them
+after a sequence's last token (`SchedulerOutput.scheduled_spec_decode_tokens`); the runner
+samples every one of those rows (`model_runner.accept_drafts`) and returns the accepted run; the scheduler rolls back
 the rest (computed tokens, KV blocks).
 """
