@@ -10,6 +10,6 @@
 
 The scheduler asks for n-gram drafts (or leaves room for a draft model's) and schedules them
 after a sequence's last token (`SchedulerOutput.scheduled_spec_decode_tokens`); the runner
-samples every one of those rows (`model_runner.accept_drafts`) and returns the accepted run; the scheduler rolls back
-the rest (computed tokens, KV blocks).
+samples every one of those rows (`model_runner.accept_drafts`) and returns the accepted run;
+the scheduler rolls back the rest (computed tokens, KV blocks).
 """
