@@ -1,22 +1,27 @@
-"""Speculative decoding (n-gram prompt lookup) against plain decoding, side by side in one
-run, on the default model (in-process engines, greedy).
+"""Speculative decoding (n-gram prompt lookup, a draft model) against plain decoding, side by
+side in one run, on the default model (in-process engines, greedy).
 
 - input-grounded prompts (repeat, correct or edit a given text or function, quote a passage)
   at 1 stream: decode tokens/s with and without speculation, and whether the outputs agree;
 - free-form chat at 1 stream and at 16 streams (aggregate tokens/s);
 - the verify cost that the adaptive policy rests on: the median step time of B sequences
-  that each verify k = 4 drafts, against B plain decodes (B = 1 .. 16).
+  that each verify k = 4 drafts, against B plain decodes (B = 1 .. 16);
+- draft model: the float32 exactness mode plain against drafted by the int4 default model
+  (the same GGUF), free-form chat at 1 stream, for each k of `--draft-k`.
 
 The two engines alternate, each workload `--repeats` times (the best run counts: the machine
 is shared). The result JSON names the CPU.
 
     PYTHONPATH=src nice python benchmarks/spec_decode.py [--out benchmarks/results/spec_decode.json]
+    PYTHONPATH=src nice python benchmarks/spec_decode.py --only draft_model --draft-k 2,4,6,8 \
+        --out benchmarks/results/spec_decode_draft_model.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -25,9 +30,17 @@ import torch
 
 from ember import LLM, SamplingParams
 from ember.cpuinfo import cpu_model
+from ember.loading.gguf import default_gguf_path
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
          "prompt_lookup_min": 2}
+EXACT = {"quantization": "none", "dtype": "float32"}
+
+
+def draft_model_config(k: int) -> dict:
+    """The default GGUF in its own int4 precision drafting for the float32 exactness mode."""
+    return {"method": "draft_model", "model": str(default_gguf_path()), "quantization": "auto",
+            "num_speculative_tokens": k}
 
 PASSAGE = (
     "The lighthouse stood on a rock a mile from the shore. Every evening at dusk the keeper "
@@ -99,12 +112,12 @@ def spec_counts(llm: LLM) -> tuple[int, int, int]:
 
 
 def workload(plain: LLM, spec: LLM, prompts: list[list[int]], max_tokens: int, streams: int,
-             repeats: int) -> dict:
-    best = {"plain": float("inf"), "ngram": float("inf")}
+             repeats: int, method: str = "ngram") -> dict:
+    best = {"plain": float("inf"), method: float("inf")}
     outputs = {}
     before = spec_counts(spec)
     for _ in range(repeats):
-        for name, llm in (("plain", plain), ("ngram", spec)):
+        for name, llm in (("plain", plain), (method, spec)):
             seconds, outs = timed(llm, prompts, max_tokens, streams)
             best[name] = min(best[name], seconds)
             outputs[name] = outs
@@ -114,12 +127,12 @@ def workload(plain: LLM, spec: LLM, prompts: list[list[int]], max_tokens: int, s
         "streams": streams, "prompts": len(prompts), "max_tokens": max_tokens,
         "tokens": tokens,
         "plain_tok_s": tokens["plain"] / best["plain"],
-        "ngram_tok_s": tokens["ngram"] / best["ngram"],
-        "identical_outputs": sum(a == b for a, b in zip(outputs["plain"], outputs["ngram"])),
+        f"{method}_tok_s": tokens[method] / best[method],
+        "identical_outputs": sum(a == b for a, b in zip(outputs["plain"], outputs[method])),
         "acceptance_rate": accepted / drafted if drafted else 0.0,
         "mean_acceptance_length": 1 + accepted / drafts if drafts else 0.0,
     }
-    result["speedup"] = result["ngram_tok_s"] / result["plain_tok_s"]
+    result["speedup"] = result[f"{method}_tok_s"] / result["plain_tok_s"]
     return result
 
 
@@ -154,7 +167,49 @@ def main() -> None:
     ap.add_argument("--batches", default="1,2,4,8,16",
                     help="batch sizes of the verify-cost measurement")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--only", choices=("ngram", "draft_model"),
+                    help="run one method's workloads (default: both)")
+    ap.add_argument("--draft-k", default="4",
+                    help="num_speculative_tokens values of the draft-model measurement")
     args = ap.parse_args()
+    results = {
+        "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "model": "default (SmolLM2-135M-Instruct Q4_1 GGUF)", "repeats": args.repeats,
+        "command": "PYTHONPATH=src nice python benchmarks/spec_decode.py " + " ".join(sys.argv[1:]),
+        # The machine's 1-minute load average before and after: above ~1.5 on 2 cores, other
+        # processes share them and the figures measure the contention too.
+        "load_average": {"before": os.getloadavg()[0]},
+    }
+    if args.only != "draft_model":
+        results.update(ngram(args))
+    if args.only != "ngram":
+        results["draft_model"] = draft_model(args)
+    results["load_average"]["after"] = os.getloadavg()[0]
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+
+
+def draft_model(args: argparse.Namespace) -> list[dict]:
+    """The exactness mode plain against drafted by the int4 default model, chat at 1 stream."""
+    plain = LLM(max_model_len=2048, **EXACT)
+    chat = [chat_ids(plain, p) for p in CHAT[:4]]
+    timed(plain, chat[:1], 16, 1)  # warm-up
+    rows = []
+    for k in map(int, args.draft_k.split(",")):
+        config = draft_model_config(k)
+        spec = LLM(max_model_len=2048, **EXACT, speculative_config=config)
+        timed(spec, chat[:1], 16, 1)
+        row = {"target": "exactness mode (float32)", "draft": "default mode (int4 GGUF)",
+               "speculative_config": config,
+               **workload(plain, spec, chat, args.max_tokens, 1, args.repeats, "draft_model")}
+        print("draft model, chat, 1 stream:", row, flush=True)
+        rows.append(row)
+        del spec
+    return rows
+
+
+def ngram(args: argparse.Namespace) -> dict:
+    """n-gram prompt lookup against plain decoding, default mode."""
     plain = LLM(max_model_len=2048, max_num_seqs=16)
     spec = LLM(max_model_len=2048, max_num_seqs=16, speculative_config=NGRAM)
     # Speculation at every batch size, for the verify-cost measurement.
@@ -165,13 +220,8 @@ def main() -> None:
     for llm in (plain, spec, forced):  # warm-up: the compiled graphs' shapes
         timed(llm, grounded[:2], 16, 2)
 
-    results = {
-        "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "model": "default (SmolLM2-135M-Instruct Q4_1 GGUF)",
-        "dtype": str(plain.llm_engine.dtype).removeprefix("torch."),
-        "speculative_config": NGRAM, "repeats": args.repeats,
-        "command": "PYTHONPATH=src nice python benchmarks/spec_decode.py " + " ".join(sys.argv[1:]),
-    }
+    results: dict = {"dtype": str(plain.llm_engine.dtype).removeprefix("torch."),
+                     "speculative_config": NGRAM}
     results["grounded_1_stream"] = workload(plain, spec, grounded, args.max_tokens, 1,
                                             args.repeats)
     print("grounded, 1 stream:", results["grounded_1_stream"], flush=True)
@@ -191,8 +241,7 @@ def main() -> None:
                      "break_even_acceptance": (t_verify / t_plain - 1) / 4})
         print("verify cost:", cost[-1], flush=True)
     results["verify_cost"] = cost
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    return results
 
 
 if __name__ == "__main__":

@@ -200,6 +200,8 @@ def _opt(default: Any, help: str) -> Any:
 
 
 SPECULATIVE_METHODS = ("ngram", "draft_model")
+# num_speculative_tokens when unset, per method (docs/benchmarks.md measures them).
+DEFAULT_NUM_SPECULATIVE_TOKENS = {"ngram": 4, "draft_model": 4}
 
 
 @dataclass(frozen=True)
@@ -208,11 +210,18 @@ class SpeculativeConfig:
     `num_speculative_tokens` tokens per decoding sequence, the target model scores them in
     the same step, and the longest run it agrees with is kept (engine/spec_decode/)."""
 
-    method: str = "ngram"  # ngram: prompt lookup over the prompt and the output so far
-    num_speculative_tokens: int = 4  # k: drafted tokens per sequence and step
+    # ngram: prompt lookup over the prompt and the output so far; draft_model: a model with
+    # the target's vocabulary (a smaller one, or the same one in a cheaper precision)
+    method: str = "ngram"
+    # k: drafted tokens per sequence and step (default: DEFAULT_NUM_SPECULATIVE_TOKENS)
+    num_speculative_tokens: int | None = None
     prompt_lookup_max: int = 4  # ngram: the longest suffix looked up
     prompt_lookup_min: int = 2  # ngram: the shortest suffix looked up
-    model: str | None = None  # draft_model: the drafting model
+    model: str | None = None  # draft_model: the drafting model (as EngineConfig.model)
+    # draft_model: the drafting model's precision, with EngineConfig's values and defaults
+    # (auto: a GGUF file in its own quantized precision)
+    quantization: str = "auto"
+    dtype: str = "auto"
     # Steps with more decoding sequences than this do not speculate: a batch that large is
     # compute-bound, and verifying drafts costs what it saves (docs/benchmarks.md measures it).
     disable_by_batch_size: int = 8
@@ -232,6 +241,9 @@ class SpeculativeConfig:
         if self.method not in SPECULATIVE_METHODS:
             raise ConfigError(f"speculative_config method must be one of "
                               f"{', '.join(SPECULATIVE_METHODS)}; got {self.method!r}")
+        if self.num_speculative_tokens is None:
+            object.__setattr__(self, "num_speculative_tokens",
+                               DEFAULT_NUM_SPECULATIVE_TOKENS[self.method])
         for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
                      "disable_by_batch_size"):
             value = getattr(self, name)
@@ -242,10 +254,12 @@ class SpeculativeConfig:
             raise ConfigError(f"speculative_config prompt_lookup_min ({self.prompt_lookup_min}) "
                               f"must be <= prompt_lookup_max ({self.prompt_lookup_max})")
         if self.method == "draft_model":
-            raise ConfigError("speculative_config method 'draft_model' is not implemented yet; "
-                              "use 'ngram'")
-        if self.model is not None:
-            raise ConfigError("speculative_config model is for method 'draft_model'")
+            if not isinstance(self.model, str) or not self.model:
+                raise ConfigError("speculative_config method 'draft_model' needs model: the "
+                                  "drafting model's path or name")
+        elif (self.model, self.quantization, self.dtype) != (None, "auto", "auto"):
+            raise ConfigError("speculative_config model, quantization and dtype are for "
+                              "method 'draft_model'")
 
 
 @dataclass
@@ -286,7 +300,9 @@ class EngineConfig:
         "offline LLM API queues without limit")
     speculative_config: SpeculativeConfig | None = _opt(
         None, 'speculative decoding, as JSON (vLLM\'s): {"method": "ngram", '
-        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}; '
+        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}, or '
+        '{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4} with the draft\'s '
+        'optional "quantization" and "dtype" (as --quantization, --dtype); '
         '"disable_by_batch_size": N turns it off for steps of more than N decoding sequences '
         "(default: off)")
     tensor_parallel_size: int = _opt(
@@ -340,6 +356,10 @@ class EngineConfig:
                 self.speculative_config, SpeculativeConfig):
             # From JSON (the CLI), keyword arguments or `asdict` (the replicas, the workers).
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+        if (self.speculative_config is not None and self.tensor_parallel_size > 1
+                and self.speculative_config.method == "draft_model"):
+            raise ConfigError("speculative_config method 'draft_model' with "
+                              "tensor_parallel_size > 1 is not supported")
 
 
 @dataclass

@@ -280,6 +280,7 @@ def test_every_op_has_its_fake_for_torch_compile():
         y = ops.int4_linear(x, torch.empty(2, 8, 16, dtype=torch.int32), torch.empty(2, 32),
                             torch.empty(2, 32), 32)
         assert y.shape == (3, 32) and y.dtype == torch.float32
+        assert ops.dense_linear(x, torch.empty(2, 64, 16)).shape == (3, 32)
         y = ops.kquant_linear(x, [torch.empty(2, 1, 144, dtype=torch.uint8)], [0], 64, True)
         assert y.shape == (3, 32) and y.dtype == torch.float32
         rows = ops.kquant_rows(torch.empty(2, 1, 144, dtype=torch.uint8),

@@ -26,6 +26,7 @@ from ember.engine.input_processor import InputProcessor, ProcessedRequest
 from ember.engine.model_runner import load_runner
 from ember.engine.request import Request
 from ember.engine.scheduler import EngineCoreOutput, Scheduler
+from ember.engine.spec_decode.draft_model import open_draft
 from ember.engine.spec_decode.metrics import SpecDecodingStats
 from ember.errors import InvalidRequestError
 from ember.loading.loader import open_model, resolve_precision
@@ -101,9 +102,18 @@ class LLMEngine:
             self.parallel = TensorParallelGroup.start(plan, config)
             # Dropped without shutdown(): still stop the workers and leave the group.
             weakref.finalize(self, self.parallel.shutdown)
+        spec = config.speculative_config
+        # Draft-model speculation: the draft's KV cache mirrors the target's blocks and shares
+        # the KV budget with it.
+        draft = (open_draft(config, ckpt, self.device, self.max_model_len)
+                 if spec is not None and spec.method == "draft_model" else None)
         try:
             self.runner = load_runner(config, ckpt, self.max_model_len, self.device, self.dtype,
-                                      self.parallel, self.quantization)
+                                      self.parallel, self.quantization,
+                                      draft.kv_bytes_per_block() if draft is not None else 0)
+            if draft is not None:
+                self.runner.drafter = draft.load(self.device, self.max_model_len,
+                                                 self.runner.num_blocks)
         except BaseException as e:
             reason = self._parallel_failure()
             self.shutdown()

@@ -14,6 +14,11 @@ plain decode step at that position would (its own noise position, penalties and 
 over the drafts before it, its grammar state after them), and keeps the drafts up to the
 first one its sample differs from, plus that sample (`accept_drafts`).
 
+With a draft model (`speculative_config` method `draft_model`), the runner's `drafter`
+(engine/spec_decode/draft_model.py) runs first in each step: it brings the draft's own KV
+cache up to the step's tokens and proposes the drafts the scheduler left room for, which the
+step then verifies as above.
+
 Under tensor parallelism rank 0 broadcasts each `StepInput` to the other ranks, every rank runs
 `forward` on its shard, and the logits are gathered on rank 0, which alone samples.
 """
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -58,9 +63,13 @@ class CachedRequestState:
     num_computed_tokens: int
     grammar: "RequestMatcher | None" = None  # structured outputs (NewRequestData.grammar)
     num_prompt_tokens: int = field(init=False)
+    # Draft-model speculation: tokens whose K/V the draft's cache holds (the target's prefix-
+    # cache hits included: both models fill every block in the same step).
+    num_draft_computed: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.num_draft_computed = self.num_computed_tokens
 
     @property
     def num_tokens(self) -> int:
@@ -77,6 +86,27 @@ class CachedRequestState:
         if start >= n:
             return self.output_token_ids[start - n : end - n]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
+
+
+class Drafter(Protocol):
+    """Draft-model speculation's proposer (spec_decode/draft_model.py), run first in a step:
+    brings its own KV cache up to the step's tokens and writes the drafts into `sched`."""
+
+    def propose(self, sched: SchedulerOutput,
+                requests: dict[str, CachedRequestState]) -> None: ...
+
+
+def sampling_row(r: CachedRequestState, drafts: list[int],
+                 grammar_mask: torch.Tensor | None = None,
+                 grammar: "RequestMatcher | None" = None) -> SamplingRow:
+    """The row that samples r's next token after `drafts` (as output already): its noise
+    position, penalties and min_tokens see them."""
+    p = r.params
+    output = r.output_token_ids + drafts if drafts else r.output_token_ids
+    banned: list[int] = []
+    if len(output) < p.min_tokens:
+        banned = list(r.eos_token_ids) + list(p.stop_token_ids)
+    return SamplingRow(p, r.seed, r.prompt_token_ids, output, banned, grammar, grammar_mask)
 
 
 def accept_drafts(drafts: list[int], sampled: list[int]) -> list[int]:
@@ -115,9 +145,11 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) ->
 
 def num_kv_blocks(
     config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-    max_model_len: int,
+    max_model_len: int, extra_bytes_per_block: int = 0,
 ) -> int:
-    per_block = kv_bytes_per_block(cfg, config.block_size, dtype)
+    """Blocks that fit the KV budget; `extra_bytes_per_block`: a draft model's cache, which
+    mirrors the target's blocks, shares it."""
+    per_block = kv_bytes_per_block(cfg, config.block_size, dtype) + extra_bytes_per_block
     budget = config.kv_cache_memory
     if budget is None:
         if device.type == "cuda":
@@ -142,13 +174,17 @@ def num_kv_blocks(
 def load_runner(
     config: EngineConfig, ckpt: Checkpoint, max_model_len: int, device: torch.device,
     dtype: torch.dtype, tp: "TensorParallelGroup | None" = None, quantization: str = "none",
+    extra_kv_bytes_per_block: int = 0, num_blocks: int | None = None,
 ) -> "ModelRunner":
-    """Load the model (this rank's shard) and size its KV cache (the same on every rank)."""
+    """Load the model (this rank's shard) and size its KV cache (the same on every rank):
+    `num_blocks` blocks when given (a draft model's, as many as the target's), else what
+    the budget holds beside `extra_kv_bytes_per_block` (a draft model's) per block."""
     model = load_model(ckpt, dtype, device, max_model_len, tp, quantization,
                        config.int4_group_size)
     world = tp.world_size if tp is not None else 1
-    num_blocks = num_kv_blocks(config, shard_config(ckpt.config, world), dtype, device,
-                               max_model_len)
+    if num_blocks is None:
+        num_blocks = num_kv_blocks(config, shard_config(ckpt.config, world), dtype, device,
+                                   max_model_len, extra_kv_bytes_per_block)
     if tp is not None:
         num_blocks = tp.min_over_ranks(num_blocks)
     runner = ModelRunner(model, ckpt.config, config, num_blocks, device, dtype, tp)
@@ -196,6 +232,7 @@ class ModelRunner:
         ]
         self._num_zeroed_blocks = 0
         self.requests: dict[str, CachedRequestState] = {}
+        self.drafter: Drafter | None = None  # draft-model speculation
 
     def prepare_blocks(self, num_touched_blocks: int) -> None:
         """Zero the blocks the pool has handed out for the first time since the last step."""
@@ -268,23 +305,18 @@ class ModelRunner:
         them as output (noise position, penalties, min_tokens, grammar state)."""
         rows = []
         for r, d in zip(reqs, drafts):
-            p = r.params
             masks = r.grammar.draft_masks(d) if d and r.grammar is not None else None
             for j in range(len(d) + 1):
-                output = r.output_token_ids + d[:j] if j else r.output_token_ids
-                banned: list[int] = []
-                if len(output) < p.min_tokens:
-                    banned = list(r.eos_token_ids) + list(p.stop_token_ids)
-                rows.append(SamplingRow(
-                    p, r.seed, r.prompt_token_ids, output, banned,
-                    r.grammar if masks is None else None,
-                    masks[j] if masks is not None else None))
+                rows.append(sampling_row(r, d[:j], masks[j] if masks is not None else None,
+                                         r.grammar if masks is None else None))
         return SamplingMetadata.build(rows, self.model_config.vocab_size, self.device)
 
     # ---- one step -----------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(sched)
+        if self.drafter is not None:
+            self.drafter.propose(sched, self.requests)
         step, sampled = self._prepare(sched)
         if self.tp is not None:
             self.tp.broadcast_step(step)

@@ -22,7 +22,10 @@ whose context is in the cache. The runner samples at each of its rows and return
 the target agreed with plus the token it sampled after it; `update_from_output` rolls the
 rest back (computed tokens, and the KV blocks beyond the accepted tokens), so the prefix
 cache only ever holds accepted tokens. Drafts never preempt anyone: when the pool cannot
-hold them the sequence decodes plainly.
+hold them the sequence decodes plainly. With a draft model (`method: draft_model`) the
+scheduler only reserves the room: `num_lookahead_tokens` asks the runner's drafter for up to
+that many drafts, which it writes into `scheduled_spec_decode_tokens` (and adds to
+`num_scheduled_tokens`) before the step runs.
 """
 
 from __future__ import annotations
@@ -93,6 +96,9 @@ class SchedulerOutput:
     # Speculative decoding: the drafted tokens scheduled after a sequence's last token (they
     # end its num_scheduled_tokens; the runner samples at each of them and after the last).
     scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
+    # Draft-model speculation: the drafts a sequence may get (their KV slots are allocated);
+    # the runner's drafter proposes them and fills in the two fields above.
+    num_lookahead_tokens: dict[str, int] = field(default_factory=dict)
     # Requests finished, aborted or preempted since the last step: the runner drops them.
     finished_req_ids: set[str] = field(default_factory=set)
     preempted_req_ids: list[str] = field(default_factory=list)
@@ -145,7 +151,8 @@ class Scheduler:
         self.num_preemptions = 0
         self._finished_req_ids: set[str] = set()  # since the last SchedulerOutput
         spec = config.speculative_config
-        self.proposer = NgramProposer(spec) if spec is not None else None
+        # n-gram drafts are proposed here; a draft model's by the runner (num_lookahead_tokens).
+        self.proposer = NgramProposer(spec) if spec is not None and spec.method == "ngram" else None
         self.spec_policy = SpeculationPolicy(spec) if spec is not None else None
         self.num_spec_tokens = spec.num_speculative_tokens if spec is not None else 0
         self.spec_stats = SpecDecodingStats(self.num_spec_tokens)  # cumulative
@@ -168,12 +175,19 @@ class Scheduler:
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             had_blocks = len(req.block_table)
             drafts: list[int] = []
+            lookahead = 0
             if speculate and req.num_tokens - req.num_computed_tokens == 1:
                 # Leave a token of the budget to each running request after this one.
-                drafts = self._propose(req, budget - 1 - (len(self.running) - i - 1))
-            allocated = bool(drafts) and bm.allocate(req, num_new + len(drafts))
+                room = budget - 1 - (len(self.running) - i - 1)
+                if self.proposer is not None:
+                    drafts = self._propose(req, room)
+                else:
+                    lookahead = self._num_drafts(req, room)
+            allocated = bool(drafts or lookahead) and bm.allocate(
+                req, num_new + len(drafts) + lookahead)
             if not allocated:
-                drafts = []  # drafts never preempt: without room the sequence decodes plainly
+                # Drafts never preempt: without room the sequence decodes plainly.
+                drafts, lookahead = [], 0
                 while not bm.allocate(req, num_new):
                     victim = self.running.pop()
                     self._preempt(victim)
@@ -186,11 +200,13 @@ class Scheduler:
                 num_new += len(drafts)
                 if drafts:
                     out.scheduled_spec_decode_tokens[req.request_id] = drafts
+                if lookahead:
+                    out.num_lookahead_tokens[req.request_id] = lookahead
                 out.scheduled_cached_reqs.append(CachedRequestData(
                     req.request_id, req.block_table[had_blocks:], req.num_computed_tokens,
                     had_blocks))
                 out.num_scheduled_tokens[req.request_id] = num_new
-                budget -= num_new
+                budget -= num_new + lookahead
                 i += 1
 
         # Then waiting requests, unless this step already had to preempt.
@@ -222,13 +238,20 @@ class Scheduler:
         out.num_touched_blocks = bm.num_touched_blocks
         return out
 
-    def _propose(self, req: Request, room: int) -> list[int]:
-        """Draft tokens for a decoding sequence: at most `room`, none past its max_tokens
-        (nor, so, past the context), and only what its grammar accepts."""
-        assert self.proposer is not None and self.spec_policy is not None
+    def _num_drafts(self, req: Request, room: int) -> int:
+        """How many tokens a decoding sequence may draft: at most `room`, none past its
+        max_tokens (nor, so, past the context); 0 while its acceptance record pauses it."""
+        assert self.spec_policy is not None
         num_out = len(req.output_token_ids)
         k = min(self.num_spec_tokens, room, req.max_tokens - num_out - 1)
-        if k <= 0 or not self.spec_policy.allows(req.drafts, num_out):
+        return k if k > 0 and self.spec_policy.allows(req.drafts, num_out) else 0
+
+    def _propose(self, req: Request, room: int) -> list[int]:
+        """n-gram drafts for a decoding sequence (`_num_drafts` of them at most), only what
+        its grammar accepts."""
+        assert self.proposer is not None
+        k = self._num_drafts(req, room)
+        if k == 0:
             return []
         drafts = self.proposer.propose(
             np.array(req.prompt_token_ids + req.output_token_ids, dtype=np.int64), k)

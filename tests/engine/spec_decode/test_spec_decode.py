@@ -186,7 +186,8 @@ def _chi_square_p(a: collections.Counter, b: collections.Counter) -> float:
 def test_sampling_follows_the_target_distribution(llms):
     plain = llms[0]
     # A pool for hundreds of requests at once (the module's speculating engine has a small one).
-    spec = LLM(max_model_len=64, max_num_seqs=256, speculative_config=SPEC)
+    spec = LLM(max_model_len=64, max_num_seqs=256,
+               speculative_config={**SPEC, "disable_by_batch_size": 256})
     prompt = "one two three one two three one two"  # one KV block per request
     n = 2000
 
