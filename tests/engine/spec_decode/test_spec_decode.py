@@ -188,7 +188,9 @@ def test_sampling_follows_the_target_distribution(llms):
     # A pool for hundreds of requests at once (the module's speculating engine has a small one).
     spec = LLM(max_model_len=64, max_num_seqs=256,
                speculative_config={**SPEC, "disable_by_batch_size": 256})
-    prompt = "one two three one two three one two"  # one KV block per request
+    # 19 tokens: after the first requests, each one finds its first block (16 tokens) in the
+    # prefix cache and computes 3 prompt tokens instead of 19.
+    prompt = " ".join(["one", "two", "three"] * 6 + ["one"])
     n = 2000
 
     def samples(llm: LLM, seeds: range) -> list[tuple[int, ...]]:
@@ -202,6 +204,7 @@ def test_sampling_follows_the_target_distribution(llms):
     without = samples(plain, range(n, 2 * n))  # other seeds: independent samples
     drafted, accepted = stats.num_draft_tokens - drafted, stats.num_accepted_tokens - accepted
     assert 0 < accepted < drafted  # drafts were both kept and rejected
+    assert spec.llm_engine.block_manager.prefix_hits > 0
     counts_spec, counts_plain = collections.Counter(with_spec), collections.Counter(without)
     assert len(counts_spec) > 3  # a continuation with real randomness
     p = _chi_square_p(counts_spec, counts_plain)
