@@ -1,4 +1,5 @@
-"""What engine tests share: deterministic prompts of exact lengths, and the engine at rest."""
+"""What engine tests share: deterministic prompts of exact lengths, the engine at rest, an abort
+between a speculative step's scheduling and its run."""
 
 from __future__ import annotations
 
@@ -27,3 +28,19 @@ def assert_idle(engine) -> None:
     assert not engine.scheduler.running and not engine.scheduler.waiting
     assert not engine.has_unfinished_requests() and not engine._children
     assert not engine.scheduler.requests and engine.get_stats().num_queued_requests == 0
+
+
+def abort_mid_verification(engine, prompt: list[int], params, verifying) -> None:
+    """Run a request until it has drafted twice, schedule its next verify step (`verifying`
+    checks the SchedulerOutput), abort it before that step runs, and check it left nothing:
+    no request in the engine, none in the runner once it reads the next schedule."""
+    stats = engine.scheduler.spec_stats
+    engine.add_request("abort-me", prompt, params)
+    drafts = stats.num_drafts
+    while stats.num_drafts < drafts + 2:
+        assert engine.step()[0].finished is False
+    assert verifying(engine.scheduler.schedule())  # the next verify step is scheduled ...
+    engine.abort_request("abort-me")  # ... and its request aborted before it runs
+    assert not engine.has_unfinished_requests()
+    engine.runner._update_states(engine.scheduler.schedule())  # the runner drops it
+    assert not engine.runner.requests

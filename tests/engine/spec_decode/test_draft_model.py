@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import EXACT, write_tiny_llama
+from engine_utils import abort_mid_verification
 from ember import LLM, SamplingParams
 from ember.config import EngineConfig, SpeculativeConfig
 from ember.errors import ConfigError
@@ -112,20 +113,10 @@ def test_seeded_sampling_reproduces_and_matches_plain(exact):
 
 def test_abort_mid_verification_leaks_no_block(exact):
     _, spec = exact
-    engine = spec.llm_engine
-    stats = engine.scheduler.spec_stats
-    engine.add_request("abort-me", chat_ids(spec, PROMPTS[1]),
-                       SamplingParams(temperature=0, max_tokens=40))
-    drafts = stats.num_drafts
-    while stats.num_drafts < drafts + 2:
-        assert engine.step()[0].finished is False
-    sched = engine.scheduler.schedule()  # the next verify step is scheduled ...
-    assert sched.num_lookahead_tokens
-    engine.abort_request("abort-me")  # ... and its request aborted before it runs
+    abort_mid_verification(spec.llm_engine, chat_ids(spec, PROMPTS[1]),
+                           SamplingParams(temperature=0, max_tokens=40),
+                           lambda sched: sched.num_lookahead_tokens)
     assert_no_block_in_use(spec)
-    assert not engine.has_unfinished_requests()
-    engine.runner._update_states(engine.scheduler.schedule())  # the runner drops it
-    assert not engine.runner.requests
 
 
 def test_default_mode_greedy_matches_plain():

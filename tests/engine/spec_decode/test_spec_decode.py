@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import EXACT
+from engine_utils import abort_mid_verification
 from ember import LLM, SamplingParams, StructuredOutputsParams
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
@@ -150,20 +151,10 @@ def test_stop_string_inside_an_accepted_run_cuts_where_plain_does(llms):
 
 def test_abort_mid_verification_leaks_no_block(llms):
     _, spec = llms
-    engine = spec.llm_engine
-    stats = engine.scheduler.spec_stats
-    engine.add_request("abort-me", chat_ids(spec, CHATS[4]), SamplingParams(temperature=0,
-                                                                             max_tokens=60))
-    drafts = stats.num_drafts
-    while stats.num_drafts < drafts + 2:
-        assert engine.step()[0].finished is False
-    sched = engine.scheduler.schedule()  # the next verify step is scheduled ...
-    assert sched.scheduled_spec_decode_tokens
-    engine.abort_request("abort-me")  # ... and its request aborted before it runs
+    abort_mid_verification(spec.llm_engine, chat_ids(spec, CHATS[4]),
+                           SamplingParams(temperature=0, max_tokens=60),
+                           lambda sched: sched.scheduled_spec_decode_tokens)
     assert_no_block_in_use(spec)
-    assert not engine.has_unfinished_requests()
-    engine.runner._update_states(engine.scheduler.schedule())  # the runner drops it
-    assert not engine.runner.requests
 
 
 def _chi_square_p(a: collections.Counter, b: collections.Counter) -> float:
