@@ -30,6 +30,17 @@ def assert_idle(engine) -> None:
     assert not engine.scheduler.requests and engine.get_stats().num_queued_requests == 0
 
 
+def first_outputs(llm, prompts, params) -> list:
+    """Each request's first completion (`CompletionOutput`), offline."""
+    return [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def assert_no_block_in_use(llm) -> None:
+    bm = llm.llm_engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+    assert all(b.ref_count == 0 for b in bm.blocks)
+
+
 def abort_mid_verification(engine, prompt: list[int], params, verifying) -> None:
     """Run a request until it has drafted twice, schedule its next verify step (`verifying`
     checks the SchedulerOutput), abort it before that step runs, and check it left nothing:

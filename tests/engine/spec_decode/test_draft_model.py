@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import EXACT, write_tiny_llama
-from engine_utils import abort_mid_verification
+from engine_utils import abort_mid_verification, assert_no_block_in_use
+from engine_utils import first_outputs as generate
 from ember import LLM, SamplingParams
 from ember.config import EngineConfig, SpeculativeConfig
 from ember.errors import ConfigError
@@ -37,16 +38,6 @@ def chat_ids(llm: LLM, text: str) -> list[int]:
     tok = llm.get_tokenizer()
     return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]),
                       add_special_tokens=False)
-
-
-def generate(llm: LLM, prompts, params):
-    return [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
-
-
-def assert_no_block_in_use(llm: LLM) -> None:
-    bm = llm.llm_engine.block_manager
-    assert bm.num_free_blocks == bm.num_blocks
-    assert all(b.ref_count == 0 for b in bm.blocks)
 
 
 @pytest.fixture(scope="module")

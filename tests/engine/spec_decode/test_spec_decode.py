@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import EXACT
-from engine_utils import abort_mid_verification
+from engine_utils import abort_mid_verification, assert_no_block_in_use
+from engine_utils import first_outputs as generate
 from ember import LLM, SamplingParams, StructuredOutputsParams
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
@@ -56,16 +57,6 @@ def llms(mode, default_llm):
                **precision)
     yield plain, spec
     del spec
-
-
-def generate(llm: LLM, prompts, params):
-    return [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
-
-
-def assert_no_block_in_use(llm: LLM) -> None:
-    bm = llm.llm_engine.block_manager
-    assert bm.num_free_blocks == bm.num_blocks
-    assert all(b.ref_count == 0 for b in bm.blocks)
 
 
 def test_greedy_alone_concurrent_prefix_hits_and_preemption_match_plain(llms):
