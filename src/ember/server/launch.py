@@ -83,25 +83,26 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
     warn_if_open(args.host, keys)
     app = build_app(engine, name, keys, metrics_require_key=args.metrics_require_key,
                     max_body_bytes=args.max_request_body_bytes, send_timeout=args.send_timeout)
-    server = _Server(
-        uvicorn.Config(
-            app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-            # The same event loop and HTTP parser whatever else is installed (uvicorn's "auto"
-            # takes uvloop and httptools where present, as Ray Serve's dependencies bring).
-            loop="asyncio", http="h11",
-            # A backstop: the engine aborts what is left at the grace period's end.
-            timeout_graceful_shutdown=args.shutdown_grace + 5,
-        ),
-        engine, args.shutdown_grace,
+    uvicorn_config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+        # The same event loop and HTTP parser whatever else is installed (uvicorn's "auto"
+        # takes uvloop and httptools where present, as Ray Serve's dependencies bring).
+        loop="asyncio", http="h11",
+        # A backstop: the engine aborts what is left at the grace period's end.
+        timeout_graceful_shutdown=args.shutdown_grace + 5,
     )
+    server = _Server(uvicorn_config, engine, args.shutdown_grace)
     # uvicorn re-raises the signal it handled once it has stopped; let that be a no-op so
     # that a graceful shutdown exits 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     logger.info("serving %s as %r on http://%s:%d (loading the model)",
                 config.model or "the default model", name, args.host, args.port)
+    # The port is bound before the engine starts: nothing it opens while loading (tensor
+    # parallelism's TCP store and gloo sockets take ephemeral ports) can take it first.
+    sock = uvicorn_config.bind_socket()
     engine.start()
-    server.run()
+    server.run(sockets=[sock])
     engine.shutdown(0)
     return 1 if engine.error is not None else 0
 
