@@ -10,7 +10,9 @@ Starts `ember serve` (the default model, loopback, a free port) and, over real s
   once each of its sequences is past --heavy-head tokens, the same probe runs again.
 A per-step cost that grows with a request's length, n or logprobs shows as a beside/alone
 ratio that grows with --heavy-head; issue 17's acceptance asks for at most 2x at 1,200.
-The repeats alternate alone and beside. Result: benchmarks/results/stream_beside_logprobs.json.
+The repeats alternate alone and beside. Result: benchmarks/results/stream_beside_logprobs.json
+(--heavy-temperature > 0, seeded: the heavy request samples, its 4 sequences computed apart;
+stream_beside_logprobs_sampled.json).
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def probe(url: str, tokens: int) -> float:
     return 1000 * statistics.mean(gaps)
 
 
-def beside(url: str, tokens: int, head: int) -> tuple[float, int]:
+def beside(url: str, tokens: int, head: int, temperature: float) -> tuple[float, int]:
     """The probe's gap while the heavy request runs past `head` tokens per sequence; and
     how many tokens per sequence the heavy request had when the probe ended."""
     counts = [0] * 4
@@ -106,8 +108,8 @@ def beside(url: str, tokens: int, head: int) -> tuple[float, int]:
             ready.set()
 
     def run_heavy() -> None:
-        body = {"prompt": PROMPT, "n": 4, "logprobs": 5, "max_tokens": 1500, "temperature": 0,
-                "ignore_eos": True}
+        body = {"prompt": PROMPT, "n": 4, "logprobs": 5, "max_tokens": 1500,
+                "temperature": temperature, "seed": 0, "ignore_eos": True}
         try:
             stream(url, body, count)
         except Done:
@@ -132,6 +134,9 @@ def main() -> int:
     ap.add_argument("--probe-tokens", type=int, default=150)
     ap.add_argument("--heavy-head", type=int, default=1200,
                     help="tokens per heavy sequence before the probe starts")
+    ap.add_argument("--heavy-temperature", type=float, default=0.0,
+                    help="the heavy request's temperature (0: greedy, its n completions are "
+                         "one computed sequence; > 0: seeded sampling, n sequences)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="the server's torch threads (OMP_NUM_THREADS)")
     ap.add_argument("server_args", nargs="*", help="more `ember serve` flags (after --)")
@@ -142,7 +147,8 @@ def main() -> int:
         probe(url, 20)  # warm up
         for i in range(args.repeats):
             alone.append(probe(url, args.probe_tokens))
-            gap, at_end = beside(url, args.probe_tokens, args.heavy_head)
+            gap, at_end = beside(url, args.probe_tokens, args.heavy_head,
+                                args.heavy_temperature)
             together.append(gap)
             heavy_tokens.append(at_end)
             print(f"repeat {i + 1}: alone {alone[-1]:.2f} ms, beside {gap:.2f} ms "
@@ -157,6 +163,7 @@ def main() -> int:
         "cpu": cpu_model(), "cpus": os.cpu_count(), "server_threads": args.threads,
         "model": "default (SmolLM2-135M-Instruct Q4_1 GGUF)", "server_args": args.server_args,
         "probe_tokens": args.probe_tokens, "heavy": {"n": 4, "logprobs": 5, "max_tokens": 1500,
+                                                     "temperature": args.heavy_temperature,
                                                      "probe_starts_at": args.heavy_head},
         "alone_gap_ms": [round(x, 3) for x in alone],
         "beside_gap_ms": [round(x, 3) for x in together],
@@ -166,7 +173,8 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "stream_beside_logprobs.json").write_text(json.dumps(result, indent=1) + "\n")
+    name = "stream_beside_logprobs" + ("_sampled" if args.heavy_temperature > 0 else "")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"median gap alone {a:.2f} ms, beside {b:.2f} ms: {b / a:.2f}x")
     return 0
 

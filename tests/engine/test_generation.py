@@ -7,7 +7,9 @@ import pytest
 
 from ember import SamplingParams
 from ember.errors import InvalidRequestError
+from ember.outputs import merge_outputs
 from conftest import engine_prefill_logits
+from engine_utils import assert_no_block_in_use
 
 PROMPT = "The history of the printing press"
 
@@ -24,6 +26,26 @@ def test_n3_greedy_equals_single_and_seeded_is_reproducible(default_llm):
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
     assert len({tuple(c.token_ids) for c in a}) == 3
 
+
+
+def test_greedy_n_computes_one_sequence_and_outputs_it_n_times(default_llm):
+    engine = default_llm.llm_engine
+    params = SamplingParams(n=4, temperature=0, max_tokens=12, logprobs=2, stop=[" the"])
+    engine.add_request("greedy-n", PROMPT, params)
+    deltas = [engine.step()]
+    assert engine.get_stats().num_running == 1  # one sequence for the four completions
+    while engine.has_unfinished_requests():
+        deltas.append(engine.step())
+    merged = merge_outputs([o for step in deltas for o in step if o.request_id == "greedy-n"])
+    alone = default_llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=12,
+                                                        logprobs=2, stop=[" the"]),
+                                 use_tqdm=False)[0].outputs[0]
+    assert [c.index for c in merged.outputs] == [0, 1, 2, 3]
+    for c in merged.outputs:
+        assert (c.text, c.token_ids, c.finish_reason) == (alone.text, alone.token_ids,
+                                                         alone.finish_reason)
+        assert c.logprobs == alone.logprobs
+    assert_no_block_in_use(default_llm)
 
 def test_logprobs_match_reference_log_softmax(default_llm):
     out = default_llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=6, logprobs=3,

@@ -5,6 +5,9 @@ One `step()` = schedule (a `SchedulerOutput`) -> one forward + sample (a `ModelR
 finished -> the engine detokenizes, checks stop strings and emits one delta `RequestOutput` per
 request that advanced. A request with n > 1 is fanned out into n child sequences that share
 the prompt's KV blocks through the prefix cache; its deltas gather the children that advanced.
+A greedy request's n completions are one sequence's: greedy decoding is deterministic and each
+sequence's tokens do not depend on its batch, so one child is computed and its deltas are
+output n times (n times less compute and KV cache than n identical sequences).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import secrets
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ember.config import EngineConfig, resolve_device
 from ember.engine.block_manager import BlockManager
@@ -51,6 +54,7 @@ class _Parent:
     prompt_token_ids: list[int]
     children: list[Request]
     detokenizers: list[IncrementalDetokenizer]
+    copies: int = 1  # completions per child: n for a greedy request's one child, else 1
     arrival_time: float = field(default_factory=time.monotonic)
     started: bool = False  # a child has been scheduled
 
@@ -182,7 +186,8 @@ class LLMEngine:
         params, ids = processed.params, processed.prompt_token_ids
         eos = () if params.ignore_eos else self.tokenizer.eos_token_ids
         children, detoks = [], []
-        for i in range(params.n):
+        copies = params.n if params.is_greedy else 1
+        for i in range(params.n // copies):
             seed = (
                 hash((params.seed, i)) & (2**63 - 1)
                 if params.seed is not None
@@ -200,7 +205,7 @@ class LLMEngine:
                 stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
                 min_tokens=params.min_tokens,
             ))
-        parent = _Parent(request_id, processed.prompt, ids, children, detoks)
+        parent = _Parent(request_id, processed.prompt, ids, children, detoks, copies=copies)
         self._parents[request_id] = parent
         self._num_queued += 1
         for i, child in enumerate(children):
@@ -261,7 +266,12 @@ class LLMEngine:
                 failed[parent.request_id] = (parent, e)
                 advanced.pop(parent.request_id, None)
                 continue
-            advanced.setdefault(parent.request_id, (parent, []))[1].append(delta)
+            completions = advanced.setdefault(parent.request_id, (parent, []))[1]
+            completions.append(delta)
+            completions.extend(
+                replace(delta, index=i, token_ids=list(delta.token_ids),
+                        logprobs=list(delta.logprobs) if delta.logprobs is not None else None)
+                for i in range(1, parent.copies))
         outputs = []
         for parent, completions in advanced.values():
             outputs.append(self._make_output(parent, completions))
@@ -332,7 +342,7 @@ class LLMEngine:
             request_id=parent.request_id, prompt=parent.prompt,
             prompt_token_ids=parent.prompt_token_ids,
             outputs=[CompletionOutput(index=i, text="", token_ids=[], finish_reason="abort")
-                     for i in range(len(parent.children))],
+                     for i in range(len(parent.children) * parent.copies)],
             finished=True, error=f"{type(error).__name__}: {error}",
         )
 
