@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-# The exactness mode: dense float32 weights (the default runs a GGUF file quantized, in bf16).
+# The exactness mode: dense float32 weights (the default runs a GGUF file quantized).
 EXACT = {"quantization": "none", "dtype": "float32"}
+
+# `make test` runs test files on several workers: each gets its share of the cores (also the
+# processes it starts, through OMP_NUM_THREADS). Torch threads beyond a worker's share wait for
+# each other at every op while the other workers hold the cores, which makes tests many times
+# slower.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _SHARE = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_SHARE)
+    torch.set_num_threads(_SHARE)
 
 
 @pytest.fixture(scope="session")
@@ -121,9 +132,10 @@ def engine_prefill_logits(engine, ids: list[int]) -> torch.Tensor:
 
 # The longest test files first: `make test` hands whole files to two workers in this order,
 # and a long file started last would leave one worker idle while it runs.
-SLOW_FILES = ("test_serving_ray.py", "test_server_fuzz.py", "test_gemma3.py", "test_engine.py",
-              "test_structured_server.py", "test_quantization.py", "test_tensor_parallel.py",
-              "test_structured_output.py", "test_server.py", "test_models.py")
+SLOW_FILES = ("test_spec_decode.py", "test_serving_ray.py", "test_engine.py",
+              "test_correctness.py", "test_server_fuzz.py", "test_determinism.py",
+              "test_tensor_parallel.py", "test_structured_server.py", "test_generation.py",
+              "test_gemma3.py", "test_fused_decode.py", "test_gguf_tokenizers.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

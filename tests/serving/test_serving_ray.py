@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import signal
 import subprocess
 import sys
@@ -22,9 +23,10 @@ from conftest import ONE_THREAD
 from server_utils import ServerProcess, free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
-# Ray on loopback alone (a single-node cluster), its token authentication on, no usage reports.
+# Ray on loopback alone (a single-node cluster), its token authentication on with a token of
+# this test's own (not ~/.ray/auth_token, which a fresh machine lacks), no usage reports.
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "token"}
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
 WORDS = ("river stone lantern meadow copper whistle orchard harbor velvet thunder maple "
          "garden silver candle forest bridge ember falcon winter quartz").split()
 

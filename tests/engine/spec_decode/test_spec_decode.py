@@ -10,11 +10,12 @@ is an engine without speculation.
 from __future__ import annotations
 
 import collections
+import math
 
 import pytest
 import torch
 
-from conftest import EXACT
+from conftest import EXACT, engine_prefill_logits
 from engine_utils import abort_mid_verification, assert_no_block_in_use
 from engine_utils import first_outputs as generate
 from ember import LLM, SamplingParams, StructuredOutputsParams
@@ -148,19 +149,32 @@ def test_abort_mid_verification_leaks_no_block(llms):
     assert_no_block_in_use(spec)
 
 
-def _chi_square_p(a: collections.Counter, b: collections.Counter) -> float:
-    """Two-sample chi-square test of homogeneity; categories seen < 10 times pooled."""
-    keys = [k for k in set(a) | set(b) if a[k] + b[k] >= 10]
-    rows = [[a[k] for k in keys], [b[k] for k in keys]]
-    rows[0].append(sum(a.values()) - sum(rows[0]))
-    rows[1].append(sum(b.values()) - sum(rows[1]))
-    if rows[0][-1] + rows[1][-1] == 0:
-        rows[0].pop(), rows[1].pop()
-    n = sum(map(sum, rows))
-    cols = [r0 + r1 for r0, r1 in zip(*rows)]
-    stat = sum((obs - sum(row) * col / n) ** 2 / (sum(row) * col / n)
-               for row in rows for obs, col in zip(row, cols))
-    df = len(cols) - 1
+def _target_probabilities(llm: LLM, prompt: list[int], n: int) -> dict[tuple[int, ...], float]:
+    """Every 3-token continuation of `prompt` that n samples at temperature 1 should show at
+    least 5 times, with the target's probability of it (softmax of its logits, token by token;
+    a prefix's probability bounds its continuations', so the search prunes below 5 / n)."""
+    floor = math.log(5 / n)
+    frontier = [((), 0.0)]
+    for _ in range(3):
+        grown = []
+        for head, head_logp in frontier:
+            logp = engine_prefill_logits(llm.llm_engine, prompt + list(head))[-1].log_softmax(-1)
+            for tok in (logp + head_logp >= floor).nonzero().flatten().tolist():
+                grown.append(((*head, tok), head_logp + float(logp[tok])))
+        frontier = grown
+    return {k: math.exp(lp) for k, lp in frontier}
+
+
+def _chi_square_fit_p(counts: collections.Counter, probs: dict, n: int) -> float:
+    """Chi-square goodness of fit of `counts` (n samples) to the probabilities `probs`: each
+    outcome of `probs` a category, everything else pooled into one."""
+    keys = list(probs)
+    observed = [counts[k] for k in keys]
+    expected = [n * probs[k] for k in keys]
+    observed.append(n - sum(observed))
+    expected.append(n - sum(expected))
+    stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected) if e > 0)
+    df = len(keys)  # categories - 1
     return float(torch.special.gammaincc(torch.tensor(df / 2), torch.tensor(stat / 2)))
 
 
@@ -174,23 +188,22 @@ def test_sampling_follows_the_target_distribution(llms):
     # prefix cache and computes 3 prompt tokens instead of 19.
     prompt = " ".join(["one", "two", "three"] * 6 + ["one"])
     n = 2000
-
-    def samples(llm: LLM, seeds: range) -> list[tuple[int, ...]]:
-        params = [SamplingParams(temperature=1.0, max_tokens=3, seed=s, ignore_eos=True)
-                  for s in seeds]
-        return [tuple(o.token_ids) for o in generate(llm, [prompt] * len(params), params)]
-
+    params = [SamplingParams(temperature=1.0, max_tokens=3, seed=s, ignore_eos=True)
+              for s in range(n)]
     stats = spec.llm_engine.scheduler.spec_stats
     drafted, accepted = stats.num_draft_tokens, stats.num_accepted_tokens
-    with_spec = samples(spec, range(n))
-    without = samples(plain, range(n, 2 * n))  # other seeds: independent samples
+    outs = spec.generate([prompt] * n, params, use_tqdm=False)
     drafted, accepted = stats.num_draft_tokens - drafted, stats.num_accepted_tokens - accepted
     assert 0 < accepted < drafted  # drafts were both kept and rejected
     assert spec.llm_engine.block_manager.prefix_hits > 0
-    counts_spec, counts_plain = collections.Counter(with_spec), collections.Counter(without)
-    assert len(counts_spec) > 3  # a continuation with real randomness
-    p = _chi_square_p(counts_spec, counts_plain)
-    assert p > 0.01, (p, counts_spec.most_common(8), counts_plain.most_common(8))
+    counts = collections.Counter(tuple(o.outputs[0].token_ids) for o in outs)
+    assert len(counts) > 3  # a continuation with real randomness
+    # Against the target's exact distribution (the non-speculating engine's logits).
+    probs = _target_probabilities(plain, outs[0].prompt_token_ids, n)
+    assert len(probs) > 3
+    p = _chi_square_fit_p(counts, probs, n)
+    top = sorted(probs, key=probs.get, reverse=True)[:8]
+    assert p > 0.01, (p, [(k, counts[k], round(n * probs[k], 1)) for k in top])
 
 
 def test_seeded_requests_reproduce_and_match_plain(llms):
