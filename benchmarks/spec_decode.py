@@ -2,8 +2,9 @@
 side in one run, on the default model (in-process engines, greedy).
 
 - input-grounded prompts (repeat, correct or edit a given text or function, quote a passage)
-  at 1 stream: decode tokens/s with and without speculation, and whether the outputs agree;
-- free-form chat at 1 stream and at 16 streams (aggregate tokens/s);
+  at 1 stream: decode tokens/s (each request's first token to its last) with and without
+  speculation, and whether the outputs agree;
+- free-form chat at 1 stream (decode tokens/s) and at 16 streams (aggregate tokens/s);
 - the verify cost that the adaptive policy rests on: the median step time of B sequences
   that each verify k = 4 drafts, against B plain decodes (B = 1 .. 16);
 - draft model: the float32 exactness mode plain against drafted by the int4 default model
@@ -12,8 +13,8 @@ side in one run, on the default model (in-process engines, greedy).
 The two engines alternate, each workload `--repeats` times (the best run counts: the machine
 is shared). The result JSON names the CPU.
 
-    PYTHONPATH=src nice python benchmarks/spec_decode.py [--out benchmarks/results/spec_decode.json]
-    PYTHONPATH=src nice python benchmarks/spec_decode.py --only draft_model --draft-k 2,4,6,8 \
+    PYTHONPATH=src python benchmarks/spec_decode.py [--out benchmarks/results/spec_decode.json]
+    PYTHONPATH=src python benchmarks/spec_decode.py --only draft_model --draft-k 2,4,6,8 \
         --out benchmarks/results/spec_decode_draft_model.json
 """
 
@@ -95,15 +96,19 @@ def chat_ids(llm: LLM, text: str) -> list[int]:
 
 
 def timed(llm: LLM, prompts: list[list[int]], max_tokens: int, streams: int
-          ) -> tuple[float, list[list[int]]]:
-    """Greedy generation of every prompt, `streams` at a time: (seconds, outputs)."""
+          ) -> tuple[float, float, list[list[int]]]:
+    """Greedy generation of every prompt, `streams` at a time: (seconds, decode seconds,
+    outputs). Decode seconds: the sum over requests of first to last token (the prompt's
+    prefill, the same with or without speculation, left out)."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     outs: list[list[int]] = []
+    decode = 0.0
     t0 = time.perf_counter()
     for i in range(0, len(prompts), streams):
         batch = llm.generate(prompts[i:i + streams], params, use_tqdm=False)
         outs += [o.outputs[0].token_ids for o in batch]
-    return time.perf_counter() - t0, outs
+        decode += sum(o.metrics.last_token_time - o.metrics.first_token_time for o in batch)
+    return time.perf_counter() - t0, decode, outs
 
 
 def spec_counts(llm: LLM) -> tuple[int, int, int]:
@@ -113,13 +118,17 @@ def spec_counts(llm: LLM) -> tuple[int, int, int]:
 
 def workload(plain: LLM, spec: LLM, prompts: list[list[int]], max_tokens: int, streams: int,
              repeats: int, method: str = "ngram") -> dict:
+    """Tokens/s of both engines; at 1 stream also decode tokens/s (after each first token):
+    the speedup is the decode one at 1 stream, the aggregate one at more."""
     best = {"plain": float("inf"), method: float("inf")}
+    best_decode = dict(best)
     outputs = {}
     before = spec_counts(spec)
     for _ in range(repeats):
         for name, llm in (("plain", plain), (method, spec)):
-            seconds, outs = timed(llm, prompts, max_tokens, streams)
+            seconds, decode, outs = timed(llm, prompts, max_tokens, streams)
             best[name] = min(best[name], seconds)
+            best_decode[name] = min(best_decode[name], decode)
             outputs[name] = outs
     drafts, drafted, accepted = (a - b for a, b in zip(spec_counts(spec), before))
     tokens = {k: sum(map(len, v)) for k, v in outputs.items()}
@@ -132,16 +141,22 @@ def workload(plain: LLM, spec: LLM, prompts: list[list[int]], max_tokens: int, s
         "acceptance_rate": accepted / drafted if drafted else 0.0,
         "mean_acceptance_length": 1 + accepted / drafts if drafts else 0.0,
     }
-    result["speedup"] = result[f"{method}_tok_s"] / result["plain_tok_s"]
+    result["total_speedup"] = result[f"{method}_tok_s"] / result["plain_tok_s"]
+    if streams == 1:
+        for name in best_decode:  # each request's first token comes from its prefill
+            result[f"{name}_decode_tok_s"] = (tokens[name] - len(prompts)) / best_decode[name]
+        result["speedup"] = result[f"{method}_decode_tok_s"] / result["plain_decode_tok_s"]
+    else:
+        result["speedup"] = result["total_speedup"]
     return result
 
 
-def step_times(llm: LLM, prompt: list[int], batch: int, verify: bool, steps: int = 8
+def step_times(llm: LLM, prompt: list[int], batch: int, verify: bool, k: int, steps: int = 8
                ) -> float:
     """Median time of a step of `batch` decoding copies of `prompt`; with `verify`, only the
-    steps in which every sequence verified 4 drafts count."""
+    steps in which every sequence verified k drafts count."""
     engine = llm.llm_engine
-    params = SamplingParams(temperature=0, max_tokens=steps * 5 + 8, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=steps * (k + 1) + 8, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"cost-{batch}-{verify}-{i}", prompt, params)
     times = []
@@ -152,7 +167,7 @@ def step_times(llm: LLM, prompt: list[int], batch: int, verify: bool, steps: int
         dt = time.perf_counter() - t0
         decoding = all(o.outputs[0].token_ids for o in outs) and len(outs) == batch
         drafted = spec_counts(llm)[1] - before
-        if decoding and (drafted == 4 * batch if verify else drafted == 0):
+        if decoding and (drafted == k * batch if verify else drafted == 0):
             times.append(dt)
         if len(times) >= steps:
             for i in range(batch):
@@ -169,13 +184,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--only", choices=("ngram", "draft_model"),
                     help="run one method's workloads (default: both)")
+    ap.add_argument("--ngram-k", type=int, default=NGRAM["num_speculative_tokens"],
+                    help="num_speculative_tokens of the n-gram measurement")
     ap.add_argument("--draft-k", default="4",
                     help="num_speculative_tokens values of the draft-model measurement")
     args = ap.parse_args()
     results = {
         "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "model": "default (SmolLM2-135M-Instruct Q4_1 GGUF)", "repeats": args.repeats,
-        "command": "PYTHONPATH=src nice python benchmarks/spec_decode.py " + " ".join(sys.argv[1:]),
+        "command": "PYTHONPATH=src python benchmarks/spec_decode.py " + " ".join(sys.argv[1:]),
         # The machine's 1-minute load average before and after: above ~1.5 on 2 cores, other
         # processes share them and the figures measure the contention too.
         "load_average": {"before": os.getloadavg()[0]},
@@ -211,17 +228,18 @@ def draft_model(args: argparse.Namespace) -> list[dict]:
 def ngram(args: argparse.Namespace) -> dict:
     """n-gram prompt lookup against plain decoding, default mode."""
     plain = LLM(max_model_len=2048, max_num_seqs=16)
-    spec = LLM(max_model_len=2048, max_num_seqs=16, speculative_config=NGRAM)
+    config = {**NGRAM, "num_speculative_tokens": args.ngram_k}
+    spec = LLM(max_model_len=2048, max_num_seqs=16, speculative_config=config)
     # Speculation at every batch size, for the verify-cost measurement.
     forced = LLM(max_model_len=2048, max_num_seqs=16,
-                 speculative_config={**NGRAM, "disable_by_batch_size": 64})
+                 speculative_config={**config, "disable_by_batch_size": 64})
     grounded = [chat_ids(plain, p) for p in GROUNDED]
     chat = [chat_ids(plain, p) for p in CHAT]
     for llm in (plain, spec, forced):  # warm-up: the compiled graphs' shapes
         timed(llm, grounded[:2], 16, 2)
 
     results: dict = {"dtype": str(plain.llm_engine.dtype).removeprefix("torch."),
-                     "speculative_config": NGRAM}
+                     "speculative_config": config}
     results["grounded_1_stream"] = workload(plain, spec, grounded, args.max_tokens, 1,
                                             args.repeats)
     print("grounded, 1 stream:", results["grounded_1_stream"], flush=True)
@@ -230,15 +248,15 @@ def ngram(args: argparse.Namespace) -> dict:
     results["chat_16_streams"] = workload(plain, spec, chat, args.max_tokens, 16, args.repeats)
     print("chat, 16 streams:", results["chat_16_streams"], flush=True)
 
-    # The verify cost: the sequences copy the passage, so every step drafts 4 tokens each.
+    # The verify cost: the sequences copy the passage, so every step drafts k tokens each.
     cost = []
     for batch in map(int, args.batches.split(",")):
-        t_plain = step_times(plain, grounded[0], batch, verify=False)
-        t_verify = step_times(forced, grounded[0], batch, verify=True)
+        t_plain = step_times(plain, grounded[0], batch, verify=False, k=args.ngram_k)
+        t_verify = step_times(forced, grounded[0], batch, verify=True, k=args.ngram_k)
         cost.append({"batch": batch, "plain_step_ms": t_plain * 1e3,
                      "verify_step_ms": t_verify * 1e3, "ratio": t_verify / t_plain,
-                     # the acceptance rate at which 4 drafts pay for their rows
-                     "break_even_acceptance": (t_verify / t_plain - 1) / 4})
+                     # the acceptance rate at which k drafts pay for their rows
+                     "break_even_acceptance": (t_verify / t_plain - 1) / args.ngram_k})
         print("verify cost:", cost[-1], flush=True)
     results["verify_cost"] = cost
     return results

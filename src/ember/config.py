@@ -222,9 +222,10 @@ class SpeculativeConfig:
     # (auto: a GGUF file in its own quantized precision)
     quantization: str = "auto"
     dtype: str = "auto"
-    # Steps with more decoding sequences than this do not speculate: a batch that large is
-    # compute-bound, and verifying drafts costs what it saves (docs/benchmarks.md measures it).
-    disable_by_batch_size: int = 8
+    # Steps with more decoding sequences than this do not speculate: their rows already keep
+    # the multiply-adds busy, and verifying drafts costs what it saves (docs/benchmarks.md,
+    # the verify-cost rows).
+    disable_by_batch_size: int = 2
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SpeculativeConfig":

@@ -1,7 +1,7 @@
 """When to speculate: per sequence, by its acceptance so far; per step, by its batch size.
 
-Verifying k drafts adds k rows to a sequence's step. A decode step is memory-bound (every
-weight is read once, whatever the few rows), so a row costs a small fraction of a step:
+Verifying k drafts adds k rows to a sequence's step. The weights are read and decoded once
+for all of a step's rows, so a verify row costs a fraction of a one-row decode step:
 `BREAK_EVEN` is that fraction, measured with the default model (docs/benchmarks.md). A
 sequence gains by speculating while it accepts more than that fraction of its drafted
 tokens. Its acceptance rate is a moving average over its drafts; when it falls below
@@ -9,7 +9,7 @@ break-even the sequence stops speculating for a while (16 tokens, doubling each 
 falls again, at most 256), then probes again: a chat answer may start quoting its input.
 
 A step with more decoding sequences than `disable_by_batch_size` does not speculate: its
-rows already make it compute-bound, and extra rows cost their full price.
+rows already keep the multiply-adds busy, and extra rows cost nearly their full price.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ember.config import SpeculativeConfig
 
-BREAK_EVEN = 0.25  # a verify row's cost, as a fraction of a one-row decode step
+BREAK_EVEN = 0.2  # a verify row's cost, as a fraction of a one-row decode step
 _EMA_WEIGHT = 0.5  # of the latest draft in the moving acceptance rate
 _PAUSE_TOKENS = 16
 _MAX_PAUSE_TOKENS = 256
