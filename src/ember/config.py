@@ -202,6 +202,7 @@ def _opt(default: Any, help: str) -> Any:
 SPECULATIVE_METHODS = ("ngram", "draft_model")
 # num_speculative_tokens when unset, per method (docs/benchmarks.md measures them).
 DEFAULT_NUM_SPECULATIVE_TOKENS = {"ngram": 4, "draft_model": 4}
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -292,6 +293,11 @@ class EngineConfig:
         None, "KV-cache size: bytes, or a fraction (<= 1) of free memory "
         "(default: 90%% of free GPU memory; on CPU 2 GiB, capped at what max_num_seqs "
         "sequences of max_model_len can use)")
+    kv_cache_dtype: str = _opt(
+        "auto", "KV-cache element type: auto (the activation dtype), float32, or bfloat16 "
+        "(half a float32 cache's bytes a token: twice the tokens in the same "
+        "--kv-cache-memory and half the reading at long contexts; keys and values rounded "
+        "to bfloat16)")
     enable_prefix_caching: bool = _opt(True, "share the KV blocks of common prompt prefixes")
     max_num_seqs: int = _opt(64, "most sequences in one step")
     max_num_batched_tokens: int = _opt(512, "token budget of one step (prompt chunks + decodes)")
@@ -351,6 +357,9 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and not value >= 0:  # also refuses NaN
                 raise ConfigError(f"{name} must be >= 0, got {value}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                              f"got {self.kv_cache_dtype!r}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ConfigError(f"kv_cache_memory must be > 0, got {self.kv_cache_memory}")
         if self.speculative_config is not None and not isinstance(

@@ -5,6 +5,7 @@ row-invariant matmul kernels and ember's attention kernel)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ember import LLM, SamplingParams, kernels
@@ -55,3 +56,34 @@ def test_chunked_prefill_is_bitwise_the_same_whatever_the_chunks():
         other_kv, other_tokens, other_logprobs = _prefill_in_chunks(llm, budget, prompt)
         assert torch.equal(other_kv, kv), budget
         assert other_tokens == tokens and other_logprobs == logprobs, budget
+
+
+def test_bfloat16_kv_cache_holds_twice_the_tokens_and_keeps_the_logits():
+    from conftest import EXACT, engine_prefill_logits
+    from ember.errors import ConfigError
+
+    # 64 float32 blocks of the default model: 2 x 30 layers x 3 KV heads x 64 x 16 tokens x 4 B.
+    budget = 64 * 2 * 30 * 3 * 64 * 16 * 4
+    wide = LLM(max_model_len=512, kv_cache_memory=budget, **EXACT)
+    half = LLM(max_model_len=512, kv_cache_memory=budget, kv_cache_dtype="bfloat16", **EXACT)
+    assert wide.llm_engine.runner.kv_caches[0][0].dtype == torch.float32
+    assert half.llm_engine.runner.kv_caches[0][0].dtype == torch.bfloat16
+    assert wide.llm_engine.block_manager.num_blocks == 64
+    assert half.llm_engine.block_manager.num_blocks == 128
+    # Keys and values rounded to bfloat16 (8 mantissa bits): the logits move by a little.
+    ids = wide.get_tokenizer().encode(TEXT * 3)
+    a = engine_prefill_logits(wide.llm_engine, ids)
+    b = engine_prefill_logits(half.llm_engine, ids)
+    assert (a - b).abs().max() < 0.25 and (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95
+    # Decoding through the fused step reads and writes the bfloat16 cache; one row or many,
+    # a request's tokens stay its own.
+    prompts = [{"prompt_token_ids": ids[:n]} for n in (9, 70, 150)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    together = [o.outputs[0].token_ids for o in half.generate(prompts, params, use_tqdm=False)]
+    alone = [half.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    assert together == alone
+    with pytest.raises(ConfigError, match="kv_cache_dtype must be one of"):
+        LLM(max_model_len=64, kv_cache_dtype="float8")
+    with pytest.raises(ConfigError, match="wider than the bfloat16 activations"):
+        LLM(max_model_len=64, dtype="bfloat16", quantization="none", kv_cache_dtype="float32")
+

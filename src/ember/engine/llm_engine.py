@@ -132,7 +132,8 @@ class LLMEngine:
             "KV cache: %d blocks = %d tokens (block size %d, %s); max_model_len %d, "
             "max_num_seqs %d, max_num_batched_tokens %d, prefix caching %s",
             num_blocks, num_blocks * config.block_size, config.block_size,
-            str(self.dtype).removeprefix("torch."), self.max_model_len, config.max_num_seqs,
+            str(self.runner.kv_caches[0][0].dtype).removeprefix("torch."), self.max_model_len,
+            config.max_num_seqs,
             config.max_num_batched_tokens, "on" if config.enable_prefix_caching else "off",
         )
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)

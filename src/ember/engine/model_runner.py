@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from ember.config import EngineConfig, ModelConfig
+from ember.errors import ConfigError
 from ember.distributed.tensor_parallel import gather_logits, shard_config
 from ember.engine.scheduler import LogprobsLists, ModelRunnerOutput, SchedulerOutput
 from ember.layers.attention import AttentionMetadata
@@ -138,6 +139,18 @@ class StepInput:
     num_touched_blocks: int  # KV blocks handed out so far: the ones to zero first
 
 
+def kv_cache_dtype(config: EngineConfig, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type (--kv-cache-dtype) under activations of `dtype`: theirs
+    (auto), or float32 / bfloat16, never wider than the activations."""
+    if config.kv_cache_dtype == "auto":
+        return dtype
+    kv = getattr(torch, config.kv_cache_dtype)
+    if kv.itemsize > dtype.itemsize:
+        raise ConfigError(f"kv_cache_dtype {config.kv_cache_dtype} is wider than the "
+                          f"{str(dtype).removeprefix('torch.')} activations; use auto")
+    return kv
+
+
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.tensor([], dtype=dtype).element_size()
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
@@ -149,7 +162,8 @@ def num_kv_blocks(
 ) -> int:
     """Blocks that fit the KV budget; `extra_bytes_per_block`: a draft model's cache, which
     mirrors the target's blocks, shares it."""
-    per_block = kv_bytes_per_block(cfg, config.block_size, dtype) + extra_bytes_per_block
+    per_block = (kv_bytes_per_block(cfg, config.block_size, kv_cache_dtype(config, dtype))
+                 + extra_bytes_per_block)
     budget = config.kv_cache_memory
     if budget is None:
         if device.type == "cuda":
@@ -225,9 +239,10 @@ class ModelRunner:
         # Allocated untouched (no page is faulted in until used) and zeroed block by block
         # as the pool first hands blocks out: masked-out keys still enter the attention
         # matmul, and 0 * NaN is NaN.
+        kv_dtype = kv_cache_dtype(config, dtype)
         self.kv_caches = [
-            (torch.empty(shape, dtype=dtype, device=device),
-             torch.empty(shape, dtype=dtype, device=device))
+            (torch.empty(shape, dtype=kv_dtype, device=device),
+             torch.empty(shape, dtype=kv_dtype, device=device))
             for _ in range(model_config.num_hidden_layers)
         ]
         self._num_zeroed_blocks = 0

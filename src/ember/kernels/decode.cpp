@@ -25,6 +25,7 @@
 
 #include <cmath>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -208,7 +209,8 @@ struct StepArgs {
   int64_t embedding_kind;
 };
 
-template <typename AT>
+// AT: the activations' type; CT: the KV cache's (AT, or bfloat16 under float32 activations).
+template <typename AT, typename CT>
 at::Tensor run_layers(const StepArgs& args, const FamilyArgs& fam) {
   const auto& [ids, positions, embedding, cos_table, sin_table, params, final_norm, k_caches,
                v_caches, slots, block_tables, query_start, seq_lens, block_size, heads, kv_heads,
@@ -252,6 +254,7 @@ at::Tensor run_layers(const StepArgs& args, const FamilyArgs& fam) {
   AT* qp = q.data_ptr<AT>();
   const int64_t* sl = slots.data_ptr<int64_t>();
   const int64_t layers = static_cast<int64_t>(k_caches.size());
+  std::vector<AT> k_rounded(dim);  // a rotated key head, before it goes to a CT cache
   // x += norm(y) row by row (a norm after a block, Gemma's) or x += y.
   auto add_block = [&](const at::Tensor& y, const at::Tensor& post_norm) {
     const AT* yp = y.data_ptr<AT>();
@@ -270,8 +273,8 @@ at::Tensor run_layers(const StepArgs& args, const FamilyArgs& fam) {
     const AT* norm1 = p[k_input_norm].data_ptr<AT>();
     const AT* norm2 = p[k_mlp_norm].data_ptr<AT>();
     const at::Tensor& bias = p[k_qkv_bias];
-    AT* kc = k_caches[l].data_ptr<AT>();
-    AT* vc = v_caches[l].data_ptr<AT>();
+    CT* kc = k_caches[l].data_ptr<CT>();
+    CT* vc = v_caches[l].data_ptr<CT>();
     const int64_t window = fam.windows[l];
     const AT* cp = rope.data_ptr<AT>() + (local_rope && window > 0 ? 2 * T * dim : 0);
     const AT* sp = cp + T * dim;
@@ -302,9 +305,20 @@ at::Tensor run_layers(const StepArgs& args, const FamilyArgs& fam) {
       for (int64_t hd = 0; hd < heads; ++hd)
         rotate(r + hd * dim, c, s, dim, qp + (t * heads + hd) * dim);
       for (int64_t hd = 0; hd < kv_heads; ++hd) {
-        rotate(r + q_size + hd * dim, c, s, dim, kc + (sl[t] * kv_heads + hd) * dim);
-        std::memcpy(vc + (sl[t] * kv_heads + hd) * dim, r + q_size + kv_size + hd * dim,
-                    dim * sizeof(AT));
+        CT* kd = kc + (sl[t] * kv_heads + hd) * dim;
+        CT* vd = vc + (sl[t] * kv_heads + hd) * dim;
+        const AT* v = r + q_size + kv_size + hd * dim;
+        if constexpr (std::is_same_v<AT, CT>) {
+          rotate(r + q_size + hd * dim, c, s, dim, kd);
+          std::memcpy(vd, v, dim * sizeof(AT));
+        } else {  // k rounded to the activations' type first, as the layers compute it
+          AT* k = k_rounded.data();
+          rotate(r + q_size + hd * dim, c, s, dim, k);
+          for (int64_t d = 0; d < dim; ++d) {
+            kd[d] = from_float<CT>(to_float(k[d]));
+            vd[d] = from_float<CT>(to_float(v[d]));
+          }
+        }
       }
     }
     const at::Tensor o = paged_attention(q, k_caches[l], v_caches[l], block_tables,
@@ -365,6 +379,9 @@ at::Tensor decode_layers(const at::Tensor& ids, const at::Tensor& positions,
               "(decode_schema.h) has ", kPerLayer, " tensors a layer");
   const auto dtype = params[k_input_norm].scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "activations: float32 or bfloat16");
+  const auto cache_dtype = k_caches[0].scalar_type();
+  TORCH_CHECK(cache_dtype == dtype || (dtype == at::kFloat && cache_dtype == at::kBFloat16),
+              "KV caches: the activation dtype, or bfloat16 under float32 activations");
   TORCH_CHECK(final_norm.scalar_type() == dtype && final_norm.is_contiguous() &&
                   embedding.is_contiguous() &&
                   (embedding_kind >= 0 ? embedding.dim() == 3 && embedding.scalar_type() == at::kByte
@@ -385,10 +402,12 @@ at::Tensor decode_layers(const at::Tensor& ids, const at::Tensor& positions,
                 " beyond the rotary tables");
   }
   for (int64_t l = 0; l < layers; ++l)
-    TORCH_CHECK(k_caches[l].scalar_type() == dtype && v_caches[l].scalar_type() == dtype &&
+    TORCH_CHECK(k_caches[l].scalar_type() == cache_dtype &&
+                    v_caches[l].scalar_type() == cache_dtype &&
                     k_caches[l].is_contiguous() && v_caches[l].is_contiguous() &&
                     k_caches[l].size(1) == kv_heads && k_caches[l].size(2) == cos_table.size(1),
-                "caches: contiguous [slots, kv_heads, head_dim] in the activation dtype");
+                "caches: contiguous [slots, kv_heads, head_dim], one dtype: the activations' "
+                "or (float32 activations) bfloat16");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == T,
               "slots: [T] int64");
   for (int64_t t = 0; t < T; ++t)
@@ -420,8 +439,9 @@ at::Tensor decode_layers(const at::Tensor& ids, const at::Tensor& positions,
                       static_cast<float>(scale), embedding_kind};
   const FamilyArgs fam{windows, local_cos, local_sin, static_cast<float>(norm_offset),
                        activation, static_cast<float>(embed_scale)};
-  return dtype == at::kBFloat16 ? run_layers<c10::BFloat16>(args, fam)
-                                : run_layers<float>(args, fam);
+  if (dtype == at::kBFloat16) return run_layers<c10::BFloat16, c10::BFloat16>(args, fam);
+  return cache_dtype == at::kBFloat16 ? run_layers<float, c10::BFloat16>(args, fam)
+                                      : run_layers<float, float>(args, fam);
 }
 
 }  // namespace

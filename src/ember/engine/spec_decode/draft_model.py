@@ -36,7 +36,8 @@ import torch
 
 from ember.config import EngineConfig
 from ember.engine.model_runner import (
-    CachedRequestState, ModelRunner, StepInput, kv_bytes_per_block, load_runner, sampling_row)
+    CachedRequestState, ModelRunner, StepInput, kv_bytes_per_block, kv_cache_dtype, load_runner,
+    sampling_row)
 from ember.engine.scheduler import SchedulerOutput
 from ember.errors import ConfigError, ModelLoadError
 from ember.layers.attention import AttentionMetadata
@@ -54,7 +55,8 @@ class DraftCheckpoint:
     quantization: str
 
     def kv_bytes_per_block(self) -> int:
-        return kv_bytes_per_block(self.ckpt.config, self.config.block_size, self.dtype)
+        return kv_bytes_per_block(self.ckpt.config, self.config.block_size,
+                                  kv_cache_dtype(self.config, self.dtype))
 
     def load(self, device: torch.device, max_model_len: int, num_blocks: int
              ) -> "DraftModelProposer":
