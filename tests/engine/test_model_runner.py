@@ -74,7 +74,7 @@ def test_bfloat16_kv_cache_holds_twice_the_tokens_and_keeps_the_logits():
     ids = wide.get_tokenizer().encode(TEXT * 3)
     a = engine_prefill_logits(wide.llm_engine, ids)
     b = engine_prefill_logits(half.llm_engine, ids)
-    assert (a - b).abs().max() < 0.25 and (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95
+    assert (a - b).abs().max() < 0.5 and (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95
     # Decoding through the fused step reads and writes the bfloat16 cache; one row or many,
     # a request's tokens stay its own.
     prompts = [{"prompt_token_ids": ids[:n]} for n in (9, 70, 150)]
