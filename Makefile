@@ -54,7 +54,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 fuzz: $(STAMP)
 	EMBER_FUZZ_MAX_TIME=$(FUZZ_TIME) EMBER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \

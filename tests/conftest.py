@@ -130,7 +130,8 @@ def engine_prefill_logits(engine, ids: list[int]) -> torch.Tensor:
         engine.block_manager.free_request(req)
 
 
-# The longest test files first: `make test` hands whole files to two workers in this order,
+# The longest test files first: `make test` hands whole files to two workers in this order
+# (`--no-loadscope-reorder`: xdist would otherwise start the files with the most tests first),
 # and a long file started last would leave one worker idle while it runs.
 SLOW_FILES = ("test_spec_decode.py", "test_serving_ray.py", "test_engine.py",
               "test_correctness.py", "test_server_fuzz.py", "test_determinism.py",
