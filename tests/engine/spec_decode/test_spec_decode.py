@@ -19,10 +19,11 @@ from conftest import EXACT, engine_prefill_logits
 from engine_utils import abort_mid_verification, assert_no_block_in_use
 from engine_utils import first_outputs as generate
 from ember import LLM, SamplingParams, StructuredOutputsParams
+from ember.engine.model_runner import kv_bytes_per_block
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
         "prompt_lookup_min": 2, "disable_by_batch_size": 64}
-SMALL_POOL = 15_000_000  # bytes: 20 float32 blocks of 16 tokens; 8 requests below need more
+SMALL_POOL = 20  # KV blocks of 16 tokens; the 8 requests below need more
 
 PASSAGE = ("The lighthouse keeper climbed the spiral stairs every evening at dusk. He wound "
            "the clockwork, trimmed the wick and polished the great lens until it shone.")
@@ -54,8 +55,12 @@ def llms(mode, default_llm):
     """(plain, speculating) engines of one precision mode."""
     precision = EXACT if mode == "exact" else {}
     plain = default_llm if mode == "exact" else LLM(max_model_len=1024)
-    spec = LLM(max_model_len=1024, kv_cache_memory=SMALL_POOL, speculative_config=SPEC,
-               **precision)
+    # The pool in bytes: the KV dtype follows the activations, which follow the CPU.
+    kv_dtype = plain.llm_engine.runner.kv_caches[0][0].dtype
+    per_block = kv_bytes_per_block(plain.llm_engine.model_config, 16, kv_dtype)
+    spec = LLM(max_model_len=1024, kv_cache_memory=SMALL_POOL * per_block,
+               speculative_config=SPEC, **precision)
+    assert spec.llm_engine.runner.num_blocks == SMALL_POOL
     yield plain, spec
     del spec
 
