@@ -118,13 +118,14 @@ def test_kquant_linear_computes_with_the_files_values(name, rows, dtype):
         _assert_bf16_close(y, x, dense, tolerance=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("name", list(FORMATS))
-def test_kquant_rows_do_not_depend_on_the_row_count(name):
+def test_kquant_rows_do_not_depend_on_the_row_count(name, dtype):
     """Every row of a call, 1 to 600 rows, bitwise what a one-row call gives."""
     assert kernels.load()
     w, _ = _linear(name, 48, 256, seed=5)
-    lin = KQuantLinear(w, None, CPU, torch.float32)
-    x = torch.randn(600, 256, generator=torch.Generator().manual_seed(5))
+    lin = KQuantLinear(w, None, CPU, dtype)
+    x = torch.randn(600, 256, generator=torch.Generator().manual_seed(5)).to(dtype)
     alone = torch.cat([lin(x[i:i + 1]) for i in range(600)])
     for rows in [*range(2, 21), 64, 600]:
         assert torch.equal(lin(x[:rows]), alone[:rows]), (name, rows)

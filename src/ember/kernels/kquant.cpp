@@ -9,7 +9,8 @@
 // of Q4_K and Q6_K parts, as llama.cpp's Q4_K_M mixes them): over the tiles, 16 rows in two
 // AVX2 registers (a portable loop without AVX2), float32 sums per sub-block, then
 // y += s * sum(x q) + o * sum(x) with s, o the sub-block's scale and offset (value = q * s + o)
-// computed from the block fields in float32 as ggml does. Each row of y is computed the same
+// computed from the block fields in float32 as ggml does; bfloat16 activations on a CPU with
+// AVX512-BF16 take bf16 dot products over the same tiles (codes_bf16). Each row of y is computed the same
 // way whatever the number of rows (few rows decode the codes as they stream by, many read a
 // tile decoded once), so that a token's result does not depend on what shares its step.
 // kquant_rows: rows of W (an embedding lookup of a matrix kept so), float32.
@@ -22,6 +23,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -157,6 +159,173 @@ inline void codes16(const uint8_t* c, float* q0, float* q1) {
   }
 #endif
 }
+
+#if defined(__AVX512BF16__)
+// bfloat16 activations where the CPU has AVX512-BF16: the same tiles read by bf16 dot products.
+// A step is 8 inputs, 4 records: record i goes to 128-bit lane i, its rows' codes as bfloat16
+// 0x43qq = 128 + q (exact), rows 4j..4j+3 in register j, dword d holding row 4j + d at inputs
+// (2i, 2i + 1); x's pair at 2i is spread over lane i. The bits above the 4th are added to the
+// bytes under 64-bit masks built from the records' 16-bit row masks.
+template <int64_t KIND>
+inline void codes_bf16(const uint8_t* c, __m512bh* w) {
+  using F = Format<KIND>;
+  constexpr int64_t R = F::record;
+  __m512i raw;
+  if constexpr (R == 16) {
+    raw = _mm512_loadu_si512(c);
+  } else {
+    raw = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i*)c));
+    raw = _mm512_inserti32x4(raw, _mm_loadu_si128((const __m128i*)(c + R)), 1);
+    raw = _mm512_inserti32x4(raw, _mm_loadu_si128((const __m128i*)(c + 2 * R)), 2);
+    raw = _mm512_inserti32x4(raw, _mm_loadu_si128((const __m128i*)(c + 3 * R)), 3);
+  }
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512i lo = _mm512_and_si512(raw, low4);
+  __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+  if constexpr (F::bits >= 5) {
+    auto plane = [c](int64_t at) {  // the 4 records' row masks at offset `at`, lane by lane
+      return _cvtu64_mask64(static_cast<uint64_t>(u16_at(c + at)) |
+                            static_cast<uint64_t>(u16_at(c + R + at)) << 16 |
+                            static_cast<uint64_t>(u16_at(c + 2 * R + at)) << 32 |
+                            static_cast<uint64_t>(u16_at(c + 3 * R + at)) << 48);
+    };
+    const __m512i b16 = _mm512_set1_epi8(16);
+    lo = _mm512_mask_add_epi8(lo, plane(16), lo, b16);
+    hi = _mm512_mask_add_epi8(hi, plane(18), hi, b16);
+    if constexpr (F::bits >= 6) {
+      const __m512i b32 = _mm512_set1_epi8(32);
+      lo = _mm512_mask_add_epi8(lo, plane(20), lo, b32);
+      hi = _mm512_mask_add_epi8(hi, plane(22), hi, b32);
+    }
+  }
+  const __m512i c43 = _mm512_set1_epi8(0x43);
+  const __m512i t0 = _mm512_unpacklo_epi8(lo, hi), t1 = _mm512_unpackhi_epi8(lo, hi);
+  w[0] = (__m512bh)_mm512_unpacklo_epi8(t0, c43);
+  w[1] = (__m512bh)_mm512_unpackhi_epi8(t0, c43);
+  w[2] = (__m512bh)_mm512_unpacklo_epi8(t1, c43);
+  w[3] = (__m512bh)_mm512_unpackhi_epi8(t1, c43);
+}
+
+// Lane q of the result: the sum of a_q's four lanes, i.e. rows 4q..4q+3 over the step's inputs.
+inline __m512 sum_lanes(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44),
+                                   _mm512_shuffle_f32x4(a0, a1, 0xEE));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44),
+                                   _mm512_shuffle_f32x4(a2, a3, 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
+}
+
+// y[m, 16 t .. 16 t + 16) for MC rows of bfloat16 x: per sub-block the rows' sums of
+// x (128 + q), then y += s * sum + (o - 128 s) * sum(x). With `panel`: the tile's codes_bf16
+// registers decoded once for many rows (the same values, so a row's result does not depend
+// on the path).
+template <int64_t KIND, int MC, typename OT>
+void gemv_tile_bf16(const uint16_t* x, int64_t K, const uint8_t* tile, const float* xsum, OT* y,
+                    int64_t ldy, const __m512bh* panel) {
+  using F = Format<KIND>;
+  const int64_t blocks = K / F::block, groups = K / F::group;
+  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  __m512 acc[MC];
+  for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* p = tile + b * F::bytes;
+    __builtin_prefetch(p + kPrefetchBytes, 0, 3);
+    for (int64_t g = 0; g < F::groups; ++g) {
+      float s[16], o[16];
+      scales16<KIND>(p, g, s, o);
+      const uint8_t* c = p + F::meta + g * (F::group / 2) * F::record;
+      const int64_t k0 = b * F::block + g * F::group, gi = b * F::groups + g;
+      __m512 p0[MC], p1[MC], p2[MC], p3[MC];
+      for (int m = 0; m < MC; ++m) p0[m] = p1[m] = p2[m] = p3[m] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < F::group / 8; ++i) {
+        __m512bh w[4];
+        if (panel != nullptr) {
+          for (int j = 0; j < 4; ++j) w[j] = (__m512bh)_mm512_loadu_si512(panel + (k0 / 8 + i) * 4 + j);
+        } else {
+          __builtin_prefetch(c + 4 * i * F::record + kPrefetchBytes, 0, 3);
+          codes_bf16<KIND>(c + 4 * i * F::record, w);
+        }
+        for (int m = 0; m < MC; ++m) {
+          const __m512bh xv = (__m512bh)_mm512_permutexvar_epi32(
+              spread, _mm512_castsi128_si512(_mm_loadu_si128((const __m128i*)(x + m * K + k0 + 8 * i))));
+          p0[m] = _mm512_dpbf16_ps(p0[m], w[0], xv);
+          p1[m] = _mm512_dpbf16_ps(p1[m], w[1], xv);
+          p2[m] = _mm512_dpbf16_ps(p2[m], w[2], xv);
+          p3[m] = _mm512_dpbf16_ps(p3[m], w[3], xv);
+        }
+      }
+      const __m512 sv = _mm512_loadu_ps(s);
+      const __m512 ov = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), sv, _mm512_loadu_ps(o));
+      for (int m = 0; m < MC; ++m)
+        acc[m] = _mm512_fmadd_ps(sv, sum_lanes(p0[m], p1[m], p2[m], p3[m]),
+                                 _mm512_fmadd_ps(ov, _mm512_set1_ps(xsum[m * groups + gi]), acc[m]));
+    }
+  }
+  for (int m = 0; m < MC; ++m) {
+    float out[16];
+    _mm512_storeu_ps(out, acc[m]);
+    for (int r = 0; r < 16; ++r) y[m * ldy + r] = from_float<OT>(out[r]);
+  }
+}
+
+// Rows of x four at a time (five: a verify step's rows share one decode of the codes); from
+// kPanelMinRows rows on, each tile is decoded once per chunk of kChunkRows rows (a chunk's x
+// stays in L2 while the tiles go by).
+constexpr int64_t kPanelMinRowsBf16 = 8, kChunkRows = 40;
+
+template <int64_t KIND, int MC, typename OT>
+void rows_bf16(const uint16_t* x, int64_t K, const uint8_t* tile, const float* xsum,
+               int64_t groups, OT* y, int64_t ldy, int64_t M, const __m512bh* panel) {
+  for (int64_t m = 0; m < M; m += MC) {
+    const uint16_t* xm = x + m * K;
+    const float* sm = xsum + m * groups;
+    OT* ym = y + m * ldy;
+    switch (std::min<int64_t>(MC, M - m)) {
+      case 1: gemv_tile_bf16<KIND, 1>(xm, K, tile, sm, ym, ldy, panel); break;
+      case 2: gemv_tile_bf16<KIND, 2>(xm, K, tile, sm, ym, ldy, panel); break;
+      case 3: gemv_tile_bf16<KIND, 3>(xm, K, tile, sm, ym, ldy, panel); break;
+      case 4: gemv_tile_bf16<KIND, 4>(xm, K, tile, sm, ym, ldy, panel); break;
+      default: gemv_tile_bf16<KIND, MC>(xm, K, tile, sm, ym, ldy, panel); break;
+    }
+  }
+}
+
+template <int64_t KIND, typename OT>
+void gemv_bf16(const uint16_t* x, const float* xf, int64_t M, int64_t K, const uint8_t* tiles,
+               int64_t N, OT* y, int64_t ldy) {
+  using F = Format<KIND>;
+  const int64_t groups = K / F::group, tile_bytes = K / F::block * F::bytes;
+  std::vector<float> xsum(M * groups);
+  group_sums(xf, M, K, F::group, xsum.data());
+  if (M < kPanelMinRowsBf16) {
+    at::parallel_for(0, N / 16, 4, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        rows_bf16<KIND, 5>(x, K, tiles + t * tile_bytes, xsum.data(), groups, y + 16 * t, ldy,
+                           M, nullptr);
+    });
+    return;
+  }
+  for (int64_t m0 = 0; m0 < M; m0 += kChunkRows) {
+    const int64_t rows = std::min(kChunkRows, M - m0);
+    at::parallel_for(0, N / 16, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<__m512i> panel(K / 2);  // K / 8 steps of 4 registers
+      for (int64_t t = t0; t < t1; ++t) {
+        const uint8_t* tile = tiles + t * tile_bytes;
+        for (int64_t b = 0; b < K / F::block; ++b)
+          for (int64_t i = 0; i < F::block / 8; ++i) {
+            __m512bh w[4];
+            codes_bf16<KIND>(tile + b * F::bytes + F::meta + 4 * i * F::record, w);
+            for (int j = 0; j < 4; ++j)
+              panel[(b * F::block / 8 + i) * 4 + j] = (__m512i)w[j];
+          }
+        rows_bf16<KIND, 5>(x + m0 * K, K, tile, xsum.data() + m0 * groups, groups,
+                           y + m0 * ldy + 16 * t, ldy, rows,
+                           reinterpret_cast<const __m512bh*>(panel.data()));
+      }
+    });
+  }
+}
+#endif
 
 template <int64_t KIND>
 void rows_kernel(const uint8_t* tiles, const int64_t* ids, int64_t T, int64_t K, float* out) {
@@ -362,11 +531,24 @@ at::Tensor kquant_linear(const at::Tensor& x_in, at::TensorList tiles, at::IntAr
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const float* xp = x.data_ptr<float>();
   auto y = at::empty({M, N}, x_in.options().dtype(float_out ? at::kFloat : xt));
+#if defined(__AVX512BF16__)
+  const at::Tensor xb = x_in.contiguous();
+  const uint16_t* xbp = reinterpret_cast<const uint16_t*>(xb.data_ptr());
+#endif
   for (size_t i = 0; i < tiles.size(); ++i)
     dispatch(kinds[i], [&](auto tag) {
       constexpr int64_t kind = decltype(tag)::value;
       const uint8_t* tp = tiles[i].data_ptr<uint8_t>();
       const int64_t n = first[i + 1] - first[i];
+#if defined(__AVX512BF16__)
+      if (xt == at::kBFloat16) {
+        if (y.scalar_type() == at::kBFloat16)
+          gemv_bf16<kind>(xbp, xp, M, K, tp, n, y.data_ptr<c10::BFloat16>() + first[i], N);
+        else
+          gemv_bf16<kind>(xbp, xp, M, K, tp, n, y.data_ptr<float>() + first[i], N);
+        return 0;
+      }
+#endif
       if (y.scalar_type() == at::kBFloat16)
         gemv<kind>(xp, M, K, tp, n, y.data_ptr<c10::BFloat16>() + first[i], N);
       else

@@ -14,7 +14,8 @@ offset o, with value = q * s + o computed in float32 from the block's own fields
 re-quantized) for `ember_cpu.kquant_linear` (kernels/kquant.cpp): per tile of 16 output rows
 and super-block, the block fields of the 16 rows, then per 2 inputs the 16 rows' low 4 bits
 (a byte a row) and the higher bits as 16-bit masks over the rows, so that the kernel decodes
-16 rows at a time into two AVX2 registers (a portable loop without AVX2). It is as large as the file's
+16 rows at a time into two AVX2 registers (a portable loop without AVX2; bfloat16 activations on
+a CPU with AVX512-BF16: bf16 dot products over the same tiles). It is as large as the file's
 blocks (Q4_K/Q5_K: +2-3%, their 6-bit scales kept in bytes). Without the kernels
 (EMBER_DISABLE_CPU_KERNELS=1, no compiler) the layer keeps the file's bytes and dequantizes
 them in PyTorch for each matmul (fused by torch.compile).
