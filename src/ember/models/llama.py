@@ -277,6 +277,18 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. "
                                  f"{sorted(missing)[:3]}")
+        mixed = [n for n, shards in quantized.items()
+                 if len(shards) < len(shard_sizes.get(n.split(".")[-2], [None]))]
+        for name in mixed:
+            # A fused projection whose other shards are of a type ember keeps dense (Gemma 3's
+            # Q8_0 V beside Q5_0 Q and K): it runs dense, each shard the file's values.
+            sizes = shard_sizes[name.split(".")[-2]]
+            for shard, w in quantized.pop(name).items():
+                params[name].data.narrow(0, sum(sizes[:shard]), sizes[shard]).copy_(
+                    w.dequantize())
+        if mixed:
+            logger.info("%d fused projections mix quantized and dense shards (e.g. %s): they "
+                        "run dense", len(mixed), mixed[0])
         install_quantized(self, {name: [shards[i] for i in sorted(shards)]
                                  for name, shards in quantized.items()},
                           self.embed_tokens.weight.dtype)
