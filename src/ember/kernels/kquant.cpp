@@ -160,6 +160,23 @@ inline void codes16(const uint8_t* c, float* q0, float* q1) {
 #endif
 }
 
+// fn(s, o, c, k0, gi) for each sub-block of a tile, in order: its 16 rows' scales and offsets,
+// its first record, its first input and its index among a row's sub-blocks.
+template <int64_t KIND, typename Fn>
+inline void for_each_subblock(const uint8_t* tile, int64_t K, Fn&& fn) {
+  using F = Format<KIND>;
+  for (int64_t b = 0; b < K / F::block; ++b) {
+    const uint8_t* p = tile + b * F::bytes;
+    __builtin_prefetch(p + kPrefetchBytes, 0, 3);
+    for (int64_t g = 0; g < F::groups; ++g) {
+      float s[16], o[16];
+      scales16<KIND>(p, g, s, o);
+      fn(s, o, p + F::meta + g * (F::group / 2) * F::record, b * F::block + g * F::group,
+         b * F::groups + g);
+    }
+  }
+}
+
 #if defined(__AVX512BF16__)
 // bfloat16 activations where the CPU has AVX512-BF16: the same tiles read by bf16 dot products.
 // A step is 8 inputs, 4 records: record i goes to 128-bit lane i, its rows' codes as bfloat16
@@ -223,18 +240,12 @@ template <int64_t KIND, int MC, typename OT>
 void gemv_tile_bf16(const uint16_t* x, int64_t K, const uint8_t* tile, const float* xsum, OT* y,
                     int64_t ldy, const __m512bh* panel) {
   using F = Format<KIND>;
-  const int64_t blocks = K / F::block, groups = K / F::group;
+  const int64_t groups = K / F::group;
   const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   __m512 acc[MC];
   for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* p = tile + b * F::bytes;
-    __builtin_prefetch(p + kPrefetchBytes, 0, 3);
-    for (int64_t g = 0; g < F::groups; ++g) {
-      float s[16], o[16];
-      scales16<KIND>(p, g, s, o);
-      const uint8_t* c = p + F::meta + g * (F::group / 2) * F::record;
-      const int64_t k0 = b * F::block + g * F::group, gi = b * F::groups + g;
+  for_each_subblock<KIND>(tile, K, [&](const float* s, const float* o, const uint8_t* c,
+                                       int64_t k0, int64_t gi) {
       __m512 p0[MC], p1[MC], p2[MC], p3[MC];
       for (int m = 0; m < MC; ++m) p0[m] = p1[m] = p2[m] = p3[m] = _mm512_setzero_ps();
       for (int64_t i = 0; i < F::group / 8; ++i) {
@@ -259,8 +270,7 @@ void gemv_tile_bf16(const uint16_t* x, int64_t K, const uint8_t* tile, const flo
       for (int m = 0; m < MC; ++m)
         acc[m] = _mm512_fmadd_ps(sv, sum_lanes(p0[m], p1[m], p2[m], p3[m]),
                                  _mm512_fmadd_ps(ov, _mm512_set1_ps(xsum[m * groups + gi]), acc[m]));
-    }
-  }
+  });
   for (int m = 0; m < MC; ++m) {
     float out[16];
     _mm512_storeu_ps(out, acc[m]);
@@ -363,20 +373,14 @@ template <int64_t KIND, int MC, typename OT>
 void gemv_tile(const float* x, int64_t K, const uint8_t* tile, const float* xsum, OT* y,
                int64_t ldy, const float* panel = nullptr) {
   using F = Format<KIND>;
-  const int64_t blocks = K / F::block, groups = K / F::group;
+  const int64_t groups = K / F::group;
   float acc[MC][16] = {};
 #if defined(__AVX2__)
   __m256 a[MC][2];
   for (int m = 0; m < MC; ++m) a[m][0] = a[m][1] = _mm256_setzero_ps();
 #endif
-  for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* p = tile + b * F::bytes;
-    __builtin_prefetch(p + kPrefetchBytes, 0, 3);
-    for (int64_t g = 0; g < F::groups; ++g) {
-      float s[16], o[16];
-      scales16<KIND>(p, g, s, o);
-      const uint8_t* c = p + F::meta + g * (F::group / 2) * F::record;
-      const int64_t k0 = b * F::block + g * F::group, gi = b * F::groups + g;
+  for_each_subblock<KIND>(tile, K, [&](const float* s, const float* o, const uint8_t* c,
+                                       int64_t k0, int64_t gi) {
 #if defined(__AVX2__)
       // Four flat arrays, not one [MC][4]: GCC keeps these in registers across the loop.
       __m256 p0[MC], p1[MC], p2[MC], p3[MC];
@@ -420,8 +424,7 @@ void gemv_tile(const float* x, int64_t K, const uint8_t* tile, const float* xsum
       for (int m = 0; m < MC; ++m)
         for (int r = 0; r < 16; ++r) acc[m][r] += s[r] * part[m][r] + o[r] * xsum[m * groups + gi];
 #endif
-    }
-  }
+  });
 #if defined(__AVX2__)
   for (int m = 0; m < MC; ++m) {
     _mm256_storeu_ps(acc[m], a[m][0]);
