@@ -67,12 +67,12 @@ void int4_gemv_tiles(const uint16_t* x, int64_t K, const uint8_t* codes, const u
           part[m][3] = _mm512_dpbf16_ps(part[m][3], w3, pair(xm + 6));
         }
       }
-      if (t + 1 < N / 16) {  // the next tile's scales and zeros (a stream of their own)
-        _mm_prefetch((const char*)(scales + g * N + 16 * (t + 1)), _MM_HINT_T0);
-        _mm_prefetch((const char*)(zeros + g * N + 16 * (t + 1)), _MM_HINT_T0);
-      }
-      const __m512 sc = widen(scales + g * N + 16 * t);
-      const __m512 c = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), sc, widen(zeros + g * N + 16 * t));
+      // The scales and zeros: streams of their own, 16 groups (512 bytes) ahead.
+      const int64_t at = (t * groups + g) * 16;
+      _mm_prefetch((const char*)(scales + at + 256), _MM_HINT_T0);
+      _mm_prefetch((const char*)(zeros + at + 256), _MM_HINT_T0);
+      const __m512 sc = widen(scales + at);
+      const __m512 c = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), sc, widen(zeros + at));
       for (int m = 0; m < MC; ++m) {
         const __m512 sum = _mm512_add_ps(_mm512_add_ps(part[m][0], part[m][1]),
                                          _mm512_add_ps(part[m][2], part[m][3]));
@@ -99,7 +99,7 @@ at::Tensor int4_tiled_linear(const at::Tensor& x_in, const at::Tensor& codes,
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && zeros.scalar_type() == at::kBFloat16 &&
                   scales.is_contiguous() && zeros.is_contiguous() &&
                   scales.numel() == N * (K / G) && zeros.numel() == N * (K / G),
-              "scales, zeros: contiguous bfloat16, [K / G, N] in row order");
+              "scales, zeros: contiguous bfloat16, [N / 16, K / G, 16]: per tile, group by group");
   const at::Tensor x = x_in.contiguous();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::BFloat16>());
   const uint16_t* zp = reinterpret_cast<const uint16_t*>(zeros.data_ptr<c10::BFloat16>());

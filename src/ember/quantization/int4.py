@@ -116,6 +116,12 @@ def _blocked(t: torch.Tensor, block: int) -> torch.Tensor:
     return t.t().reshape(g, 1, n // block, 2, block // 2).contiguous()
 
 
+def _per_tile(a: torch.Tensor) -> torch.Tensor:
+    """[N, groups] -> [N // 16, groups, 16]: each tile of 16 rows' values group by group."""
+    n, groups = a.shape
+    return a.reshape(n // 16, 16, groups).transpose(1, 2).contiguous()
+
+
 @dataclass
 class Int4Weight(QuantizedCodes):
     q: torch.Tensor  # [N, K] uint8, 0..15
@@ -176,9 +182,10 @@ class Int4Linear(nn.Module):
         self.dense_for_many_rows = False
         if self.tiled:
             self.register_buffer("tiles", tile_codes(q))
-            # [K // group, N]: per group, the rows' scales and zeros in row order.
-            self.register_buffer("tile_scales", w.scale.t().contiguous().to(device, dtype))
-            self.register_buffer("tile_zeros", w.zero.t().contiguous().to(device, dtype))
+            # [N // 16, K // group, 16]: per tile of 16 rows, its groups' scales (zeros) in
+            # the order the GEMV reads them, one sequential stream beside the codes'.
+            self.register_buffer("tile_scales", _per_tile(w.scale).to(device, dtype))
+            self.register_buffer("tile_zeros", _per_tile(w.zero).to(device, dtype))
             return
         if self.columns:
             self.register_buffer("col_codes", column_tiles(q))
