@@ -259,8 +259,16 @@ class LlamaForCausalLM(nn.Module):
                 sizes = shard_sizes[name.split(".")[-2]]
                 target = target.narrow(0, sum(sizes[:shard]), sizes[shard])
             if not isinstance(tensor, torch.Tensor):
-                quantized.setdefault(name, {})[shard or 0] = tensor
+                shards = quantized.setdefault(name, {})
+                shards[shard or 0] = tensor
                 tensor = torch.empty(tensor.out_features, tensor.in_features, device="meta")
+                if (len(shards) == (1 if shard is None else len(sizes))
+                        and self.get_submodule(name.removesuffix(".weight")).bias is None):
+                    # Complete (and no bias still to load): into ember's layout now, so that
+                    # the file's codes unpacked one byte a weight are not all held at once.
+                    install_quantized(self, {name: [shards[i] for i in sorted(shards)]},
+                                      self.embed_tokens.weight.dtype)
+                    del quantized[name]
             elif target.shape == tensor.shape:
                 target.copy_(tensor)
             if target.shape != tensor.shape:
