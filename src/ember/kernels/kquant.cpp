@@ -73,12 +73,17 @@ inline void halves16(const uint8_t* p, float* out) {
 
 // The 16 rows' scale s and offset o of sub-block g of the block at p (value = q * s + o),
 // in float32 as ggml computes them (d * sc and dmin * m are exact).
+// d and dmin: the block's float16 fields as float32 (`block_halves`).
 template <int64_t KIND>
-inline void scales16(const uint8_t* p, int64_t g, float* s, float* o) {
-  using F = Format<KIND>;
-  float d[16], dmin[16];
+inline void block_halves(const uint8_t* p, float* d, float* dmin) {
   halves16(p, d);
-  if constexpr (F::has_min) halves16(p + 32, dmin);
+  if constexpr (Format<KIND>::has_min) halves16(p + 32, dmin);
+}
+
+template <int64_t KIND>
+inline void scales16(const uint8_t* p, int64_t g, const float* d, const float* dmin, float* s,
+                     float* o) {
+  using F = Format<KIND>;
   const uint8_t* sc = p + F::sc_at + 16 * g;
   const uint8_t* m = p + F::m_at + 16 * g;
 #pragma omp simd
@@ -168,9 +173,11 @@ inline void for_each_subblock(const uint8_t* tile, int64_t K, Fn&& fn) {
   for (int64_t b = 0; b < K / F::block; ++b) {
     const uint8_t* p = tile + b * F::bytes;
     __builtin_prefetch(p + kPrefetchBytes, 0, 3);
+    float d[16], dmin[16];
+    block_halves<KIND>(p, d, dmin);
     for (int64_t g = 0; g < F::groups; ++g) {
       float s[16], o[16];
-      scales16<KIND>(p, g, s, o);
+      scales16<KIND>(p, g, d, dmin, s, o);
       fn(s, o, p + F::meta + g * (F::group / 2) * F::record, b * F::block + g * F::group,
          b * F::groups + g);
     }
@@ -200,7 +207,9 @@ inline void codes_bf16(const uint8_t* c, __m512bh* w) {
   __m512i lo = _mm512_and_si512(raw, low4);
   __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
   if constexpr (F::bits >= 5) {
-    auto plane = [c](int64_t at) {  // the 4 records' row masks at offset `at`, lane by lane
+    // The 4 records' row masks at offset `at`, lane by lane (scalar: the vector shuffle port
+    // is the kernel's busiest).
+    auto plane = [c](int64_t at) {
       return _cvtu64_mask64(static_cast<uint64_t>(u16_at(c + at)) |
                             static_cast<uint64_t>(u16_at(c + R + at)) << 16 |
                             static_cast<uint64_t>(u16_at(c + 2 * R + at)) << 32 |
@@ -346,8 +355,9 @@ void rows_kernel(const uint8_t* tiles, const int64_t* ids, int64_t T, int64_t K,
     for (int64_t b = 0; b < blocks; ++b) {
       const uint8_t* p = tiles + (tile * blocks + b) * F::bytes;
       for (int64_t g = 0; g < F::groups; ++g) {
-        float s[16], o[16], q[2][16];
-        scales16<KIND>(p, g, s, o);
+        float s[16], o[16], q[2][16], d[16], dmin[16];
+        block_halves<KIND>(p, d, dmin);
+        scales16<KIND>(p, g, d, dmin, s, o);
         for (int64_t i = g * F::group / 2; i < (g + 1) * F::group / 2; ++i) {
           codes16<KIND>(p + F::meta + i * F::record, q[0], q[1]);
           for (int e = 0; e < 2; ++e) {
