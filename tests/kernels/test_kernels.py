@@ -272,13 +272,13 @@ def test_every_op_has_its_fake_for_torch_compile():
         assert out.shape == (3, 4, 16) and out.dtype == torch.bfloat16
         assert ops.write_kv(k_cache[:3], k_cache[:3], k_cache, k_cache,
                             torch.zeros(3, dtype=torch.long)) is None
-        y = ops.int8_linear(x, torch.empty(2, 64, 16, dtype=torch.int8), torch.empty(2, 32))
+        y = ops.int8_linear(x, torch.empty(2, 64, 16, dtype=torch.int8), torch.empty(2, 2, 16))
         assert y.shape == (3, 32) and y.dtype == torch.float32
         y = ops.int4_tiled_linear(x.bfloat16(), torch.empty(2, 8, 64, dtype=torch.uint8),
-                                  torch.empty(2, 32), torch.empty(2, 32), 32)
+                                  torch.empty(2, 2, 16), torch.empty(2, 2, 16), 32)
         assert y.shape == (3, 32)
-        y = ops.int4_linear(x, torch.empty(2, 8, 16, dtype=torch.int32), torch.empty(2, 32),
-                            torch.empty(2, 32), 32)
+        y = ops.int4_linear(x, torch.empty(2, 8, 16, dtype=torch.int32), torch.empty(2, 2, 16),
+                            torch.empty(2, 2, 16), 32)
         assert y.shape == (3, 32) and y.dtype == torch.float32
         assert ops.dense_linear(x, torch.empty(2, 64, 16)).shape == (3, 32)
         y = ops.kquant_linear(x, [torch.empty(2, 1, 144, dtype=torch.uint8)], [0], 64, True)

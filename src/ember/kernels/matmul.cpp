@@ -10,8 +10,9 @@
 //   int8_linear: per input, 16 int8 codes, row i's at byte i (GGUF Q8_0, `quantization/q8_0.py`;
 //     per-channel int8, `quantization/int8.py`);
 //   dense_linear: per input, 16 float32 or bfloat16 weights (`quantization/dense.py`).
-// Per group of G inputs and output row, float32 [K / G, N]: the scale s and, for int4, the
-// offset c, the weight being q * s (+ c). Dense weights are one group (G = K) and no scale.
+// Per group of G inputs and output row, float32 [N / 16, K / G, 16] (per tile, group by group:
+// a sequential stream beside the codes'): the scale s and, for int4, the offset c, the weight
+// being q * s (+ c). Dense weights are one group (G = K) and no scale.
 //
 // Each y[m, n] is one sequence of float32 operations: per group g, a = sum over k of
 // x[m, k] * q[n, k] by FMAs in k order from 0, then y = fma(a, s, y) and, with an offset,
@@ -143,7 +144,7 @@ struct ColProblem {
   const float* x;   // [M, K] float32
   const float* xs;  // [M, K / G] group sums (int4 only)
   const void* codes;
-  const float* s;  // [K / G, N] (not dense)
+  const float* s;  // [N / 16, K / G, 16] (not dense)
   const float* c;  // int4 only
   float* y;        // [M, N] float32
   int64_t M, K, N, G;
@@ -195,21 +196,21 @@ template <int F, int MR, int NT>
 EMBER_INLINE void col_fold(const ColProblem& P, int64_t m0, int64_t t0, int64_t g,
                            const Vec (&a)[MR][NT][2]) {
   const int64_t N = P.N, groups = P.K / P.G;
-  const float* const s = P.s + g * N;
   for (int r = 0; r < MR; ++r) {
     Vec xsum = vzero();
     if constexpr (F == kInt4) xsum = vbroadcast(P.xs + (m0 + r) * groups + g);
     for (int j = 0; j < NT; ++j)
       for (int h = 0; h < 2; ++h) {
         const int64_t n = (t0 + j) * kColTile + 8 * h;
+        const int64_t at = ((t0 + j) * groups + g) * kColTile + 8 * h;  // this group's s, c
         float* yp = P.y + (m0 + r) * N + n;
         if constexpr (kDense<F>) {  // one group, no scale
           vstore(yp, a[r][j][h]);
           continue;
         }
         const Vec prev = g == 0 ? vzero() : vload(yp);
-        Vec y = vfma(a[r][j][h], vload(s + n), prev);
-        if constexpr (F == kInt4) y = vfma(vload(P.c + g * N + n), xsum, y);
+        Vec y = vfma(a[r][j][h], vload(P.s + at), prev);
+        if constexpr (F == kInt4) y = vfma(vload(P.c + at), xsum, y);
         vstore(yp, y);
       }
   }
@@ -348,7 +349,7 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& codes, const at
   TORCH_CHECK(scales.scalar_type() == at::kFloat && offsets.scalar_type() == at::kFloat &&
                   scales.is_contiguous() && offsets.is_contiguous() &&
                   scales.numel() == N * (K / G) && offsets.numel() == N * (K / G),
-              "scales, offsets: contiguous float32 [K / G, N]");
+              "scales, offsets: contiguous float32 [N / 16, K / G, 16]");
   const at::Tensor x = float_rows(x_in, K);
   const int64_t M = x.size(0);
   std::vector<float> xs(M * (K / G));
@@ -367,11 +368,12 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& codes, const at
               "codes: the column tiles [N / 16, K, 16] (int8) of an [N, K] weight, K a "
               "multiple of 8");
   const int64_t K = codes.size(1), N = codes.size(0) * kColTile;
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 2 &&
-                  scales.size(1) == N && scales.size(0) > 0 && K % scales.size(0) == 0 &&
-                  (K / scales.size(0)) % 8 == 0,
-              "scales: contiguous float32 [K / G, N], G (the group size) a multiple of 8");
-  const int64_t G = K / scales.size(0);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 3 &&
+                  scales.size(0) * kColTile == N && scales.size(2) == kColTile &&
+                  scales.size(1) > 0 && K % scales.size(1) == 0 && (K / scales.size(1)) % 8 == 0,
+              "scales: contiguous float32 [N / 16, K / G, 16], G (the group size) a multiple "
+              "of 8");
+  const int64_t G = K / scales.size(1);
   const at::Tensor x = float_rows(x_in, K);
   const int64_t M = x.size(0);
   auto y = at::empty({M, N}, x.options());

@@ -38,7 +38,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """matmul.cpp: x [M, K] @ W.T, W int8 codes in ember's column tiles [N / 16, K, 16] with
-    float32 scales [K / G, N] (GGUF Q8_0: G = 32; per-channel int8: G = K) -> float32 [M, N],
+    float32 scales [N / 16, K / G, 16] (GGUF Q8_0: G = 32; per-channel int8: G = K) -> float32 [M, N],
     each row as a one-row call computes it."""
     return torch.ops.ember_cpu.int8_linear(x, codes, scales)
 

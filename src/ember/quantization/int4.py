@@ -29,7 +29,7 @@ from torch import nn
 
 from ember import kernels
 from ember.kernels import ops
-from ember.quantization.weight import QuantizedCodes
+from ember.quantization.weight import QuantizedCodes, per_tile
 
 # The packed kernels' shape rules: output rows in tiles of 16.
 _N_TILE = 16
@@ -116,12 +116,6 @@ def _blocked(t: torch.Tensor, block: int) -> torch.Tensor:
     return t.t().reshape(g, 1, n // block, 2, block // 2).contiguous()
 
 
-def _per_tile(a: torch.Tensor) -> torch.Tensor:
-    """[N, groups] -> [N // 16, groups, 16]: each tile of 16 rows' values group by group."""
-    n, groups = a.shape
-    return a.reshape(n // 16, 16, groups).transpose(1, 2).contiguous()
-
-
 @dataclass
 class Int4Weight(QuantizedCodes):
     q: torch.Tensor  # [N, K] uint8, 0..15
@@ -184,14 +178,15 @@ class Int4Linear(nn.Module):
             self.register_buffer("tiles", tile_codes(q))
             # [N // 16, K // group, 16]: per tile of 16 rows, its groups' scales (zeros) in
             # the order the GEMV reads them, one sequential stream beside the codes'.
-            self.register_buffer("tile_scales", _per_tile(w.scale).to(device, dtype))
-            self.register_buffer("tile_zeros", _per_tile(w.zero).to(device, dtype))
+            self.register_buffer("tile_scales", per_tile(w.scale).to(device, dtype))
+            self.register_buffer("tile_zeros", per_tile(w.zero).to(device, dtype))
             return
         if self.columns:
             self.register_buffer("col_codes", column_tiles(q))
-            # [K // group, N] float32: value = q * scale + offset.
-            self.register_buffer("col_scales", w.scale.t().contiguous().to(device))
-            self.register_buffer("col_offsets", (w.zero - 8 * w.scale).t().contiguous().to(device))
+            # [N // 16, K // group, 16] float32 (per tile, group by group): value = q * scale
+            # + offset.
+            self.register_buffer("col_scales", per_tile(w.scale).to(device))
+            self.register_buffer("col_offsets", per_tile(w.zero - 8 * w.scale).to(device))
             return
         if device.type == "cpu":
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)

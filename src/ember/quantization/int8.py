@@ -14,7 +14,7 @@ from torch import nn
 
 from ember import kernels
 from ember.kernels import ops
-from ember.quantization.weight import QuantizedCodes
+from ember.quantization.weight import QuantizedCodes, per_tile
 
 
 @dataclass
@@ -47,10 +47,10 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = w.in_features, w.out_features
         n, k = w.q.shape
         self.columns = kernels.available(device) and n % 16 == 0 and k % 8 == 0
-        if self.columns:  # [N / 16, K, 16] codes and [1, N] float32 scales (one group)
+        if self.columns:  # [N / 16, K, 16] codes and [N / 16, 1, 16] float32 scales (one group)
             self.register_buffer("codes", w.q.view(n // 16, 16, k).transpose(1, 2).contiguous()
                                  .to(device))
-            self.register_buffer("scales", w.scale.float()[None].contiguous().to(device))
+            self.register_buffer("scales", per_tile(w.scale.float()[:, None]).to(device))
         else:
             self.register_buffer("weight", w.q.to(device))
             self.register_buffer("scales", w.scale.to(device=device, dtype=dtype))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ember.kernels import ops
-from ember.quantization.weight import QuantizedCodes
+from ember.quantization.weight import QuantizedCodes, per_tile
 
 GROUP = 32
 
@@ -42,7 +42,8 @@ class Q8_0Linear(nn.Module):
         n, k = w.q.shape
         # Column tiles [N / 16, K, 16]: per tile of 16 rows, each input's 16 codes together.
         self.register_buffer("codes", w.q.view(n // 16, 16, k).transpose(1, 2).contiguous().to(device))
-        self.register_buffer("scales", w.scale.t().contiguous().to(device, torch.float32))
+        # [N / 16, K / 32, 16]: per tile, group by group, as the kernel reads them.
+        self.register_buffer("scales", per_tile(w.scale).to(device, torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
